@@ -1,0 +1,168 @@
+"""Backbone adapters: everything the core needs to know about one family of masked diffusion LMs.
+
+The core never names a backbone. It asks an adapter where the transformer blocks are, which linears
+inside a block are FFN / attention targets for fast weights, which token is the mask, how to call the
+model's forward, and how to turn the final hidden states into logits aligned with the input (position
+i predicts token i). One small subclass per family, registered with :func:`register_backbone` and
+detected from ``config.model_type`` or the model's class name (see README, "Adding a backbone").
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+__all__ = ["Backbone", "register_backbone", "detect_backbone", "get_backbone", "registered_backbones"]
+
+_REGISTRY: dict[str, type["Backbone"]] = {}
+
+
+class Backbone:
+    """Adapter base class. Subclasses set the class attributes and override what differs.
+
+    Target patterns are module paths relative to one block; ``*`` matches one path component
+    (``"mlp.experts.*.gate_proj"``).
+    """
+
+    name: ClassVar[str] = ""
+    model_types: ClassVar[tuple[str, ...]] = ()
+    class_names: ClassVar[tuple[str, ...]] = ()
+    ffn_targets: ClassVar[tuple[str, ...]] = ()
+    attention_targets: ClassVar[tuple[str, ...]] = ()
+    # Targets whose module sees the tokens of several samples mixed together (MoE experts): per-sample
+    # fast weights cannot be applied there.
+    token_mixing_targets: ClassVar[tuple[str, ...]] = ()
+    # Leading positions that are never masked nor supervised (Dream's BOS).
+    protected_prefix: ClassVar[int] = 0
+    # Some models only run their routed experts with autograd in train() mode (LLaDA2); dropout is
+    # always checked to be zero before adapting.
+    adapt_in_train_mode: ClassVar[bool] = False
+    default_sampler: ClassVar[str] = "llada"
+
+    # ----- structure -------------------------------------------------------------------------
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        """The model's list of transformer blocks, in execution order."""
+        raise NotImplementedError(f"{type(self).__name__} must implement blocks(model)")
+
+    def mask_token_id(self, model: nn.Module) -> int | None:
+        """The mask token id, or None when the model does not declare one."""
+        value = getattr(getattr(model, "config", None), "mask_token_id", None)
+        return None if value is None else int(value)
+
+    def output_head(self, model: nn.Module) -> nn.Module:
+        """The module mapping final hidden states to vocabulary logits (its input is captured)."""
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is None:
+            raise TypeError(
+                f"{type(self).__name__}: {type(model).__name__} has no output embedding module; "
+                "override Backbone.output_head(model) to return the LM head."
+            )
+        return head
+
+    # ----- forward -----------------------------------------------------------------------------
+    def call(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        mask_ratio: torch.Tensor | None = None,
+    ) -> Any:
+        """Run the model's forward on a [B, L] batch (2D attention mask, 1 = keep).
+
+        ``mask_ratio`` [B] is the fraction of masked positions per sample, for time-conditioned models.
+        """
+        return model(input_ids=input_ids, attention_mask=attention_mask)
+
+    def align_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Reorder final hidden states [B, L, d] so that position i predicts token i."""
+        return hidden
+
+    def finalize_logits(self, logits: torch.Tensor, input_ids: torch.Tensor, mask_token_id: int) -> torch.Tensor:
+        """Post-process head logits [..., V] given the input tokens at the same positions [...]."""
+        return logits
+
+
+def register_backbone(cls: type[Backbone]) -> type[Backbone]:
+    """Class decorator: make an adapter available by name and for auto-detection."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} must set the class attribute `name` to register it")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_builtin_integrations() -> None:
+    importlib.import_module("bilevel_dlm.integrations")
+
+
+def registered_backbones() -> dict[str, type[Backbone]]:
+    """Name -> adapter class of every registered backbone (built-in ones included)."""
+    _load_builtin_integrations()
+    return dict(_REGISTRY)
+
+
+def get_backbone(name: str) -> Backbone:
+    """Instantiate a registered adapter by name."""
+    registry = registered_backbones()
+    if name not in registry:
+        raise KeyError(f"unknown backbone {name!r}; registered: {sorted(registry)}")
+    return registry[name]()
+
+
+def detect_backbone(model: nn.Module) -> Backbone:
+    """Find the adapter for a model from ``config.model_type``, then from its class name."""
+    registry = registered_backbones()
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for cls in registry.values():
+        if model_type is not None and model_type in cls.model_types:
+            return cls()
+    class_name = type(model).__name__
+    for cls in registry.values():
+        if class_name in cls.class_names:
+            return cls()
+    raise ValueError(
+        f"no backbone adapter matches model_type={model_type!r} / class {class_name!r}. "
+        f"Registered: {sorted(registry)}. Pass backbone=<name or Backbone instance>, or register an "
+        "adapter with @register_backbone (README: 'Adding a backbone')."
+    )
+
+
+def resolve_targets(backbone: Backbone, model: nn.Module, patterns: tuple[str, ...], block_indices: list[int]) -> dict[str, nn.Module]:
+    """Full module path -> module for every block-relative pattern in the given blocks.
+
+    Raises with the list of available linears when a pattern matches nothing in a block.
+    """
+    blocks = backbone.blocks(model)
+    block_paths = {id(m): n for n, m in model.named_modules()}
+    found: dict[str, nn.Module] = {}
+    for index in block_indices:
+        block = blocks[index]
+        prefix = block_paths[id(block)]
+        linears = _linear_modules(block)
+        for pattern in patterns:
+            hits = [n for n in linears if fnmatch.fnmatchcase(n, pattern) and n.count(".") == pattern.count(".")]
+            if not hits:
+                raise ValueError(
+                    f"target module {pattern!r} not found in block {index} ({prefix}); available linear "
+                    f"modules: {sorted(linears)}. Fix MemoryConfig.targets or the adapter's target names."
+                )
+            for name in hits:
+                found[f"{prefix}.{name}"] = linears[name]
+    return found
+
+
+def _linear_modules(block: nn.Module) -> dict[str, nn.Module]:
+    """Block-relative name -> leaf linear. Quantised linears count (they expose in/out features); a
+    PEFT LoRA layer is reported under its own name but resolves to the base linear underneath it, so
+    fast weights sit under an outer LoRA."""
+    found = {}
+    for name, module in block.named_modules():
+        is_leaf_linear = isinstance(module, nn.Linear) or (
+            hasattr(module, "in_features") and hasattr(module, "out_features") and not list(module.children())
+        )
+        if is_leaf_linear:
+            found[name.removesuffix(".base_layer")] = module
+    return found

@@ -1,0 +1,91 @@
+"""Model calls through a backbone adapter: final hidden states, and logits only where they are needed.
+
+The LM head is the most expensive single layer of a large-vocabulary model, and the losses only look
+at a few positions. We therefore stop the model's forward at the input of its LM head (a pre-hook
+captures the final hidden states and interrupts the call), align them with the adapter, and apply
+the head to the selected rows only. This touches no model code and works for any model whose head
+is a module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .backbone import Backbone
+
+__all__ = ["ModelView", "final_hidden"]
+
+
+class _HeadReached(Exception):
+    """Raised by the head pre-hook to stop the forward once the final hidden states are known."""
+
+
+def final_hidden(
+    backbone: Backbone,
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    mask_ratio: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Final hidden states [B, L, d] aligned so that position i predicts token i."""
+    captured: list[torch.Tensor] = []
+
+    def capture(_module: nn.Module, args: tuple) -> None:
+        captured.append(args[0])
+        raise _HeadReached
+
+    handle = backbone.output_head(model).register_forward_pre_hook(capture)
+    try:
+        backbone.call(model, input_ids, attention_mask, mask_ratio)
+    except _HeadReached:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(
+            f"{type(backbone).__name__}.output_head(model) was never called during the forward; "
+            "the adapter must return the module that produces the vocabulary logits."
+        )
+    return backbone.align_hidden(captured[0])
+
+
+@dataclass
+class ModelView:
+    """A model seen through its adapter: hidden states and aligned (log-)logits on demand."""
+
+    backbone: Backbone
+    model: nn.Module
+    mask_token_id: int
+
+    def hidden(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, mask_ratio: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return final_hidden(self.backbone, self.model, input_ids, attention_mask, mask_ratio)
+
+    def head(self, hidden_rows: torch.Tensor, input_rows: torch.Tensor) -> torch.Tensor:
+        """Logits [..., V] (float32) for hidden rows [..., d] whose input tokens are ``input_rows``."""
+        logits = self.backbone.output_head(self.model)(hidden_rows).float()
+        return self.backbone.finalize_logits(logits, input_rows, self.mask_token_id)
+
+    def logits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        mask_ratio: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Aligned logits [B, L, V] at every position (samplers, evaluation)."""
+        return self.head(self.hidden(input_ids, attention_mask, mask_ratio), input_ids)
+
+    def logits_at(
+        self,
+        select: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        mask_ratio: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [N, V] at the positions where the bool mask ``select`` [B, L] is true, plus hidden [N, d]."""
+        rows = self.hidden(input_ids, attention_mask, mask_ratio)[select]
+        return self.head(rows, input_ids[select]), rows

@@ -1,0 +1,1 @@
+"""dream integration (in progress)."""

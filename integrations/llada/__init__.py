@@ -1,0 +1,1 @@
+"""llada integration (in progress)."""

@@ -1,0 +1,1 @@
+"""llada_moe integration (in progress)."""

@@ -1,0 +1,1 @@
+"""mdlm integration (in progress)."""
