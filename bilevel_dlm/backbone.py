@@ -63,6 +63,14 @@ class Backbone:
             )
         return head
 
+    def ffn_target_patterns(self, model: nn.Module) -> tuple[str, ...]:
+        """FFN linears of a block; override when they depend on the config (e.g. a shared expert)."""
+        return self.ffn_targets
+
+    def attention_target_patterns(self, model: nn.Module) -> tuple[str, ...]:
+        """Attention projections of a block."""
+        return self.attention_targets
+
     # ----- forward -----------------------------------------------------------------------------
     def call(
         self,
@@ -113,27 +121,36 @@ def get_backbone(name: str) -> Backbone:
 
 
 def detect_backbone(model: nn.Module) -> Backbone:
-    """Find the adapter for a model from ``config.model_type``, then from its class name."""
+    """Find the adapter for a model from its class name, then from ``config.model_type``.
+
+    The class name comes first because some releases reuse another family's ``model_type`` (the
+    LLaDA-MoE release's config says "llada").
+    """
     registry = registered_backbones()
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    for cls in registry.values():
-        if model_type is not None and model_type in cls.model_types:
-            return cls()
     class_name = type(model).__name__
-    for cls in registry.values():
-        if class_name in cls.class_names:
-            return cls()
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for matches in (lambda cls: class_name in cls.class_names, lambda cls: model_type in cls.model_types):
+        for cls in registry.values():
+            if matches(cls):
+                return cls()
     raise ValueError(
-        f"no backbone adapter matches model_type={model_type!r} / class {class_name!r}. "
+        f"no backbone adapter matches class {class_name!r} / model_type={model_type!r}. "
         f"Registered: {sorted(registry)}. Pass backbone=<name or Backbone instance>, or register an "
         "adapter with @register_backbone (README: 'Adding a backbone')."
     )
 
 
-def resolve_targets(backbone: Backbone, model: nn.Module, patterns: tuple[str, ...], block_indices: list[int]) -> dict[str, nn.Module]:
+def resolve_targets(
+    backbone: Backbone,
+    model: nn.Module,
+    patterns: tuple[str, ...],
+    block_indices: list[int],
+    *,
+    strict: bool = True,
+) -> dict[str, nn.Module]:
     """Full module path -> module for every block-relative pattern in the given blocks.
 
-    Raises with the list of available linears when a pattern matches nothing in a block.
+    With ``strict`` a pattern that matches nothing in a block raises, listing the available linears.
     """
     blocks = backbone.blocks(model)
     block_paths = {id(m): n for n, m in model.named_modules()}
@@ -144,7 +161,7 @@ def resolve_targets(backbone: Backbone, model: nn.Module, patterns: tuple[str, .
         linears = _linear_modules(block)
         for pattern in patterns:
             hits = [n for n in linears if fnmatch.fnmatchcase(n, pattern) and n.count(".") == pattern.count(".")]
-            if not hits:
+            if not hits and strict:
                 raise ValueError(
                     f"target module {pattern!r} not found in block {index} ({prefix}); available linear "
                     f"modules: {sorted(linears)}. Fix MemoryConfig.targets or the adapter's target names."

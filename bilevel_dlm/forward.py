@@ -66,8 +66,10 @@ class ModelView:
         return final_hidden(self.backbone, self.model, input_ids, attention_mask, mask_ratio)
 
     def head(self, hidden_rows: torch.Tensor, input_rows: torch.Tensor) -> torch.Tensor:
-        """Logits [..., V] (float32) for hidden rows [..., d] whose input tokens are ``input_rows``."""
-        logits = self.backbone.output_head(self.model)(hidden_rows).float()
+        """Logits [..., V] (at least float32) for hidden rows [..., d] whose input tokens are ``input_rows``."""
+        logits = self.backbone.output_head(self.model)(hidden_rows)
+        if logits.element_size() < 4:
+            logits = logits.float()
         return self.backbone.finalize_logits(logits, input_rows, self.mask_token_id)
 
     def logits(

@@ -1,0 +1,138 @@
+"""Validated configuration. ``MemDLMConfig()`` is the MemDLM paper preset (shared/MEMDLM.md section 6).
+
+Every model is frozen and rejects unknown keys, so a typo in a YAML file fails loudly instead of
+silently falling back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = [
+    "MemoryConfig",
+    "InnerConfig",
+    "TrajectoryConfig",
+    "OuterConfig",
+    "OuterLoRAConfig",
+    "AdaptConfig",
+    "MemDLMConfig",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+class MemoryConfig(_Strict):
+    """Where the fast weights live and what they look like."""
+
+    kind: Literal["lora", "full"] = Field("lora", description="LoRA pair (B @ A) or a full delta W")
+    rank: int = Field(32, gt=0)
+    alpha: float = Field(64.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the fast-weight input")
+    layer_fraction: float = Field(0.1, gt=0.0, le=1.0, description="last fraction of blocks that get fast weights")
+    targets: Literal["ffn", "ffn+attention"] | tuple[str, ...] = Field(
+        "ffn", description="'ffn', 'ffn+attention', or block-relative module patterns"
+    )
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank if self.kind == "lora" else 1.0
+
+
+class InnerConfig(_Strict):
+    """The inner loop: K steps on the simulated trajectory, updating the fast weights only."""
+
+    steps: int = Field(2, ge=1, description="K: number of inner stages / updates")
+    mode: Literal["first_order", "unrolled"] = "first_order"
+    optimizer: Literal["sgd", "adam", "metasgd"] = "sgd"
+    lr: float = Field(0.1, ge=0.0)
+    clip: float | None = Field(1.0, gt=0.0, description="per-tensor gradient clipping threshold; None = off")
+    loss: Literal["ce", "kl", "reverse_kl", "hidden_mse", "hidden_cosine"] = "ce"
+    weighting: Literal["inverse_t", "uniform"] = "inverse_t"
+    backend: Literal["torchopt", "higher"] = "torchopt"
+
+    @model_validator(mode="after")
+    def _check(self) -> "InnerConfig":
+        if self.optimizer == "metasgd" and self.mode != "unrolled":
+            raise ValueError(
+                "optimizer='metasgd' learns its rates through the inner updates, which needs mode='unrolled' "
+                "(first-order treats the adapted fast weights as constants, so the rates would never train)"
+            )
+        if self.backend == "higher" and self.optimizer == "metasgd":
+            raise ValueError("backend='higher' supports optimizer 'sgd' or 'adam'; use backend='torchopt' for metasgd")
+        return self
+
+
+class TrajectoryConfig(_Strict):
+    """How the inner stages are built from the outer anchor."""
+
+    kind: Literal["anchor_consistent", "pre_only", "anchor_only", "progressive"] = "anchor_consistent"
+    s_pre: float = Field(1.5, ge=1.0, description="pre-anchor mask ratio = min(1, s_pre * anchor ratio)")
+    stage1_targets: Literal["broad", "newly_revealed"] = "broad"
+    progressive_start: float = Field(0.8, gt=0.0, le=1.0)
+    progressive_end: float = Field(0.2, gt=0.0, le=1.0)
+
+
+class OuterLoRAConfig(_Strict):
+    """The paper's outer LoRA (applied through PEFT when ``apply`` is true, or bring a PeftModel)."""
+
+    apply: bool = False
+    rank: int = Field(32, gt=0)
+    alpha: float = Field(64.0, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: str | tuple[str, ...] = "all-linear"
+
+
+class OuterConfig(_Strict):
+    """The MDLM objective at the anchor and the optimizer of the base weights theta."""
+
+    schedule: Literal["linear", "cosine"] = "linear"
+    t_eps: float = Field(1e-3, gt=0.0, lt=1.0)
+    weighting: Literal["elbo", "uniform"] = Field("elbo", description="'elbo': w(t) = -alpha'(t) / (1 - alpha(t))")
+    normalization: Literal["token", "sequence", "batch"] = "token"
+    lr: float = Field(2e-5, ge=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    lora: OuterLoRAConfig = OuterLoRAConfig()
+
+
+class AdaptConfig(_Strict):
+    """Inference-time memory: the inner loop on the prompt alone, per sample."""
+
+    anchor_ratio: float = Field(0.2, gt=0.0, le=1.0)
+    steps: int = Field(2, ge=1)
+    weighting: Literal["inverse_t", "uniform"] = "uniform"
+
+
+class MemDLMConfig(_Strict):
+    """The whole bilevel recipe. Defaults reproduce MemDLM's reference hyperparameters."""
+
+    memory: MemoryConfig = MemoryConfig()
+    inner: InnerConfig = InnerConfig()
+    trajectory: TrajectoryConfig = TrajectoryConfig()
+    outer: OuterConfig = OuterConfig()
+    adapt: AdaptConfig = AdaptConfig()
+    seed: int = 0
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "MemDLMConfig":
+        """Load from a YAML (or JSON) file; unknown keys and invalid values raise."""
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        return cls.model_validate(data)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        """Serialise (tuples as lists); writes to ``path`` when given and returns the text."""
+        text = yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text

@@ -1,0 +1,207 @@
+"""InnerLoop: adapt the fast weights on a simulated denoising trajectory.
+
+For each stage: forward with the memory bound, inner loss on the stage's supervised positions,
+gradient with respect to the fast weights only, optimizer update. ``first_order`` (MemDLM) treats the
+adapted fast weights as constants for the outer loss and freezes the base weights while adapting, so
+autograd records nothing below the first fast weight. ``unrolled`` keeps the graph through all K
+updates, so the outer gradient includes d phi_K / d theta and meta-parameters (MetaSGD rates) learn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torchopt
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torchopt.base import GradientTransformation
+
+from .config import InnerConfig
+from .forward import ModelView
+from .losses import token_loss, weighted_mean
+from .memory import MemoryParams
+from .noise import Anchor
+from .optim import MetaSGD, build_inner_optimizer, per_tensor_clip
+from .prefix import PrefixReplay
+from .trajectory import Stage, TrajectorySimulator, make_simulator, masked_fraction
+
+__all__ = ["InnerLoop", "InnerResult"]
+
+
+@dataclass
+class InnerResult:
+    """Per-stage inner loss and fast-weight gradient norm, as tensors [K] (no host sync)."""
+
+    losses: torch.Tensor
+    grad_norms: torch.Tensor
+
+
+@contextmanager
+def frozen(params: Sequence[nn.Parameter]) -> Iterator[None]:
+    """Temporarily stop recording gradients for these parameters."""
+    was = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, was):
+            p.requires_grad_(flag)
+
+
+class _TorchoptStepper:
+    """Functional update with a torchopt GradientTransformation."""
+
+    def __init__(self, transformation: GradientTransformation) -> None:
+        self.transformation = transformation
+
+    def init(self, values: tuple[torch.Tensor, ...]) -> None:
+        self.state = self.transformation.init(values)
+
+    def step(self, loss: torch.Tensor, values: tuple[torch.Tensor, ...], create_graph: bool):
+        grads = torch.autograd.grad(loss, values, create_graph=create_graph)
+        updates, self.state = self.transformation.update(grads, self.state, params=values, inplace=False)
+        return torchopt.apply_updates(values, updates, inplace=False), grads
+
+
+class _HigherStepper:
+    """The same update through ``higher``'s differentiable optimizers (optional backend)."""
+
+    def __init__(self, config: InnerConfig) -> None:
+        try:
+            import higher  # noqa: F401
+        except ImportError as error:  # pragma: no cover - exercised only without the extra
+            raise ImportError("backend='higher' needs the optional dependency: pip install 'bilevel_dlm[higher]'") from error
+        self.config = config
+        self.clip = per_tensor_clip(config.clip) if config.clip is not None else None
+
+    def init(self, values: tuple[torch.Tensor, ...]) -> None:
+        import higher.optim
+
+        optimizer_class = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[self.config.optimizer]
+        reference = [torch.zeros_like(v, requires_grad=True) for v in values]
+        self.diffopt = higher.optim.get_diff_optim(optimizer_class(reference, lr=self.config.lr), reference)
+
+    def step(self, loss: torch.Tensor, values: tuple[torch.Tensor, ...], create_graph: bool):
+        self.diffopt._track_higher_grads = create_graph
+        seen: list[torch.Tensor] = []
+
+        def clip(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+            if self.clip is not None:
+                grads = list(self.clip.update(tuple(grads), None)[0])
+            seen.extend(grads)
+            return grads
+
+        new_values = self.diffopt.step(loss, params=list(values), grad_callback=clip)
+        return tuple(new_values), tuple(seen)
+
+
+class InnerLoop:
+    """Runs the K inner stages on a batch and leaves the adapted fast weights in ``memory``.
+
+    Args:
+        view: the model seen through its backbone adapter.
+        memory: the fast weights to adapt (reset at the start of every :meth:`run`).
+        simulator: builds the stages from the anchor (default: from ``config.trajectory``-style name
+            ``anchor_consistent``).
+        optimizer: a torchopt GradientTransformation or a :class:`MetaSGD` (default: from config).
+        config: steps, mode, loss, weighting, backend.
+    """
+
+    def __init__(
+        self,
+        view: ModelView,
+        memory: MemoryParams,
+        simulator: TrajectorySimulator | None = None,
+        optimizer: GradientTransformation | MetaSGD | None = None,
+        config: InnerConfig | None = None,
+    ) -> None:
+        self.view = view
+        self.memory = memory
+        self.config = config or InnerConfig()
+        self.simulator = simulator or make_simulator("anchor_consistent")
+        self.optimizer = optimizer if optimizer is not None else build_inner_optimizer(self.config, memory.names)
+        if self.config.backend == "higher" and optimizer is not None:
+            raise ValueError("backend='higher' builds its optimizer from the config; do not pass optimizer=")
+        self.base_params = [p for p in view.model.parameters() if p.requires_grad]
+
+    @property
+    def unrolled(self) -> bool:
+        return self.config.mode == "unrolled"
+
+    def meta_parameters(self) -> list[nn.Parameter]:
+        """Parameters the outer optimizer must train besides the model (MetaSGD rates)."""
+        return list(self.optimizer.parameters()) if isinstance(self.optimizer, nn.Module) else []
+
+    def _stepper(self):
+        if self.config.backend == "higher":
+            return _HigherStepper(self.config)
+        transformation = self.optimizer.transformation() if isinstance(self.optimizer, MetaSGD) else self.optimizer
+        return _TorchoptStepper(transformation)
+
+    def run(
+        self,
+        x0: torch.Tensor,
+        maskable: torch.Tensor,
+        anchor: Anchor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        weighting: str | None = None,
+        prefix: PrefixReplay | None = None,
+    ) -> InnerResult:
+        """Reset the memory, simulate the trajectory and adapt; returns per-stage metrics."""
+        self.memory.reset(batch_size=x0.shape[0], generator=generator)
+        stages = self.simulator(x0, maskable, anchor, self.config.steps, self.view.mask_token_id, generator)
+        weighting = weighting or self.config.weighting
+        stepper = self._stepper()
+        values = tuple(v.requires_grad_() for v in self.memory.values)
+        stepper.init(values)
+        losses, norms = [], []
+        attention = sdpa_kernel(SDPBackend.MATH) if self.unrolled else nullcontext()
+        with attention, self.memory.bind():
+            for k, stage in enumerate(stages):
+                teacher = stages[k + 1].input_ids if k + 1 < len(stages) else x0
+                record = prefix is not None and stage.is_anchor
+                if record and prefix.recorded:
+                    context = prefix.replay()
+                elif record:
+                    context = prefix.record()  # keeps theta's graph of the prefix for the outer pass
+                else:
+                    context = nullcontext() if self.unrolled else frozen(self.base_params)
+                with context:
+                    loss = self._stage_loss(stage, x0, maskable, attention_mask, weighting, teacher)
+                values, grads = stepper.step(loss, values, create_graph=self.unrolled)
+                if not self.unrolled:
+                    values = tuple(v.detach().requires_grad_() for v in values)
+                self.memory.set(values)
+                losses.append(loss.detach())
+                norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        if not self.unrolled:
+            self.memory.set(tuple(v.detach() for v in values))  # first order: phi_K is a constant
+        return InnerResult(torch.stack(losses), torch.stack(norms).detach())
+
+    def _stage_loss(
+        self,
+        stage: Stage,
+        x0: torch.Tensor,
+        maskable: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        weighting: str,
+        teacher_input: torch.Tensor,
+    ) -> torch.Tensor:
+        select = stage.supervised
+        logits, hidden = self.view.logits_at(select, stage.input_ids, attention_mask, stage.t)
+        teacher_logits = teacher_hidden = None
+        if self.config.loss != "ce":
+            with torch.no_grad():
+                teacher_ratio = masked_fraction(maskable & (teacher_input == self.view.mask_token_id), maskable)
+                teacher_logits, teacher_hidden = self.view.logits_at(select, teacher_input, attention_mask, teacher_ratio)
+        per_token = token_loss(self.config.loss, logits, x0[select], hidden, teacher_logits, teacher_hidden)
+        rows = torch.arange(x0.shape[0], device=x0.device)[:, None].expand_as(select)[select]
+        t = stage.t.clamp_min(1e-3)
+        weights = (1.0 / t if weighting == "inverse_t" else torch.ones_like(t))[rows]
+        return weighted_mean(per_token, weights, rows, x0.shape[0], self.memory.per_sample)

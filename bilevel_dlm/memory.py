@@ -1,0 +1,197 @@
+"""MemoryParams: fast weights ("parametric memory") kept outside the model and bound by forward hooks.
+
+While bound, every target linear computes ``y + scale * x A^T B^T`` (LoRA) or ``y + x dW^T`` (full
+delta). The fast weights are plain float32 tensors, not parameters of the model, so ``parameters()``,
+``state_dict()``, optimizers, DDP buckets and gradient clipping never see them, and unbinding leaves
+the model exactly as it was. With ``per_sample=True`` every tensor has a leading batch dimension and
+sample b only ever sees row b.
+
+The tensors are never updated in place: :meth:`set` swaps in new objects, so a graph (or a gradient
+checkpoint) that used the old ones stays valid until its backward has run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import Backbone, detect_backbone, resolve_targets
+from .config import MemoryConfig
+
+__all__ = ["MemoryParams", "first_memory_block"]
+
+
+def first_memory_block(n_blocks: int, layer_fraction: float) -> int:
+    """Index of the first block with fast weights: the last ``layer_fraction`` of the blocks."""
+    return min(int(n_blocks * (1.0 - layer_fraction)), n_blocks - 1)
+
+
+class MemoryParams:
+    """Fast weights for the target linears of a model's last blocks.
+
+    Args:
+        model: the backbone model (unwrapped: not a DDP wrapper).
+        config: where the fast weights go and their shape (default: the MemDLM preset).
+        backbone: the adapter (detected from the model when omitted).
+        per_sample: one set of fast weights per sample (leading batch dim) instead of one shared set.
+        dtype: dtype of the fast weights and of the delta computation (float32 whatever the base dtype;
+            float64 for finite-difference checks).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: MemoryConfig | None = None,
+        *,
+        backbone: Backbone | None = None,
+        per_sample: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.config = config or MemoryConfig()
+        self.backbone = backbone or detect_backbone(model)
+        self.per_sample = per_sample
+        self.dtype = dtype
+        n_blocks = len(self.backbone.blocks(model))
+        self.first_block = first_memory_block(n_blocks, self.config.layer_fraction)
+        self.targets = resolve_targets(
+            self.backbone, model, self._patterns(model), list(range(self.first_block, n_blocks))
+        )
+        if per_sample:
+            self._refuse_token_mixing(model)
+        self.names: tuple[str, ...] = tuple(
+            f"{path}.{part}" for path in self.targets for part in self._parts()
+        )
+        self.device = next(model.parameters()).device
+        self._values: tuple[torch.Tensor, ...] = ()
+        self.batch_size: int | None = None
+
+    # ----- construction ----------------------------------------------------------------------
+    def _patterns(self, model: nn.Module) -> tuple[str, ...]:
+        targets = self.config.targets
+        if targets == "ffn":
+            return self.backbone.ffn_target_patterns(model)
+        if targets == "ffn+attention":
+            return self.backbone.ffn_target_patterns(model) + self.backbone.attention_target_patterns(model)
+        return tuple(targets)
+
+    def _refuse_token_mixing(self, model: nn.Module) -> None:
+        blocks = list(range(self.first_block, len(self.backbone.blocks(model))))
+        mixing = resolve_targets(self.backbone, model, self.backbone.token_mixing_targets, blocks, strict=False)
+        mixed = sorted(set(self.targets) & set(mixing))
+        if mixed:
+            raise ValueError(
+                f"per-sample fast weights cannot sit on modules that see the tokens of several samples "
+                f"mixed together ({len(mixed)} such targets, e.g. {mixed[0]!r}: MoE experts). Use shared "
+                "memory (per_sample=False), adapt one sample at a time, or choose other targets."
+            )
+
+    def _parts(self) -> tuple[str, ...]:
+        return ("lora_A", "lora_B") if self.config.kind == "lora" else ("delta",)
+
+    def _shapes(self, module: nn.Module) -> tuple[tuple[int, int], ...]:
+        d_in, d_out, r = module.in_features, module.out_features, self.config.rank
+        return ((r, d_in), (d_out, r)) if self.config.kind == "lora" else ((d_out, d_in),)
+
+    # ----- state -------------------------------------------------------------------------------
+    @property
+    def values(self) -> tuple[torch.Tensor, ...]:
+        if not self._values:
+            raise RuntimeError("memory is empty: call reset() before binding or reading the fast weights")
+        return self._values
+
+    def reset(self, batch_size: int | None = None, generator: torch.Generator | None = None) -> None:
+        """Fresh fast weights: A ~ kaiming_uniform(a=sqrt(5)), B = 0 (delta W = 0); full delta = 0.
+
+        Per-sample memory starts every row from the same draw, so a batch adapts exactly like each
+        of its rows would alone. Old tensors (and any graph hanging on them) are dropped.
+        """
+        if self.per_sample and batch_size is None:
+            raise ValueError("per-sample memory needs reset(batch_size=...)")
+        self.batch_size = batch_size if self.per_sample else None
+        values = []
+        for module in self.targets.values():
+            for shape, part in zip(self._shapes(module), self._parts()):
+                if part == "lora_A":
+                    bound = 1.0 / math.sqrt(shape[1])  # kaiming_uniform(a=sqrt(5)) on [r, in]
+                    value = (torch.rand(shape, generator=generator, device=self.device, dtype=self.dtype) * 2 - 1) * bound
+                else:
+                    value = torch.zeros(shape, device=self.device, dtype=self.dtype)
+                if self.per_sample:
+                    value = value.expand(batch_size, *shape).clone()
+                values.append(value)
+        self._values = tuple(values)
+
+    def clear(self) -> None:
+        """Drop the fast weights (and every graph hanging on them)."""
+        self._values = ()
+        self.batch_size = None
+
+    def set(self, values: Sequence[torch.Tensor]) -> None:
+        """Replace the fast weights by new tensors (never modified in place)."""
+        values = tuple(values)
+        if len(values) != len(self.names):
+            raise ValueError(f"expected {len(self.names)} fast-weight tensors, got {len(values)}")
+        self._values = values
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Name -> detached copy of every fast-weight tensor."""
+        return {name: value.detach().clone() for name, value in zip(self.names, self.values)}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`state`; names must match exactly."""
+        missing = set(self.names) ^ set(state)
+        if missing:
+            raise KeyError(f"fast-weight names differ from this memory's: {sorted(missing)[:5]}")
+        values = tuple(state[name].to(self.device, self.dtype) for name in self.names)
+        self.batch_size = values[0].shape[0] if self.per_sample else None
+        self._values = values
+
+    def requires_grad_(self, flag: bool = True) -> "MemoryParams":
+        """Make the current fast weights leaves that record (or stop recording) gradients."""
+        self._values = tuple(v.detach().requires_grad_(flag) for v in self.values)
+        return self
+
+    # ----- binding -----------------------------------------------------------------------------
+    @contextmanager
+    def bind(self) -> Iterator["MemoryParams"]:
+        """While active, the target linears add the fast-weight delta to their output."""
+        per_module = len(self._parts())
+        handles = [
+            module.register_forward_hook(self._hook(index * per_module, path))
+            for index, (path, module) in enumerate(self.targets.items())
+        ]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _hook(self, offset: int, path: str):
+        lora = self.config.kind == "lora"
+        scale = self.config.scale
+        dropout = self.config.dropout
+
+        def add_delta(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            x = args[0]
+            if self.per_sample and x.shape[0] != self.batch_size:
+                raise RuntimeError(
+                    f"per-sample memory for batch size {self.batch_size} got input of shape "
+                    f"{tuple(x.shape)} at {path}; reset(batch_size=...) to the batch being run"
+                )
+            x = x.to(self.dtype)
+            if dropout and module.training:
+                x = F.dropout(x, dropout)
+            if lora:
+                a, b = self.values[offset], self.values[offset + 1]
+                delta = (x @ a.mT) @ b.mT * scale
+            else:
+                delta = x @ self.values[offset].mT
+            return output + delta.to(output.dtype)
+
+        return add_delta
+

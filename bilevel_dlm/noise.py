@@ -1,0 +1,76 @@
+"""Noise schedules of the masked diffusion forward process and the anchor (t, A, x_t) they produce.
+
+alpha(t) is the probability that a token is still clean at time t; every maskable token is masked
+independently with probability 1 - alpha(t). The ELBO weight is w(t) = -alpha'(t) / (1 - alpha(t)).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["NoiseSchedule", "LinearSchedule", "CosineSchedule", "make_schedule", "Anchor", "sample_anchor"]
+
+
+class NoiseSchedule:
+    """Base class: ``mask_prob(t)`` = 1 - alpha(t) and ``weight(t)`` = -alpha'(t) / (1 - alpha(t))."""
+
+    def mask_prob(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LinearSchedule(NoiseSchedule):
+    """alpha(t) = 1 - t: mask probability t, weight 1/t."""
+
+    def mask_prob(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        return 1.0 / t
+
+
+class CosineSchedule(NoiseSchedule):
+    """alpha(t) = 1 - cos(pi/2 (1 - t)): mask probability cos(pi/2 (1 - t)), weight pi/2 tan(pi/2 (1 - t))."""
+
+    def mask_prob(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.cos(math.pi / 2 * (1 - t))
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        return math.pi / 2 * torch.tan(math.pi / 2 * (1 - t))
+
+
+def make_schedule(name: str) -> NoiseSchedule:
+    schedules = {"linear": LinearSchedule, "cosine": CosineSchedule}
+    if name not in schedules:
+        raise ValueError(f"unknown noise schedule {name!r}; choose one of {sorted(schedules)}")
+    return schedules[name]()
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """One noised batch: time t [B], masked set [B, L] (bool) and the noised input x_t [B, L]."""
+
+    t: torch.Tensor
+    masked: torch.Tensor
+    input_ids: torch.Tensor
+
+
+def sample_anchor(
+    x0: torch.Tensor,
+    maskable: torch.Tensor,
+    schedule: NoiseSchedule,
+    mask_token_id: int,
+    t_eps: float,
+    generator: torch.Generator | None = None,
+) -> Anchor:
+    """t ~ U(t_eps, 1) per sequence; each maskable token masked with probability 1 - alpha(t)."""
+    batch = x0.shape[0]
+    t = t_eps + (1 - t_eps) * torch.rand(batch, generator=generator, device=x0.device)
+    draws = torch.rand(x0.shape, generator=generator, device=x0.device)
+    masked = maskable & (draws < schedule.mask_prob(t)[:, None])
+    return Anchor(t=t, masked=masked, input_ids=torch.where(masked, mask_token_id, x0))

@@ -1,0 +1,74 @@
+"""OuterLoop: the MDLM objective at the anchor (with whatever memory is bound) and theta's optimizer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+from .config import OuterConfig
+from .forward import ModelView
+from .losses import weighted_mean
+from .noise import Anchor, make_schedule, sample_anchor
+from .trajectory import masked_fraction
+
+__all__ = ["OuterLoop", "build_outer_optimizer"]
+
+
+class OuterLoop:
+    """Masked diffusion loss: sum over masked positions of w(t) CE(logits(x_t), x0), normalised by
+
+    ``token``: the number of maskable tokens in the batch; ``sequence``: each sample's maskable count,
+    then the mean over samples that have any; ``batch``: the batch size.
+    """
+
+    def __init__(self, view: ModelView, config: OuterConfig | None = None) -> None:
+        self.view = view
+        self.config = config or OuterConfig()
+        self.schedule = make_schedule(self.config.schedule)
+
+    def sample_anchor(self, x0: torch.Tensor, maskable: torch.Tensor, generator: torch.Generator | None = None) -> Anchor:
+        return sample_anchor(x0, maskable, self.schedule, self.view.mask_token_id, self.config.t_eps, generator)
+
+    def loss(
+        self,
+        x0: torch.Tensor,
+        maskable: torch.Tensor,
+        anchor: Anchor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        select = anchor.masked
+        logits, _ = self.view.logits_at(select, anchor.input_ids, attention_mask, masked_fraction(select, maskable))
+        ce = F.cross_entropy(logits, x0[select], reduction="none")
+        batch = x0.shape[0]
+        rows = torch.arange(batch, device=x0.device)[:, None].expand_as(select)[select]
+        weight = self.schedule.weight(anchor.t) if self.config.weighting == "elbo" else torch.ones_like(anchor.t)
+        weights = weight[rows]
+        per_row_count = maskable.sum(1)
+        if self.config.normalization == "token":
+            return weighted_mean(ce, weights, rows, batch, per_sample=False, denominator=per_row_count.sum())
+        if self.config.normalization == "sequence":
+            per_sequence = weighted_mean(ce, weights, rows, batch, per_sample=True, denominator=per_row_count)
+            return per_sequence / (per_row_count > 0).sum().clamp_min(1)
+        return weighted_mean(ce, weights, rows, batch, per_sample=False, denominator=torch.tensor(batch, device=x0.device))
+
+
+def build_outer_optimizer(
+    params: Iterable[nn.Parameter], config: OuterConfig, max_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW on theta (plus any meta-parameters) with the configured warmup + decay schedule."""
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("the outer optimizer got no trainable parameters (all requires_grad=False)")
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    warmup = int(config.warmup_ratio * max_steps)
+    if config.lr_schedule == "cosine":
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, max_steps)
+    elif config.lr_schedule == "linear":
+        scheduler = get_linear_schedule_with_warmup(optimizer, warmup, max_steps)
+    else:
+        scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
+    return optimizer, scheduler

@@ -1,0 +1,294 @@
+"""MemoryWrapper: the façade that turns a masked diffusion LM into a bilevel (MemDLM) trainer.
+
+    wrapper = MemoryWrapper(model, tokenizer=tok)       # backbone detected, MemDLM preset
+    history = wrapper.fit(train_data, max_steps=1000)   # bilevel training
+    memory = wrapper.adapt(prompt_ids)                  # inference-time parametric memory
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from tqdm.auto import tqdm
+
+from .backbone import Backbone, detect_backbone, get_backbone
+from .config import MemDLMConfig
+from .data import PreparedBatch, iterate_batches, prepare_batch
+from .forward import ModelView
+from .inner import InnerLoop, InnerResult
+from .memory import MemoryParams
+from .noise import Anchor
+from .outer import OuterLoop, build_outer_optimizer
+from .prefix import PrefixReplay
+from .trajectory import TrajectorySimulator, make_simulator, masked_fraction, random_subset
+
+__all__ = ["MemoryWrapper", "History"]
+
+
+@dataclass
+class History:
+    """What ``fit`` measured: one entry per optimizer step, evaluations at ``eval_steps``."""
+
+    steps: list[int] = field(default_factory=list)
+    outer_loss: list[float] = field(default_factory=list)
+    inner_losses: list[list[float]] = field(default_factory=list)
+    inner_grad_norms: list[list[float]] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    eval_loss: list[float] = field(default_factory=list)
+    eval_loss_prompt_memory: list[float] = field(default_factory=list)
+    skipped_batches: int = 0
+
+
+class MemoryWrapper:
+    """Bilevel training and inference-time memory for one masked diffusion LM.
+
+    Args:
+        model: the (unwrapped) backbone model; its trainable parameters are theta.
+        config: the recipe (default: the MemDLM preset).
+        backbone: adapter name or instance (default: detected from the model).
+        tokenizer: used for its mask / pad token ids when the model declares none.
+        mask_token_id: explicit mask token id (overrides model and tokenizer).
+        simulator: a custom trajectory simulator (default: from ``config.trajectory``).
+        inner_optimizer: a torchopt GradientTransformation or MetaSGD (default: from ``config.inner``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: MemDLMConfig | None = None,
+        *,
+        backbone: str | Backbone | None = None,
+        tokenizer: Any = None,
+        mask_token_id: int | None = None,
+        simulator: TrajectorySimulator | None = None,
+        inner_optimizer: Any = None,
+    ) -> None:
+        self.model = model
+        self.config = config or MemDLMConfig()
+        self.tokenizer = tokenizer
+        if isinstance(backbone, str):
+            backbone = get_backbone(backbone)
+        self.backbone = backbone or detect_backbone(model)
+        self.view = ModelView(self.backbone, model, self._resolve_mask_id(mask_token_id))
+        trajectory = self.config.trajectory
+        self.simulator = simulator or make_simulator(
+            trajectory.kind, trajectory.s_pre, trajectory.stage1_targets,
+            trajectory.progressive_start, trajectory.progressive_end,
+        )
+        self.memory = MemoryParams(model, self.config.memory, backbone=self.backbone)
+        self.inner = InnerLoop(self.view, self.memory, self.simulator, inner_optimizer, self.config.inner)
+        self.outer = OuterLoop(self.view, self.config.outer)
+        self.device = next(model.parameters()).device
+        self.generator = torch.Generator(self.device).manual_seed(self.config.seed)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: Any = None
+        self.skipped_batches = 0
+        self.prompt_memory: MemoryParams | None = None
+
+    # ----- set-up ------------------------------------------------------------------------------
+    def _resolve_mask_id(self, explicit: int | None) -> int:
+        for candidate in (explicit, self.backbone.mask_token_id(self.model),
+                          getattr(self.tokenizer, "mask_token_id", None)):
+            if candidate is not None:
+                return int(candidate)
+        raise ValueError(
+            f"no mask token id: {type(self.model).__name__}.config has no mask_token_id and no tokenizer "
+            "with a mask token was given. Pass mask_token_id=<id> (e.g. 126336 for LLaDA-8B)."
+        )
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.view.mask_token_id
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """theta (the model's trainable parameters) plus meta-parameters of the inner optimizer."""
+        return [p for p in self.model.parameters() if p.requires_grad] + self.inner.meta_parameters()
+
+    def configure_optimizers(self, max_steps: int) -> None:
+        """Build AdamW and the learning-rate schedule for ``max_steps`` outer steps."""
+        self.optimizer, self.scheduler = build_outer_optimizer(self.trainable_parameters(), self.config.outer, max_steps)
+
+    def prepare(self, batch: Mapping[str, Any]) -> PreparedBatch:
+        return prepare_batch(batch, self.device, self.backbone.protected_prefix)
+
+    # ----- training ----------------------------------------------------------------------------
+    def compute_loss(self, batch: PreparedBatch) -> tuple[torch.Tensor, InnerResult, Anchor]:
+        """The bilevel forward: anchor, inner adaptation, outer MDLM loss with the adapted memory bound.
+
+        The returned loss carries theta's graph; the caller runs backward (before the memory changes).
+        """
+        x0, maskable, attention = batch.x0, batch.maskable, batch.attention_mask
+        anchor = self.outer.sample_anchor(x0, maskable, self.generator)
+        first = self.memory.first_block
+        prefix = PrefixReplay(self.backbone.blocks(self.model), first) if first > 0 else None
+        inner = self.inner.run(x0, maskable, anchor, attention, generator=self.generator, prefix=prefix)
+        replay = prefix.replay() if prefix is not None and prefix.recorded else nullcontext()
+        kernel = sdpa_kernel(SDPBackend.MATH) if self.inner.unrolled else nullcontext()
+        with self.memory.bind(), replay, kernel:
+            loss = self.outer.loss(x0, maskable, anchor, attention)
+        return loss, inner, anchor
+
+    def step(self, batch: Mapping[str, Any]) -> dict[str, float]:
+        """One outer step on a batch; returns its metrics (a single host sync)."""
+        if self.optimizer is None:
+            self.configure_optimizers(max_steps=1_000_000)
+        prepared = self.prepare(batch)
+        if not bool(prepared.maskable.any()):
+            self.skipped_batches += 1
+            return {"skipped": 1.0, "skipped_batches": float(self.skipped_batches)}
+        self.model.train()
+        loss, inner, _ = self.compute_loss(prepared)
+        loss.backward()
+        self.memory.clear()
+        theta = self.trainable_parameters()
+        max_norm = self.config.outer.max_grad_norm
+        grad_norm = (torch.nn.utils.clip_grad_norm_(theta, max_norm) if max_norm is not None
+                     else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in theta if p.grad is not None])))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        values = torch.cat([loss.detach()[None], inner.losses, inner.grad_norms, grad_norm.detach()[None].float()]).tolist()
+        k = inner.losses.shape[0]
+        metrics = {"outer_loss": values[0], "grad_norm": values[-1]}
+        metrics.update({f"inner_loss_{i}": values[1 + i] for i in range(k)})
+        metrics.update({f"inner_grad_norm_{i}": values[1 + k + i] for i in range(k)})
+        return metrics
+
+    def fit(
+        self,
+        train_data: Iterable[Mapping[str, Any]],
+        *,
+        eval_data: Iterable[Mapping[str, Any]] | None = None,
+        max_steps: int,
+        batch_size: int = 8,
+        eval_every: int | None = None,
+        eval_prompt_memory: bool = True,
+        progress: bool = True,
+    ) -> History:
+        """Bilevel training for ``max_steps`` outer steps (the data is cycled).
+
+        ``train_data``: an iterable of example or batch dicts, a torch Dataset of examples, or a
+        DataLoader. With ``eval_data``, the eval loss (memory off, and adapted on the prompt when
+        ``eval_prompt_memory``) is measured every ``eval_every`` steps and at the end.
+        """
+        if max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        self.configure_optimizers(max_steps)
+        history = History()
+        batches = iterate_batches(train_data, batch_size, pad_token_id=self._pad_id(), generator=self.generator)
+        bar = tqdm(total=max_steps, disable=not progress, desc="MemDLM", dynamic_ncols=True)
+        step = 0
+        while step < max_steps:
+            metrics = self.step(next(batches))
+            if "skipped" in metrics:
+                history.skipped_batches += 1
+                continue
+            step += 1
+            k = sum(name.startswith("inner_loss_") for name in metrics)
+            history.steps.append(step)
+            history.outer_loss.append(metrics["outer_loss"])
+            history.inner_losses.append([metrics[f"inner_loss_{i}"] for i in range(k)])
+            history.inner_grad_norms.append([metrics[f"inner_grad_norm_{i}"] for i in range(k)])
+            bar.update(1)
+            bar.set_postfix(outer=f"{metrics['outer_loss']:.3f}", inner=f"{metrics['inner_loss_0']:.3f}")
+            if eval_data is not None and (step == max_steps or (eval_every and step % eval_every == 0)):
+                history.eval_steps.append(step)
+                history.eval_loss.append(self.eval_loss(eval_data, memory="off", batch_size=batch_size))
+                if eval_prompt_memory:
+                    history.eval_loss_prompt_memory.append(self.eval_loss(eval_data, memory="prompt", batch_size=batch_size))
+        bar.close()
+        return history
+
+    def _pad_id(self) -> int:
+        for source in (self.tokenizer, getattr(self.model, "config", None)):
+            value = getattr(source, "pad_token_id", None)
+            if value is not None:
+                return int(value)
+        return 0
+
+    # ----- inference-time memory ----------------------------------------------------------------
+    def adapt(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> MemoryParams:
+        """Per-sample memory adapted on each prompt alone (MEMDLM.md section 5); base weights untouched.
+
+        Every attended prompt token is maskable; the anchor masks ``adapt.anchor_ratio`` of them, and
+        the training trajectory and inner optimizer run ``adapt.steps`` times with uniform weights.
+        Returns the memory (also kept as ``self.prompt_memory``); bind it with ``memory.bind()``.
+        """
+        batch = self.prepare({"input_ids": input_ids, "attention_mask": attention_mask})
+        return self._adapt(batch.x0, batch.maskable, batch.attention_mask, generator)
+
+    def _adapt(self, x0, maskable, attention_mask, generator=None) -> MemoryParams:
+        settings = self.config.adapt
+        generator = generator or torch.Generator(self.device).manual_seed(self.config.seed)
+        memory = MemoryParams(self.model, self.config.memory, backbone=self.backbone, per_sample=True)
+        inner_config = self.config.inner.model_copy(update={"steps": settings.steps, "mode": "first_order"})
+        optimizer = None if inner_config.backend == "higher" else self.inner.optimizer
+        loop = InnerLoop(self.view, memory, self.simulator, optimizer, inner_config)
+        counts = torch.floor(maskable.sum(1) * settings.anchor_ratio).long().clamp_min(1)
+        masked = random_subset(maskable, counts, generator)
+        anchor = Anchor(t=masked_fraction(masked, maskable), masked=masked,
+                        input_ids=torch.where(masked, self.mask_token_id, x0))
+        was_training = self.model.training
+        self.model.train(self.backbone.adapt_in_train_mode)
+        try:
+            with torch.enable_grad():
+                loop.run(x0, maskable, anchor, attention_mask, generator=generator, weighting=settings.weighting)
+        finally:
+            self.model.train(was_training)
+        self.prompt_memory = memory
+        return memory
+
+    @torch.no_grad()
+    def eval_loss(
+        self,
+        data: Iterable[Mapping[str, Any]],
+        memory: str = "off",
+        *,
+        batch_size: int = 8,
+        seed: int = 1234,
+    ) -> float:
+        """Mean MDLM loss on ``data`` with memory ``off`` or adapted on each sample's ``prompt``.
+
+        The anchors are drawn from ``seed`` (identical in both modes). Memory is never adapted on the
+        tokens it scores: with ``prompt`` it adapts on the prompt positions alone (responses hidden
+        from attention), then scores the response.
+        """
+        if memory not in ("off", "prompt"):
+            raise ValueError(f"memory must be 'off' or 'prompt', got {memory!r}")
+        generator = torch.Generator(self.device).manual_seed(seed)
+        was_training = self.model.training
+        self.model.eval()
+        total, count = torch.zeros((), device=self.device), 0
+        try:
+            for raw in iterate_batches(data, batch_size, pad_token_id=self._pad_id(), shuffle=False, repeat=False):
+                batch = self.prepare(raw)
+                if not bool(batch.maskable.any()):
+                    continue
+                anchor = self.outer.sample_anchor(batch.x0, batch.maskable, generator)
+                bound = nullcontext()
+                if memory == "prompt":
+                    prompt = batch.prompt
+                    if self.backbone.protected_prefix:
+                        prompt[:, : self.backbone.protected_prefix] = False
+                    adapted = self._adapt(batch.x0, prompt, batch.prompt.long(), generator)
+                    bound = adapted.bind()
+                with bound:
+                    total += self.outer.loss(batch.x0, batch.maskable, anchor, batch.attention_mask)
+                count += 1
+        finally:
+            self.model.train(was_training)
+        if count == 0:
+            raise ValueError("eval data has no maskable (response) token")
+        return float(total / count)
