@@ -10,7 +10,7 @@ updates, so the outer gradient includes d phi_K / d theta and meta-parameters (M
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +26,7 @@ from .memory import MemoryParams
 from .noise import Anchor
 from .optim import MetaSGD, build_inner_optimizer, per_tensor_clip
 from .prefix import PrefixReplay
+from .rng import RandomSource
 from .trajectory import Stage, TrajectorySimulator, make_simulator, masked_fraction
 
 __all__ = ["InnerLoop", "InnerResult"]
@@ -50,6 +51,23 @@ def frozen(params: Sequence[nn.Parameter]) -> Iterator[None]:
     finally:
         for p, flag in zip(params, was):
             p.requires_grad_(flag)
+
+
+@contextmanager
+def checkpointing_off(model: nn.Module) -> Iterator[None]:
+    """Temporarily disable transformers-style activation checkpointing (``gradient_checkpointing`` flags).
+
+    Unrolled mode needs it: the outer backward runs through the inner stages' graphs after the fast
+    weights have moved on, so a recomputed stage would see the wrong memory.
+    """
+    flagged = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for module in flagged:
+        module.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for module in flagged:
+            module.gradient_checkpointing = True
 
 
 class _TorchoptStepper:
@@ -149,7 +167,7 @@ class InnerLoop:
         anchor: Anchor,
         attention_mask: torch.Tensor | None = None,
         *,
-        generator: torch.Generator | None = None,
+        generator: RandomSource = None,
         weighting: str | None = None,
         prefix: PrefixReplay | None = None,
     ) -> InnerResult:
@@ -161,8 +179,10 @@ class InnerLoop:
         values = tuple(v.requires_grad_() for v in self.memory.values)
         stepper.init(values)
         losses, norms = [], []
-        attention = sdpa_kernel(SDPBackend.MATH) if self.unrolled else nullcontext()
-        with attention, self.memory.bind():
+        unrolled = (sdpa_kernel(SDPBackend.MATH), checkpointing_off(self.view.model)) if self.unrolled else ()
+        with ExitStack() as stack, self.memory.bind():
+            for context in unrolled:
+                stack.enter_context(context)
             for k, stage in enumerate(stages):
                 teacher = stages[k + 1].input_ids if k + 1 < len(stages) else x0
                 record = prefix is not None and stage.is_anchor
@@ -172,9 +192,9 @@ class InnerLoop:
                     context = prefix.record()  # keeps theta's graph of the prefix for the outer pass
                 else:
                     context = nullcontext() if self.unrolled else frozen(self.base_params)
-                with context:
+                with context:  # the backward runs inside too: checkpoint recomputation must see the same state
                     loss = self._stage_loss(stage, x0, maskable, attention_mask, weighting, teacher)
-                values, grads = stepper.step(loss, values, create_graph=self.unrolled)
+                    values, grads = stepper.step(loss, values, create_graph=self.unrolled)
                 if not self.unrolled:
                     values = tuple(v.detach().requires_grad_() for v in values)
                 self.memory.set(values)

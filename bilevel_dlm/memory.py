@@ -22,6 +22,7 @@ from torch import nn
 
 from .backbone import Backbone, detect_backbone, resolve_targets
 from .config import MemoryConfig
+from .rng import RandomSource, as_torch_generator
 
 __all__ = ["MemoryParams", "first_memory_block"]
 
@@ -69,6 +70,8 @@ class MemoryParams:
         self.device = next(model.parameters()).device
         self._values: tuple[torch.Tensor, ...] = ()
         self.batch_size: int | None = None
+        self._bind_depth = 0
+        self._handles: list = []
 
     # ----- construction ----------------------------------------------------------------------
     def _patterns(self, model: nn.Module) -> tuple[str, ...]:
@@ -104,7 +107,7 @@ class MemoryParams:
             raise RuntimeError("memory is empty: call reset() before binding or reading the fast weights")
         return self._values
 
-    def reset(self, batch_size: int | None = None, generator: torch.Generator | None = None) -> None:
+    def reset(self, batch_size: int | None = None, generator: RandomSource = None) -> None:
         """Fresh fast weights: A ~ kaiming_uniform(a=sqrt(5)), B = 0 (delta W = 0); full delta = 0.
 
         Per-sample memory starts every row from the same draw, so a batch adapts exactly like each
@@ -113,6 +116,7 @@ class MemoryParams:
         if self.per_sample and batch_size is None:
             raise ValueError("per-sample memory needs reset(batch_size=...)")
         self.batch_size = batch_size if self.per_sample else None
+        generator = as_torch_generator(generator, self.device)
         values = []
         for module in self.targets.values():
             for shape, part in zip(self._shapes(module), self._parts()):
@@ -159,17 +163,27 @@ class MemoryParams:
     # ----- binding -----------------------------------------------------------------------------
     @contextmanager
     def bind(self) -> Iterator["MemoryParams"]:
-        """While active, the target linears add the fast-weight delta to their output."""
-        per_module = len(self._parts())
-        handles = [
-            module.register_forward_hook(self._hook(index * per_module, path))
-            for index, (path, module) in enumerate(self.targets.items())
-        ]
+        """While active, the target linears add the fast-weight delta to their output.
+
+        Re-entrant: nested binds of the same memory register the hooks once. Keep the memory bound
+        until the backward of every forward that used it has run (gradient checkpointing recomputes
+        the forward during backward and must see the same fast weights).
+        """
+        if self._bind_depth == 0:
+            per_module = len(self._parts())
+            self._handles = [
+                module.register_forward_hook(self._hook(index * per_module, path))
+                for index, (path, module) in enumerate(self.targets.items())
+            ]
+        self._bind_depth += 1
         try:
             yield self
         finally:
-            for handle in handles:
-                handle.remove()
+            self._bind_depth -= 1
+            if self._bind_depth == 0:
+                for handle in self._handles:
+                    handle.remove()
+                self._handles = []
 
     def _hook(self, offset: int, path: str):
         lora = self.config.kind == "lora"

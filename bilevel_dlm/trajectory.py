@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .noise import Anchor
+from .rng import RandomSource, uniform
 
 __all__ = [
     "Stage",
@@ -47,20 +48,20 @@ def masked_fraction(masked: torch.Tensor, maskable: torch.Tensor) -> torch.Tenso
     return masked.sum(1) / maskable.sum(1).clamp_min(1)
 
 
-def random_ranks(candidates: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def random_ranks(candidates: torch.Tensor, generator: RandomSource) -> torch.Tensor:
     """A uniformly random order of each row's candidate positions: rank [B, L], candidates first."""
-    keys = torch.rand(candidates.shape, generator=generator, device=candidates.device)
+    keys = uniform(candidates.shape, generator, candidates.device)
     return keys.masked_fill(~candidates, 2.0).argsort(dim=1).argsort(dim=1)
 
 
-def random_subset(candidates: torch.Tensor, counts: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def random_subset(candidates: torch.Tensor, counts: torch.Tensor, generator: RandomSource) -> torch.Tensor:
     """Per row, ``counts[b]`` positions drawn uniformly without replacement from ``candidates[b]``
     (vectorised: no Python loop over rows, no host sync)."""
     return candidates & (random_ranks(candidates, generator) < counts[:, None])
 
 
 def pre_anchor_mask(
-    anchor_masked: torch.Tensor, maskable: torch.Tensor, s_pre: float, generator: torch.Generator | None
+    anchor_masked: torch.Tensor, maskable: torch.Tensor, s_pre: float, generator: RandomSource
 ) -> torch.Tensor:
     """Superset P of the anchor: |P| = max(|A|, floor(|M| * min(1, max(s_pre * r, r)))), r = |A| / |M|."""
     n_maskable = maskable.sum(1).double()
@@ -92,7 +93,7 @@ class TrajectorySimulator:
         anchor: Anchor,
         steps: int,
         mask_token_id: int,
-        generator: torch.Generator | None = None,
+        generator: RandomSource = None,
     ) -> list[Stage]:
         raise NotImplementedError
 

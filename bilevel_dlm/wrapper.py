@@ -7,8 +7,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from contextlib import nullcontext
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from .memory import MemoryParams
 from .noise import Anchor
 from .outer import OuterLoop, build_outer_optimizer
 from .prefix import PrefixReplay
+from .rng import RowSharedRandom
 from .trajectory import TrajectorySimulator, make_simulator, masked_fraction, random_subset
 
 __all__ = ["MemoryWrapper", "History"]
@@ -118,10 +119,20 @@ class MemoryWrapper:
         return prepare_batch(batch, self.device, self.backbone.protected_prefix)
 
     # ----- training ----------------------------------------------------------------------------
+    @contextmanager
+    def bilevel_context(self) -> Iterator[None]:
+        """Keep the memory bound (and, in unrolled mode, attention on the math SDPA kernel, which has a
+        second derivative) across a :meth:`compute_loss` and its backward: gradient checkpointing
+        recomputes forwards during backward, and they must run exactly as the first time."""
+        kernel = sdpa_kernel(SDPBackend.MATH) if self.inner.unrolled else nullcontext()
+        with self.memory.bind(), kernel:
+            yield
+
     def compute_loss(self, batch: PreparedBatch) -> tuple[torch.Tensor, InnerResult, Anchor]:
         """The bilevel forward: anchor, inner adaptation, outer MDLM loss with the adapted memory bound.
 
-        The returned loss carries theta's graph; the caller runs backward (before the memory changes).
+        The returned loss carries theta's graph. Call it and run the backward inside
+        :meth:`bilevel_context` (as :meth:`step` does).
         """
         x0, maskable, attention = batch.x0, batch.maskable, batch.attention_mask
         anchor = self.outer.sample_anchor(x0, maskable, self.generator)
@@ -129,8 +140,7 @@ class MemoryWrapper:
         prefix = PrefixReplay(self.backbone.blocks(self.model), first) if first > 0 else None
         inner = self.inner.run(x0, maskable, anchor, attention, generator=self.generator, prefix=prefix)
         replay = prefix.replay() if prefix is not None and prefix.recorded else nullcontext()
-        kernel = sdpa_kernel(SDPBackend.MATH) if self.inner.unrolled else nullcontext()
-        with self.memory.bind(), replay, kernel:
+        with self.bilevel_context(), replay:
             loss = self.outer.loss(x0, maskable, anchor, attention)
         return loss, inner, anchor
 
@@ -143,8 +153,9 @@ class MemoryWrapper:
             self.skipped_batches += 1
             return {"skipped": 1.0, "skipped_batches": float(self.skipped_batches)}
         self.model.train()
-        loss, inner, _ = self.compute_loss(prepared)
-        loss.backward()
+        with self.bilevel_context():
+            loss, inner, _ = self.compute_loss(prepared)
+            loss.backward()
         self.memory.clear()
         theta = self.trainable_parameters()
         max_norm = self.config.outer.max_grad_norm
@@ -218,33 +229,35 @@ class MemoryWrapper:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         *,
-        generator: torch.Generator | None = None,
+        seed: int | None = None,
     ) -> MemoryParams:
         """Per-sample memory adapted on each prompt alone (MEMDLM.md section 5); base weights untouched.
 
         Every attended prompt token is maskable; the anchor masks ``adapt.anchor_ratio`` of them, and
         the training trajectory and inner optimizer run ``adapt.steps`` times with uniform weights.
-        Returns the memory (also kept as ``self.prompt_memory``); bind it with ``memory.bind()``.
+        Random draws are shared by the rows and independent of the batch, so row b of a batch is
+        adapted exactly as it would be alone (right padding). Returns the memory (also kept as
+        ``self.prompt_memory``); bind it with ``memory.bind()``.
         """
         batch = self.prepare({"input_ids": input_ids, "attention_mask": attention_mask})
-        return self._adapt(batch.x0, batch.maskable, batch.attention_mask, generator)
+        return self._adapt(batch.x0, batch.maskable, batch.attention_mask, seed)
 
-    def _adapt(self, x0, maskable, attention_mask, generator=None) -> MemoryParams:
+    def _adapt(self, x0, maskable, attention_mask, seed: int | None = None) -> MemoryParams:
         settings = self.config.adapt
-        generator = generator or torch.Generator(self.device).manual_seed(self.config.seed)
+        source = RowSharedRandom(self.config.seed if seed is None else seed)
         memory = MemoryParams(self.model, self.config.memory, backbone=self.backbone, per_sample=True)
         inner_config = self.config.inner.model_copy(update={"steps": settings.steps, "mode": "first_order"})
         optimizer = None if inner_config.backend == "higher" else self.inner.optimizer
         loop = InnerLoop(self.view, memory, self.simulator, optimizer, inner_config)
         counts = torch.floor(maskable.sum(1) * settings.anchor_ratio).long().clamp_min(1)
-        masked = random_subset(maskable, counts, generator)
+        masked = random_subset(maskable, counts, source)
         anchor = Anchor(t=masked_fraction(masked, maskable), masked=masked,
                         input_ids=torch.where(masked, self.mask_token_id, x0))
         was_training = self.model.training
         self.model.train(self.backbone.adapt_in_train_mode)
         try:
             with torch.enable_grad():
-                loop.run(x0, maskable, anchor, attention_mask, generator=generator, weighting=settings.weighting)
+                loop.run(x0, maskable, anchor, attention_mask, generator=source, weighting=settings.weighting)
         finally:
             self.model.train(was_training)
         self.prompt_memory = memory
@@ -282,7 +295,7 @@ class MemoryWrapper:
                     prompt = batch.prompt
                     if self.backbone.protected_prefix:
                         prompt[:, : self.backbone.protected_prefix] = False
-                    adapted = self._adapt(batch.x0, prompt, batch.prompt.long(), generator)
+                    adapted = self._adapt(batch.x0, prompt, batch.prompt.long(), seed)
                     bound = adapted.bind()
                 with bound:
                     total += self.outer.loss(batch.x0, batch.maskable, anchor, batch.attention_mask)
