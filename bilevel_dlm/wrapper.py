@@ -91,6 +91,9 @@ class MemoryWrapper:
         self.scheduler: Any = None
         self.skipped_batches = 0
         self.prompt_memory: MemoryParams | None = None
+        # Reuse the anchor stage's pass through the blocks below the first fast weight in the outer
+        # pass (bilevel_dlm.prefix); off only to measure what it saves.
+        self.share_prefix = True
 
     # ----- set-up ------------------------------------------------------------------------------
     def _resolve_mask_id(self, explicit: int | None) -> int:
@@ -137,7 +140,7 @@ class MemoryWrapper:
         x0, maskable, attention = batch.x0, batch.maskable, batch.attention_mask
         anchor = self.outer.sample_anchor(x0, maskable, self.generator)
         first = self.memory.first_block
-        prefix = PrefixReplay(self.backbone.blocks(self.model), first) if first > 0 else None
+        prefix = PrefixReplay(self.backbone.blocks(self.model), first) if first > 0 and self.share_prefix else None
         inner = self.inner.run(x0, maskable, anchor, attention, generator=self.generator, prefix=prefix)
         replay = prefix.replay() if prefix is not None and prefix.recorded else nullcontext()
         with self.bilevel_context(), replay:

@@ -1,0 +1,145 @@
+"""Cost of a MemDLM step against a plain MDLM step on the same tiny LLaDA and batch.
+
+Runs the variants interleaved (so machine noise hits all alike), reports median time ratios, and
+peak memory ratios (CUDA: the allocator's peak; CPU: the peak of live tensor bytes, tracked by a
+dispatch mode in a separate pass so that it does not disturb the timings).
+
+    python benchmarks/step_cost.py                 # CPU, defaults
+    python benchmarks/step_cost.py --device cuda --d-model 1024 --layers 16 --batch 8 --length 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bilevel_dlm import InnerConfig, MemDLMConfig, MemoryWrapper, OuterConfig
+from bilevel_dlm.integrations.llada import LLaDAModelLM, tiny_config
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of tensor storages alive at once, counting every tensor an op creates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen: set[int] = set()
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key in self.seen or storage.nbytes() == 0:
+            return
+        self.seen.add(key)
+        self.live += storage.nbytes()
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._release, key, storage.nbytes())
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self.seen.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(value, torch.Tensor):
+                self._track(value)
+        return out
+
+
+def build(args: argparse.Namespace, mode: str, share_prefix: bool = True) -> MemoryWrapper:
+    torch.manual_seed(0)
+    config = tiny_config(d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.heads,
+                         mlp_hidden_size=4 * args.d_model, vocab_size=args.vocab, embedding_size=args.vocab,
+                         mask_token_id=args.vocab - 1)
+    model = LLaDAModelLM(config).to(args.device)
+    wrapper = MemoryWrapper(model, MemDLMConfig(inner=InnerConfig(mode=mode), outer=OuterConfig(warmup_ratio=0.0)))
+    wrapper.share_prefix = share_prefix
+    wrapper.configure_optimizers(10_000)
+    return wrapper
+
+
+def mdlm_step(wrapper: MemoryWrapper, batch) -> None:
+    """The plain MDLM step: same anchor sampling, loss, clipping and AdamW, no memory."""
+    prepared = wrapper.prepare(batch)
+    anchor = wrapper.outer.sample_anchor(prepared.x0, prepared.maskable, wrapper.generator)
+    loss = wrapper.outer.loss(prepared.x0, prepared.maskable, anchor, prepared.attention_mask)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(wrapper.trainable_parameters(), 1.0)
+    wrapper.optimizer.step()
+    wrapper.optimizer.zero_grad(set_to_none=True)
+
+
+def make_batch(args: argparse.Namespace) -> dict:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, args.vocab - 1, (args.batch, args.length), generator=g)
+    labels = ids.clone()
+    labels[:, : args.length // 4] = -100
+    return {"input_ids": ids.to(args.device), "labels": labels.to(args.device)}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=10)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batch = make_batch(args)
+    variants = {
+        "mdlm": (build(args, "first_order"), mdlm_step),
+        "memdlm_preset": (build(args, "first_order"), MemoryWrapper.step),
+        "memdlm_no_prefix_sharing": (build(args, "first_order", share_prefix=False), MemoryWrapper.step),
+        "memdlm_unrolled": (build(args, "unrolled"), MemoryWrapper.step),
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for name, (wrapper, step) in variants.items():  # warm-up
+        step(wrapper, batch)
+    for _ in range(args.repeats):
+        for name, (wrapper, step) in variants.items():
+            sync(args.device)
+            start = time.perf_counter()
+            step(wrapper, batch)
+            sync(args.device)
+            times[name].append(time.perf_counter() - start)
+
+    peaks: dict[str, float] = {}
+    for name, (wrapper, step) in variants.items():
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step(wrapper, batch)
+            peaks[name] = torch.cuda.max_memory_allocated() - base
+        else:
+            with LiveTensorBytes() as tracker:
+                step(wrapper, batch)
+            peaks[name] = tracker.peak
+
+    shape = f"d_model {args.d_model}, {args.layers} blocks, vocab {args.vocab}, batch {args.batch} x {args.length}"
+    print(f"step cost on {args.device} ({shape}), {args.repeats} interleaved repeats, medians")
+    base_time, base_peak = statistics.median(times["mdlm"]), peaks["mdlm"]
+    print(f"{'variant':28s} {'time ratio':>10s} {'peak-memory ratio':>18s}")
+    for name in variants:
+        ratio_t = statistics.median(times[name]) / base_time
+        print(f"{name:28s} {ratio_t:10.2f} {peaks[name] / base_peak:18.3f}")
+
+
+if __name__ == "__main__":
+    main()
