@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +19,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from .backbone import Backbone, detect_backbone, get_backbone
+from .checkpoint import (CONFIG, MODEL_DIR, TOKENIZER_DIR, TRAINING_STATE, atomic_directory_write, import_model_class,
+                         load_weights, model_class_path, read_meta, resolve_checkpoint, write_meta)
 from .config import MemDLMConfig
 from .data import PreparedBatch, iterate_batches, prepare_batch
 from .forward import ModelView
@@ -183,23 +186,35 @@ class MemoryWrapper:
         batch_size: int = 8,
         eval_every: int | None = None,
         eval_prompt_memory: bool = True,
+        save_every: int | None = None,
+        output_dir: str | Path | None = None,
+        resume_from: str | Path | None = None,
         progress: bool = True,
     ) -> History:
         """Bilevel training for ``max_steps`` outer steps (the data is cycled).
 
         ``train_data``: an iterable of example or batch dicts, a torch Dataset of examples, or a
         DataLoader. With ``eval_data``, the eval loss (memory off, and adapted on the prompt when
-        ``eval_prompt_memory``) is measured every ``eval_every`` steps and at the end.
+        ``eval_prompt_memory``) is measured every ``eval_every`` steps and at the end. With
+        ``save_every``, a checkpoint is written to ``output_dir/checkpoint-<step>``; ``resume_from``
+        such a checkpoint continues with exactly the trajectory of an uninterrupted run.
         """
         if max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        if save_every and output_dir is None:
+            raise ValueError("save_every needs output_dir=<folder for the checkpoints>")
         self.configure_optimizers(max_steps)
-        history = History()
-        batches = iterate_batches(train_data, batch_size, pad_token_id=self._pad_id(), generator=self.generator)
-        bar = tqdm(total=max_steps, disable=not progress, desc="MemDLM", dynamic_ncols=True)
-        step = 0
+        history, step, consumed = History(), 0, 0
+        if resume_from is not None:
+            history, step, consumed = self._restore_training(resume_from)
+        data_generator = torch.Generator().manual_seed(self.config.seed)
+        batches = iterate_batches(train_data, batch_size, pad_token_id=self._pad_id(), generator=data_generator)
+        for _ in range(consumed):
+            next(batches)
+        bar = tqdm(total=max_steps, initial=step, disable=not progress, desc="MemDLM", dynamic_ncols=True)
         while step < max_steps:
             metrics = self.step(next(batches))
+            consumed += 1
             if "skipped" in metrics:
                 history.skipped_batches += 1
                 continue
@@ -216,8 +231,73 @@ class MemoryWrapper:
                 history.eval_loss.append(self.eval_loss(eval_data, memory="off", batch_size=batch_size))
                 if eval_prompt_memory:
                     history.eval_loss_prompt_memory.append(self.eval_loss(eval_data, memory="prompt", batch_size=batch_size))
+            if save_every and step % save_every == 0:
+                progress_state = {"step": step, "consumed_batches": consumed, "history": asdict(history)}
+                self.save_pretrained(Path(output_dir) / f"checkpoint-{step}", training_state=progress_state)
         bar.close()
         return history
+
+    # ----- checkpoints ---------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path, *, training_state: dict[str, Any] | None = None) -> Path:
+        """Write model (safetensors), tokenizer, config (YAML) and optimizer / scheduler / RNG state,
+        atomically (a cut-off save leaves the previous checkpoint intact)."""
+
+        def write(tmp: Path) -> None:
+            self.model.save_pretrained(tmp / MODEL_DIR, safe_serialization=True)
+            if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
+                self.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+            self.config.to_yaml(tmp / CONFIG)
+            state: dict[str, Any] = {
+                "generator": self.generator.get_state(),
+                "meta_parameters": [p.detach().cpu() for p in self.inner.meta_parameters()],
+                "skipped_batches": self.skipped_batches,
+                **(training_state or {}),
+            }
+            if self.optimizer is not None:
+                state["optimizer"] = self.optimizer.state_dict()
+                state["scheduler"] = self.scheduler.state_dict()
+            torch.save(state, tmp / TRAINING_STATE)
+            write_meta(tmp, {"model_class": model_class_path(self.model), "backbone": self.backbone.name,
+                             "mask_token_id": self.mask_token_id})
+
+        return atomic_directory_write(directory, write)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **kwargs: Any) -> "MemoryWrapper":
+        """Rebuild a wrapper saved with :meth:`save_pretrained` (model class, backbone, config,
+        tokenizer, RNG and meta-parameters; the optimizer is restored by ``fit(resume_from=...)``)."""
+        path = resolve_checkpoint(directory)
+        meta = read_meta(path)
+        model = import_model_class(meta["model_class"]).from_pretrained(path / MODEL_DIR)
+        tokenizer = None
+        if (path / TOKENIZER_DIR).exists():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(path / TOKENIZER_DIR)
+        wrapper = cls(model, MemDLMConfig.from_yaml(path / CONFIG), backbone=meta["backbone"],
+                      tokenizer=tokenizer, mask_token_id=meta["mask_token_id"], **kwargs)
+        wrapper._load_state(torch.load(path / TRAINING_STATE, weights_only=False))
+        return wrapper
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.skipped_batches = state["skipped_batches"]
+        with torch.no_grad():
+            for param, saved in zip(self.inner.meta_parameters(), state["meta_parameters"]):
+                param.copy_(saved)
+        if self.optimizer is not None and "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+
+    def _restore_training(self, directory: str | Path) -> tuple[History, int, int]:
+        """Load weights and training state from a ``fit`` checkpoint into this wrapper."""
+        path = resolve_checkpoint(directory)
+        state = torch.load(path / TRAINING_STATE, weights_only=False)
+        if "step" not in state:
+            raise ValueError(f"{path} was not written by fit(save_every=...): it holds no training progress to resume")
+        load_weights(self.model, path / MODEL_DIR)
+        self._load_state(state)
+        return History(**state["history"]), state["step"], state["consumed_batches"]
 
     def _pad_id(self) -> int:
         for source in (self.tokenizer, getattr(self.model, "config", None)):
