@@ -47,7 +47,7 @@ class MemoryConfig(_Strict):
 class InnerConfig(_Strict):
     """The inner loop: K steps on the simulated trajectory, updating the fast weights only."""
 
-    steps: int = Field(2, ge=1, description="K: number of inner stages / updates")
+    steps: int = Field(2, ge=0, description="K: number of inner stages / updates (0 = plain MDLM, no memory)")
     mode: Literal["first_order", "unrolled"] = "first_order"
     optimizer: Literal["sgd", "adam", "metasgd"] = "sgd"
     lr: float = Field(0.1, ge=0.0)

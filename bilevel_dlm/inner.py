@@ -171,7 +171,14 @@ class InnerLoop:
         weighting: str | None = None,
         prefix: PrefixReplay | None = None,
     ) -> InnerResult:
-        """Reset the memory, simulate the trajectory and adapt; returns per-stage metrics."""
+        """Reset the memory, simulate the trajectory and adapt; returns per-stage metrics.
+
+        With ``steps == 0`` nothing runs and the memory stays empty (the plain MDLM baseline).
+        """
+        if self.config.steps == 0:
+            self.memory.clear()
+            empty = torch.zeros(0, device=x0.device)
+            return InnerResult(empty, empty)
         self.memory.reset(batch_size=x0.shape[0], generator=generator)
         stages = self.simulator(x0, maskable, anchor, self.config.steps, self.view.mask_token_id, generator)
         weighting = weighting or self.config.weighting

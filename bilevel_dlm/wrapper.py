@@ -131,7 +131,8 @@ class MemoryWrapper:
         second derivative) across a :meth:`compute_loss` and its backward: gradient checkpointing
         recomputes forwards during backward, and they must run exactly as the first time."""
         kernel = sdpa_kernel(SDPBackend.MATH) if self.inner.unrolled else nullcontext()
-        with self.memory.bind(), kernel:
+        memory = self.memory.bind() if self.config.inner.steps else nullcontext()  # steps 0: plain MDLM
+        with memory, kernel:
             yield
 
     def compute_loss(self, batch: PreparedBatch) -> tuple[torch.Tensor, InnerResult, Anchor]:
@@ -225,7 +226,7 @@ class MemoryWrapper:
             history.inner_losses.append([metrics[f"inner_loss_{i}"] for i in range(k)])
             history.inner_grad_norms.append([metrics[f"inner_grad_norm_{i}"] for i in range(k)])
             bar.update(1)
-            bar.set_postfix(outer=f"{metrics['outer_loss']:.3f}", inner=f"{metrics['inner_loss_0']:.3f}")
+            bar.set_postfix(outer=f"{metrics['outer_loss']:.3f}")
             if eval_data is not None and (step == max_steps or (eval_every and step % eval_every == 0)):
                 history.eval_steps.append(step)
                 history.eval_loss.append(self.eval_loss(eval_data, memory="off", batch_size=batch_size))

@@ -291,3 +291,16 @@ def test_every_inner_loss_adapts_the_memory(kind):
     assert torch.isfinite(result.losses).all() and (result.losses >= 0).all()
     assert (result.grad_norms > 0).all()
     assert any(torch.count_nonzero(v) > 0 for v in memory.values[1::2]), "B must move away from zero"
+
+
+def test_zero_inner_steps_is_the_plain_mdlm_baseline():
+    model = ToyDLM(n_blocks=3)
+    plain = copy.deepcopy(model)
+    wrapper = _wrapper(model, steps=0)
+    raw = toy_batch(4, 12, seed=2)
+    metrics = wrapper.step(raw)
+    assert not any(name.startswith("inner_") for name in metrics)
+    lr_zero = _wrapper(plain, lr=0.0)
+    lr_zero.step(raw)
+    for a, b in zip(model.parameters(), plain.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
