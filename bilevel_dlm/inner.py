@@ -80,7 +80,8 @@ class _TorchoptStepper:
         self.state = self.transformation.init(values)
 
     def step(self, loss: torch.Tensor, values: tuple[torch.Tensor, ...], create_graph: bool):
-        grads = torch.autograd.grad(loss, values, create_graph=create_graph)
+        # materialize: a fast weight that took no part (an MoE expert that got no token) gets a zero grad
+        grads = torch.autograd.grad(loss, values, create_graph=create_graph, allow_unused=True, materialize_grads=True)
         updates, self.state = self.transformation.update(grads, self.state, params=values, inplace=False)
         return torchopt.apply_updates(values, updates, inplace=False), grads
 

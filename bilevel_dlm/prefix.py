@@ -19,11 +19,19 @@ __all__ = ["PrefixReplay"]
 
 
 class _Recorded(nn.Module):
-    """Stand-in for a block: returns the output the real block produced on the same input."""
+    """Stand-in for a block: returns the output the real block produced on the same input. Other
+    attribute reads fall through to the real block (models read per-layer settings in their loop)."""
 
-    def __init__(self, output: Any) -> None:
+    def __init__(self, block: nn.Module, output: Any) -> None:
         super().__init__()
+        object.__setattr__(self, "_block", block)  # not registered: no second copy of its parameters
         self.output = output
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._block, name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.output
@@ -64,7 +72,7 @@ class PrefixReplay:
             raise RuntimeError("PrefixReplay.replay() before anything was recorded")
         originals = [self.blocks[i] for i in range(self.n)]
         for i in range(self.n):
-            self.blocks[i] = _Recorded(self.outputs[i])
+            self.blocks[i] = _Recorded(originals[i], self.outputs[i])
         try:
             yield
         finally:

@@ -329,7 +329,9 @@ class MemoryWrapper:
     def _adapt(self, x0, maskable, attention_mask, seed: int | None = None) -> MemoryParams:
         settings = self.config.adapt
         source = RowSharedRandom(self.config.seed if seed is None else seed)
-        memory = MemoryParams(self.model, self.config.memory, backbone=self.backbone, per_sample=True)
+        # One prompt needs no batch dimension (and MoE experts, which mix the tokens of a batch, accept it).
+        per_sample = x0.shape[0] > 1
+        memory = MemoryParams(self.model, self.config.memory, backbone=self.backbone, per_sample=per_sample)
         inner_config = self.config.inner.model_copy(update={"steps": settings.steps, "mode": "first_order"})
         optimizer = None if inner_config.backend == "higher" else self.inner.optimizer
         loop = InnerLoop(self.view, memory, self.simulator, optimizer, inner_config)

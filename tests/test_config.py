@@ -23,7 +23,7 @@ def test_defaults_are_the_memdlm_preset():
 @pytest.mark.parametrize(
     "bad",
     [
-        {"inner": {"steps": 0}},
+        {"inner": {"steps": -1}},
         {"inner": {"lr": -1.0}},
         {"inner": {"optimizer": "lbfgs"}},
         {"memory": {"rank": 0}},
