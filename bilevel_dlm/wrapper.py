@@ -30,6 +30,7 @@ from .noise import Anchor
 from .outer import OuterLoop, build_outer_optimizer
 from .prefix import PrefixReplay
 from .rng import RowSharedRandom
+from .sampling import Sampler, SampleOutput, default_sampler
 from .trajectory import TrajectorySimulator, make_simulator, masked_fraction, random_subset
 
 __all__ = ["MemoryWrapper", "History"]
@@ -348,6 +349,43 @@ class MemoryWrapper:
             self.model.train(was_training)
         self.prompt_memory = memory
         return memory
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int,
+        adapt: bool = True,
+        sampler: Sampler | None = None,
+        seed: int | None = None,
+        return_history: bool = False,
+        **sampler_settings: Any,
+    ) -> torch.Tensor | SampleOutput:
+        """Generate after each prompt of ``input_ids`` [B, P] (left-padded when lengths differ).
+
+        With ``adapt`` each prompt first gets its own memory (:meth:`adapt`), bound while sampling; with
+        ``adapt=False`` this is exactly the plain sampler. The sampler is the backbone's default built
+        from ``sampler_settings`` unless one is given. Returns the sequences [B, P + max_new_tokens], or
+        the full :class:`SampleOutput` (per-step canvases) with ``return_history``.
+        """
+        if sampler is not None and sampler_settings:
+            raise ValueError(f"pass either sampler= or sampler settings, not both (got {sorted(sampler_settings)})")
+        sampler = sampler or default_sampler(self.backbone, **sampler_settings)
+        seed = self.config.seed if seed is None else seed
+        was_training = self.model.training
+        memory = self.adapt(input_ids, attention_mask, seed=seed).bind() if adapt else nullcontext()
+        self.model.eval()
+        try:
+            with memory:
+                output = sampler.sample(self.view, input_ids.to(self.device),
+                                        None if attention_mask is None else attention_mask.to(self.device),
+                                        max_new_tokens=max_new_tokens,
+                                        generator=torch.Generator(self.device).manual_seed(seed),
+                                        return_history=return_history)
+        finally:
+            self.model.train(was_training)
+        return output if return_history else output.sequences
 
     @torch.no_grad()
     def eval_loss(

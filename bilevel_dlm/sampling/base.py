@@ -1,0 +1,139 @@
+"""What every sampler shares: the interface, the output, one generation run, and the reveal schedules.
+
+A sampler is a frozen pydantic model (its fields are its settings, validated at construction) with a
+``sample`` method. Generation starts from the prompt followed by ``max_new_tokens`` mask tokens and only
+ever writes those new positions. The model is reached only through ``ModelView.logits``, so fast weights
+bound by the caller (``with memory.bind(): sampler.sample(...)``) apply to every call.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..forward import ModelView
+
+__all__ = ["Sampler", "SampleOutput", "GenerationRun", "even_split", "top_per_row"]
+
+
+@dataclass
+class SampleOutput:
+    """``sequences`` [B, P + max_new_tokens] (prompt + generated); ``history``: the canvas [B, L] after
+    every step when asked for; ``model_calls``: the number of forward passes (NFE)."""
+
+    sequences: torch.Tensor
+    history: list[torch.Tensor] | None = None
+    model_calls: int = 0
+
+
+@dataclass
+class GenerationRun:
+    """State of one ``sample`` call: the view, the canvas's attention mask, the random source and records."""
+
+    view: ModelView
+    attention_mask: torch.Tensor | None
+    generator: torch.Generator | None
+    forbidden: tuple[int, ...]
+    history: list[torch.Tensor] | None = None
+    model_calls: int = 0
+
+    def logits(
+        self,
+        canvas: torch.Tensor,
+        mask_ratio: torch.Tensor | None = None,
+        *,
+        unconditional: torch.Tensor | None = None,
+        cfg_scale: float = 0.0,
+    ) -> torch.Tensor:
+        """Aligned logits [B, L, V] of the canvas, forbidden tokens (the mask first) at -inf.
+
+        With ``unconditional`` (the canvas with its prompt masked) a second forward gives u and the result
+        is classifier-free guided: ``u + (cfg_scale + 1) (c - u)``. The two passes are separate forwards so
+        that per-sample memory, bound for a batch of B rows, applies to both.
+        """
+        logits = self.view.logits(canvas, self.attention_mask, mask_ratio)
+        self.model_calls += 1
+        if unconditional is not None:
+            plain = self.view.logits(unconditional, self.attention_mask, mask_ratio)
+            self.model_calls += 1
+            logits = plain + (cfg_scale + 1) * (logits - plain)
+        return logits.index_fill(-1, torch.tensor(self.forbidden, device=logits.device), float("-inf"))
+
+    def uniform(
+        self, shape: torch.Size | tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        return torch.rand(shape, generator=self.generator, device=device, dtype=dtype)
+
+    def gumbel(self, shape: torch.Size | tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """Standard Gumbel noise in float64: ``argmax(log p + g)`` draws from ``p``."""
+        u = self.uniform(shape, device, torch.float64).clamp_min(torch.finfo(torch.float64).tiny)
+        return -torch.log(-torch.log(u))
+
+    def record(self, canvas: torch.Tensor) -> None:
+        if self.history is not None:
+            self.history.append(canvas.clone())
+
+
+class Sampler(BaseModel):
+    """Base class: settings as validated fields, ``sample`` for the shared set-up, ``_generate`` per family."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    steps: int | None = Field(None, gt=0, description="denoising steps; None = one step per new token")
+    suppress_tokens: tuple[int, ...] = Field((), description="token ids never generated (e.g. EOS)")
+
+    @torch.no_grad()
+    def sample(
+        self,
+        view: ModelView,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int,
+        generator: torch.Generator | None = None,
+        return_history: bool = False,
+    ) -> SampleOutput:
+        """Generate ``max_new_tokens`` tokens after each prompt of ``input_ids`` [B, P].
+
+        ``attention_mask`` [B, P] (1 = keep) marks padding; batched prompts of different lengths are
+        left-padded, so every row continues at column P. Random draws come from ``generator`` (on the
+        device of ``input_ids``). Put the model in eval mode first: dropout would make decoding random.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, prompt_length], got shape {tuple(input_ids.shape)}")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids {tuple(input_ids.shape)}"
+            )
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+        batch, prompt_length = input_ids.shape
+        new = input_ids.new_full((batch, max_new_tokens), view.mask_token_id)
+        canvas = torch.cat([input_ids, new], dim=1)
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, torch.ones_like(new, dtype=attention_mask.dtype)], dim=1)
+        forbidden = (view.mask_token_id, *self.suppress_tokens)
+        run = GenerationRun(view, attention_mask, generator, forbidden, [] if return_history else None)
+        sequences = self._generate(run, canvas, prompt_length, self.steps or max_new_tokens)
+        return SampleOutput(sequences, run.history, run.model_calls)
+
+    @abstractmethod
+    def _generate(self, run: GenerationRun, canvas: torch.Tensor, prompt_length: int, steps: int) -> torch.Tensor:
+        """Fill the mask tokens after column ``prompt_length`` of ``canvas`` [B, L] (may be edited in place)."""
+
+
+def even_split(total: torch.Tensor, parts: int) -> torch.Tensor:
+    """Split each count of ``total`` [B] into ``parts`` near-equal integers [B, parts], remainder first."""
+    base, remainder = total // parts, total % parts
+    return base[:, None] + (torch.arange(parts, device=total.device) < remainder[:, None]).long()
+
+
+def top_per_row(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Bool [B, N]: the ``counts[b]`` highest ``scores`` of row b (ties go to the leftmost position)."""
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    positions = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(-1, order, positions)
+    return ranks < counts[:, None]

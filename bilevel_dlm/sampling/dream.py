@@ -1,0 +1,81 @@
+"""Dream's sampler (the reference ``diffusion_generate``): time-based unmasking over all new tokens.
+
+Times run ``linspace(1, eps, steps + 1)``; going from t to s reveals a fraction ``1 - s/t`` of the
+still-masked positions, everything at the last step. ``origin`` picks those positions at random; the
+confidence algorithms pick the most confident ones (or sample them from ``softmax(confidence / alg_temp)``):
+``maskgit_plus`` the probability of the drawn token, ``topk_margin`` top-1 minus top-2 probability,
+``entropy`` the negative entropy. Each reveal is exact per row, so a batch decodes like its rows alone.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from .base import GenerationRun, Sampler, top_per_row
+
+__all__ = ["DreamSampler"]
+
+
+class DreamSampler(Sampler):
+    """Defaults decode deterministically: lowest-entropy positions first, argmax tokens."""
+
+    alg: Literal["origin", "maskgit_plus", "topk_margin", "entropy"] = "entropy"
+    temperature: float = Field(0.0, ge=0.0, description="token sampling temperature; 0 = argmax")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus filtering; 1 = off")
+    top_k: int | None = Field(None, gt=0, description="keep the k most likely tokens; None = off")
+    alg_temp: float = Field(0.0, ge=0.0, description="> 0: sample positions from softmax(confidence / alg_temp)")
+    eps: float = Field(1e-3, gt=0.0, lt=1.0, description="final time of the schedule")
+
+    def _generate(self, run: GenerationRun, canvas: torch.Tensor, prompt_length: int, steps: int) -> torch.Tensor:
+        times = torch.linspace(1.0, self.eps, steps + 1, dtype=torch.float64).tolist()
+        mask_id = run.view.mask_token_id
+        for step in range(steps):
+            fraction = 1.0 - times[step + 1] / times[step] if step < steps - 1 else 1.0
+            current = canvas[:, prompt_length:]
+            masked = current == mask_id
+            tokens, confidence = self._propose(run, run.logits(canvas)[:, prompt_length:])
+            if self.alg == "origin":
+                reveal = masked & (run.uniform(masked.shape, masked.device, torch.float64) < fraction)
+            else:
+                counts = (masked.sum(1) * fraction).floor().long()
+                scores = confidence.double().masked_fill(~masked, float("-inf"))
+                if self.alg_temp > 0:  # Gumbel-top-k: positions drawn without replacement from the softmax
+                    scores = scores / self.alg_temp + run.gumbel(scores.shape, scores.device)
+                reveal = top_per_row(scores, counts)
+            canvas[:, prompt_length:] = torch.where(reveal, tokens, current)
+            run.record(canvas)
+        return canvas
+
+    def _propose(self, run: GenerationRun, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens [B, N] drawn from the filtered distribution, and the confidence of the chosen ``alg``."""
+        if self.temperature > 0:
+            logits = logits / self.temperature
+        if self.top_p < 1:
+            logits = _nucleus(logits, self.top_p)
+        if self.top_k is not None and self.top_k < logits.shape[-1]:
+            kth = logits.topk(self.top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        log_probs = logits.log_softmax(-1)
+        if self.temperature > 0:
+            tokens = (log_probs + run.gumbel(log_probs.shape, log_probs.device)).argmax(-1)
+        else:
+            tokens = log_probs.argmax(-1)
+        probs = log_probs.exp()
+        if self.alg == "topk_margin":
+            top2 = probs.topk(2, dim=-1).values
+            return tokens, top2[..., 0] - top2[..., 1]
+        if self.alg == "entropy":
+            return tokens, torch.special.xlogy(probs, probs).sum(-1)
+        return tokens, probs.gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the most likely tokens up to cumulative probability ``top_p`` (the top token always stays)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    sorted_probs = sorted_logits.softmax(-1)
+    drop_sorted = sorted_probs.cumsum(-1) - sorted_probs > top_p
+    drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
