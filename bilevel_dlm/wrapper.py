@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -251,6 +252,7 @@ class MemoryWrapper:
             self.config.to_yaml(tmp / CONFIG)
             state: dict[str, Any] = {
                 "generator": self.generator.get_state(),
+                "generator_device": self.device.type,
                 "meta_parameters": [p.detach().cpu() for p in self.inner.meta_parameters()],
                 "skipped_batches": self.skipped_batches,
                 **(training_state or {}),
@@ -265,12 +267,18 @@ class MemoryWrapper:
         return atomic_directory_write(directory, write)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **kwargs: Any) -> "MemoryWrapper":
+    def from_pretrained(cls, directory: str | Path, *, device: str | torch.device | None = None,
+                        **kwargs: Any) -> "MemoryWrapper":
         """Rebuild a wrapper saved with :meth:`save_pretrained` (model class, backbone, config,
-        tokenizer, RNG and meta-parameters; the optimizer is restored by ``fit(resume_from=...)``)."""
+        tokenizer, RNG and meta-parameters; the optimizer is restored by ``fit(resume_from=...)``).
+
+        ``device`` places the model; the anchor generator's state is restored when it was saved from a
+        device of the same type, and re-seeded from the config (with a warning) otherwise."""
         path = resolve_checkpoint(directory)
         meta = read_meta(path)
         model = import_model_class(meta["model_class"]).from_pretrained(path / MODEL_DIR)
+        if device is not None:
+            model.to(device)
         tokenizer = None
         if (path / TOKENIZER_DIR).exists():
             from transformers import AutoTokenizer
@@ -282,7 +290,11 @@ class MemoryWrapper:
         return wrapper
 
     def _load_state(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
+        if state.get("generator_device", "cpu") == self.device.type:
+            self.generator.set_state(state["generator"])
+        else:
+            warnings.warn(f"the checkpoint's random state was saved on {state.get('generator_device')}; "
+                          f"re-seeding the {self.device.type} generator from config.seed", stacklevel=3)
         self.skipped_batches = state["skipped_batches"]
         with torch.no_grad():
             for param, saved in zip(self.inner.meta_parameters(), state["meta_parameters"]):
