@@ -87,7 +87,8 @@ def iterate_batches(
     generator: torch.Generator | None = None,
     repeat: bool = True,
 ) -> Iterator[Mapping[str, Any]]:
-    """Batches from a DataLoader (as is), a Dataset of examples, or an iterable of examples or batches.
+    """Batches from a DataLoader (as is), a Dataset or list of examples (batched, reshuffled every epoch
+    when ``shuffle``), or any other iterable of examples or batches (in its own order).
 
     With ``repeat`` the data is cycled (a new epoch each time it is exhausted).
     """
@@ -97,7 +98,7 @@ def iterate_batches(
     def one_epoch() -> Iterator[Mapping[str, Any]]:
         if isinstance(data, DataLoader):
             yield from data
-        elif isinstance(data, Dataset):
+        elif isinstance(data, Dataset) or (isinstance(data, Sequence) and len(data) and not _is_batch(data[0])):
             loader = DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator,
                                 collate_fn=lambda ex: pad_collate(ex, pad_token_id))
             yield from loader

@@ -29,6 +29,7 @@ from .inner import InnerLoop, InnerResult
 from .memory import MemoryParams
 from .noise import Anchor
 from .outer import OuterLoop, build_outer_optimizer
+from .peft_utils import apply_outer_lora, base_model_of, is_peft_model
 from .prefix import PrefixReplay
 from .rng import RowSharedRandom
 from .sampling import Sampler, SampleOutput, default_sampler
@@ -55,7 +56,8 @@ class MemoryWrapper:
     """Bilevel training and inference-time memory for one masked diffusion LM.
 
     Args:
-        model: the (unwrapped) backbone model; its trainable parameters are theta.
+        model: the (unwrapped) backbone model, or a PEFT model (outer LoRA); its trainable parameters
+            are theta. With ``config.outer.lora.apply`` a plain model gets the configured outer LoRA.
         config: the recipe (default: the MemDLM preset).
         backbone: adapter name or instance (default: detected from the model).
         tokenizer: used for its mask / pad token ids when the model declares none.
@@ -75,8 +77,12 @@ class MemoryWrapper:
         simulator: TrajectorySimulator | None = None,
         inner_optimizer: Any = None,
     ) -> None:
-        self.model = model
         self.config = config or MemDLMConfig()
+        if self.config.outer.lora.apply and not is_peft_model(model):
+            model = apply_outer_lora(model, self.config.outer.lora)
+        # Under PEFT the bilevel core runs on the base model, whose linears carry the injected LoRA layers.
+        self.peft_model = model if is_peft_model(model) else None
+        self.model = model = base_model_of(model)
         self.tokenizer = tokenizer
         if isinstance(backbone, str):
             backbone = get_backbone(backbone)
@@ -196,8 +202,8 @@ class MemoryWrapper:
     ) -> History:
         """Bilevel training for ``max_steps`` outer steps (the data is cycled).
 
-        ``train_data``: an iterable of example or batch dicts, a torch Dataset of examples, or a
-        DataLoader. With ``eval_data``, the eval loss (memory off, and adapted on the prompt when
+        ``train_data``: a list or torch Dataset of examples (reshuffled every epoch), a DataLoader, or any
+        iterable of example or batch dicts (used in its order). With ``eval_data``, the eval loss (memory off, and adapted on the prompt when
         ``eval_prompt_memory``) is measured every ``eval_every`` steps and at the end. With
         ``save_every``, a checkpoint is written to ``output_dir/checkpoint-<step>``; ``resume_from``
         such a checkpoint continues with exactly the trajectory of an uninterrupted run.
@@ -211,7 +217,7 @@ class MemoryWrapper:
         if resume_from is not None:
             history, step, consumed = self._restore_training(resume_from)
         data_generator = torch.Generator().manual_seed(self.config.seed)
-        batches = iterate_batches(train_data, batch_size, pad_token_id=self._pad_id(), generator=data_generator)
+        batches = iterate_batches(train_data, batch_size, pad_token_id=self.pad_token_id(), generator=data_generator)
         for _ in range(consumed):
             next(batches)
         bar = tqdm(total=max_steps, initial=step, disable=not progress, desc="MemDLM", dynamic_ncols=True)
@@ -313,7 +319,7 @@ class MemoryWrapper:
         self._load_state(state)
         return History(**state["history"]), state["step"], state["consumed_batches"]
 
-    def _pad_id(self) -> int:
+    def pad_token_id(self) -> int:
         for source in (self.tokenizer, getattr(self.model, "config", None)):
             value = getattr(source, "pad_token_id", None)
             if value is not None:
@@ -421,7 +427,7 @@ class MemoryWrapper:
         self.model.eval()
         total, count = torch.zeros((), device=self.device), 0
         try:
-            for raw in iterate_batches(data, batch_size, pad_token_id=self._pad_id(), shuffle=False, repeat=False):
+            for raw in iterate_batches(data, batch_size, pad_token_id=self.pad_token_id(), shuffle=False, repeat=False):
                 batch = self.prepare(raw)
                 if not bool(batch.maskable.any()):
                     continue

@@ -45,8 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--context-lengths", type=int, nargs=2, default=[96, 160], metavar=("SHORT", "LONG"))
     parser.add_argument("--train-examples", type=int, default=96, help="training examples per task and length")
     parser.add_argument("--eval-examples", type=int, default=16, help="eval examples per task and length")
-    parser.add_argument("--pretrain-steps", type=int, default=300)
-    parser.add_argument("--finetune-steps", type=int, default=150)
+    parser.add_argument("--pretrain-steps", type=int, default=400)
+    parser.add_argument("--finetune-steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3, help="outer learning rate (tiny model from scratch)")
     parser.add_argument("--d-model", type=int, default=128)
@@ -102,20 +102,22 @@ def recipe(args: argparse.Namespace, inner_steps: int) -> MemDLMConfig:
                         outer=OuterConfig(lr=args.lr), seed=args.seed)
 
 
-def evaluate(args, wrapper: MemoryWrapper, tokenizer, eval_sets, adapt: bool) -> dict[str, float]:
-    scores = {}
+def evaluate(args, wrapper: MemoryWrapper, tokenizer, eval_sets, adapt: bool) -> tuple[dict[str, float], dict]:
+    """Exact match per task @ length (and the mean), plus the first predictions of each for inspection."""
+    scores, samples = {}, {}
     for (task, length), examples in eval_sets.items():
-        accuracy, _ = task_accuracy(wrapper, tokenizer, examples, max_new_tokens=args.answer_tokens, adapt=adapt,
-                                    batch_size=args.batch_size, seed=args.seed)
+        accuracy, predictions = task_accuracy(wrapper, tokenizer, examples, max_new_tokens=args.answer_tokens,
+                                              adapt=adapt, batch_size=args.batch_size, seed=args.seed)
         scores[f"{task}@{length}"] = accuracy
+        samples[f"{task}@{length}"] = [{"answer": e.answer, "prediction": p} for e, p in zip(examples[:3], predictions)]
     scores["mean"] = sum(scores.values()) / len(scores)
-    return scores
+    return scores, samples
 
 
 def exposure_curves(args, wrapper: MemoryWrapper, rows: list[dict]) -> dict[str, dict]:
     from bilevel_dlm.data import pad_collate
 
-    batch = wrapper.prepare(pad_collate(rows, wrapper._pad_id()))
+    batch = wrapper.prepare(pad_collate(rows, wrapper.pad_token_id()))
     curves = {}
     wrapper.model.eval()
     for order in ("confidence", "random"):
@@ -223,7 +225,9 @@ def main(argv: list[str] | None = None) -> dict:
     print("evaluating")
     roles = {"MDLM": (wrappers["MDLM"], False), "MemDLM (train)": (wrappers["MemDLM"], False),
              "MemDLM (train + inference)": (wrappers["MemDLM"], True)}
-    accuracy = {name: evaluate(args, w, tokenizer, eval_sets, adapt) for name, (w, adapt) in roles.items()}
+    evaluated = {name: evaluate(args, w, tokenizer, eval_sets, adapt) for name, (w, adapt) in roles.items()}
+    accuracy = {name: scores for name, (scores, _) in evaluated.items()}
+    samples = {name: predictions for name, (_, predictions) in evaluated.items()}
     losses = {name: {"off": w.eval_loss(eval_rows, memory="off", batch_size=args.batch_size),
                      "prompt": w.eval_loss(eval_rows, memory="prompt", batch_size=args.batch_size)}
               for name, (w, _) in roles.items()}
@@ -232,6 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = write_table(output, accuracy, losses)
     plots = plot(output, histories, curves, accuracy)
     results = {"arguments": vars(args), "accuracy": accuracy, "eval_loss": losses, "exposure_bias": curves,
+               "sample_predictions": samples,
                "histories": histories, "seconds": time.time() - started}
     (output / "results.json").write_text(json.dumps(results, indent=1))
     print(table)

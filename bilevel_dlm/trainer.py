@@ -1,0 +1,290 @@
+"""MemDLM in the transformers Trainer, and thereby under accelerate and torchrun.
+
+    args = MemDLMTrainingArguments(output_dir="run", memdlm=MemDLMConfig(), max_steps=1000)
+    MemDLMTrainer(model, args, train_dataset=train, eval_dataset=held_out).train()
+
+The Trainer keeps what it owns (data loading, theta's optimizer and schedule, clipping, gradient
+accumulation, logging, checkpoints); the loss is the bilevel step of a :class:`MemoryWrapper` built on
+the unwrapped model (the base model under a PEFT wrapper). Fast weights are plain tensors bound by
+hooks, so the optimizer, gradient clipping, the logged grad norm and DDP's buckets never see them.
+
+Under DistributedDataParallel the whole bilevel computation runs as the DDP module's forward
+(:func:`ddp_forward`), so DDP's reducer all-reduces theta's outer gradient as after ``ddp(inputs)``.
+The inner loop asks autograd for gradients w.r.t. the fast weights only, which never reach a
+parameter's gradient accumulator, so nothing of it is synchronised: every rank adapts its own memory
+on its own micro-batch, with the inner loss normalised over that micro-batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from transformers import Trainer, TrainingArguments
+
+from .backbone import Backbone
+from .config import MemDLMConfig
+from .data import PreparedBatch, pad_collate
+from .peft_utils import apply_outer_lora, base_model_of, is_peft_model
+from .trajectory import TrajectorySimulator
+from .wrapper import MemoryWrapper
+
+__all__ = ["MemDLMTrainingArguments", "MemDLMTrainer", "ddp_forward", "outer_normalizer"]
+
+# OuterConfig.lr_schedule -> the Trainer's lr_scheduler_type with the same warmup + decay.
+_LR_SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+
+
+def _as_memdlm_config(value: Any) -> MemDLMConfig:
+    if value is None:
+        return MemDLMConfig()
+    if isinstance(value, MemDLMConfig):
+        return value
+    if isinstance(value, Mapping):
+        return MemDLMConfig.model_validate(dict(value))
+    if isinstance(value, (str, Path)):
+        return MemDLMConfig.from_yaml(value)
+    raise TypeError(f"memdlm must be a MemDLMConfig, a dict or a YAML/JSON file path, got {type(value).__name__}")
+
+
+@dataclass
+class MemDLMTrainingArguments(TrainingArguments):
+    """TrainingArguments plus the bilevel recipe ``memdlm`` (a MemDLMConfig, a dict or a YAML path).
+
+    The Trainer's own arguments govern theta's optimizer, learning-rate schedule and clipping;
+    ``memdlm.outer`` supplies the loss (noise schedule, weighting, normalisation).
+    :meth:`from_memdlm` copies ``memdlm.outer``'s optimizer settings over, as ``MemoryWrapper.fit`` uses them.
+    """
+
+    # A MemDLMConfig after __post_init__. The str member lets HfArgumentParser read ``--memdlm recipe.yaml``.
+    memdlm: MemDLMConfig | str | None = field(
+        default_factory=MemDLMConfig,
+        metadata={"help": "The bilevel recipe: a MemDLMConfig, a dict, or a path to its YAML/JSON file."},
+    )
+    eval_prompt_memory: bool = field(
+        default=True,
+        metadata={"help": "Also report the eval loss with memory adapted on each sample's prompt."},
+    )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "MemDLM reads input_ids, labels and attention_mask itself; keep every column by default."},
+    )
+
+    def __post_init__(self) -> None:
+        self.memdlm = _as_memdlm_config(self.memdlm)
+        super().__post_init__()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The Trainer's serialisation (JSON, loggers) with the recipe as a plain dict."""
+        values = super().to_dict()
+        values["memdlm"] = self.memdlm.model_dump(mode="json")
+        return values
+
+    @classmethod
+    def from_memdlm(cls, memdlm: MemDLMConfig | Mapping | str | Path, *, max_steps: int, **kwargs: Any
+                    ) -> "MemDLMTrainingArguments":
+        """Arguments that train theta as ``MemoryWrapper.fit`` does: AdamW with ``memdlm.outer``'s learning
+        rate, betas, weight decay, schedule, ``int(warmup_ratio * max_steps)`` warmup steps and gradient
+        clipping (the Trainer exempts biases and norm weights from weight decay). ``kwargs`` add to or
+        override these."""
+        memdlm = _as_memdlm_config(memdlm)
+        outer = memdlm.outer
+        values: dict[str, Any] = dict(
+            memdlm=memdlm,
+            max_steps=max_steps,
+            optim="adamw_torch",
+            learning_rate=outer.lr,
+            adam_beta1=outer.betas[0],
+            adam_beta2=outer.betas[1],
+            weight_decay=outer.weight_decay,
+            lr_scheduler_type=_LR_SCHEDULES[outer.lr_schedule],
+            warmup_steps=int(outer.warmup_ratio * max_steps),
+            max_grad_norm=outer.max_grad_norm or 0.0,
+        )
+        return cls(**{**values, **kwargs})
+
+
+@contextmanager
+def ddp_forward(module: nn.Module) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+    """Run the enclosed computation as ``module``'s forward when ``module`` is a DistributedDataParallel.
+
+    Yields ``finish``: pass the loss through it and backpropagate what it returns. DDP's reducer ignores
+    the parameters' gradient hooks unless a forward through the DDP module prepared it, so a loss
+    computed on the unwrapped module (as the bilevel step must be: fast-weight hooks, a forward stopped
+    at the LM head's input, prefix replay) would silently not be all-reduced. DDP's own pre- and
+    post-forward therefore run around the block, exactly as inside ``ddp(...)`` (unused-parameter
+    search on the loss, static graph, ``no_sync``). For any other module ``finish`` is the identity.
+    """
+    if not isinstance(module, DistributedDataParallel):
+        yield lambda loss: loss
+        return
+    module._pre_forward()
+    yield module._post_forward
+
+
+def outer_normalizer(batch: PreparedBatch, normalization: str) -> torch.Tensor:
+    """The denominator of ``OuterLoop.loss`` on this batch: its maskable tokens (``token``), its sequences
+    with a maskable token (``sequence``) or its samples (``batch``)."""
+    if normalization == "token":
+        return batch.maskable.sum()
+    if normalization == "sequence":
+        return batch.maskable.any(1).sum()
+    return torch.tensor(batch.x0.shape[0], device=batch.x0.device)
+
+
+class MemDLMTrainer(Trainer):
+    """The transformers Trainer with MemDLM's bilevel objective as its loss.
+
+    Args:
+        model: the backbone, or a PEFT model whose LoRA weights are theta (``args.memdlm.outer.lora.apply``
+            wraps a plain model in one).
+        args: :class:`MemDLMTrainingArguments`.
+        backbone, mask_token_id, simulator, inner_optimizer: as for :class:`MemoryWrapper`.
+        data_collator: default right-pads examples (``bilevel_dlm.data.pad_collate``).
+        **kwargs: the Trainer's (train_dataset, eval_dataset, processing_class, callbacks, ...).
+
+    Normalisation: each micro-batch's outer loss is normalised by its own normaliser (as in
+    ``MemoryWrapper.step``). Under DDP with ``args.average_tokens_across_devices`` (the default) each rank
+    weights it by ``n_local * world_size / n_global`` (:func:`outer_normalizer`, summed over the ranks), so
+    DDP's average of the ranks' gradients is the gradient of the loss normalised over the global batch.
+    Gradient accumulation averages the micro-batches' losses. A micro-batch without maskable tokens
+    contributes a zero gradient and is counted in the logged ``skipped_batches``.
+    """
+
+    loss_is_scaled_for_ga = False  # compute_loss is per micro-batch: the Trainer divides by accumulation steps
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: MemDLMTrainingArguments,
+        *,
+        backbone: str | Backbone | None = None,
+        mask_token_id: int | None = None,
+        simulator: TrajectorySimulator | None = None,
+        inner_optimizer: Any = None,
+        data_collator: Callable | None = None,
+        processing_class: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(args, MemDLMTrainingArguments):
+            raise TypeError("MemDLMTrainer needs args=MemDLMTrainingArguments(...) (TrainingArguments plus memdlm=)")
+        if model is None:
+            raise ValueError("MemDLMTrainer needs a model (model_init is not supported)")
+        if args.memdlm.outer.lora.apply and not is_peft_model(model):
+            model = apply_outer_lora(model, args.memdlm.outer.lora)
+        super().__init__(model=model, args=args, data_collator=data_collator, processing_class=processing_class,
+                         **kwargs)
+        self.model_accepts_loss_kwargs = False  # the outer loss normalises itself: no label counting per step
+        self.memdlm = MemoryWrapper(base_model_of(self.model), args.memdlm, backbone=backbone,
+                                    tokenizer=processing_class, mask_token_id=mask_token_id, simulator=simulator,
+                                    inner_optimizer=inner_optimizer)
+        if self.memdlm.inner.meta_parameters():
+            raise NotImplementedError(
+                "the inner optimizer has meta-parameters (MetaSGD rates) outside the model, which the Trainer's "
+                "optimizer and DDP would not see; train them with MemoryWrapper.fit or use optimizer 'sgd'/'adam'"
+            )
+        # Each rank draws its own anchors and trajectories; a single process draws exactly what fit() draws.
+        self.memdlm.generator.manual_seed(args.memdlm.seed + args.process_index)
+        if data_collator is None:
+            self.data_collator = partial(pad_collate, pad_token_id=self.memdlm.pad_token_id())
+        k = args.memdlm.inner.steps
+        self._metric_names = ["outer_loss", *(f"inner_loss_{i}" for i in range(k)),
+                              *(f"inner_grad_norm_{i}" for i in range(k))]
+        # Sums since the last log: the metrics above, then the micro-batch count and the skipped count.
+        self._metric_sums = torch.zeros(len(self._metric_names) + 2, device=args.device)
+
+    # ----- training ------------------------------------------------------------------------------
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        """The Trainer's step with the fast weights bound until its backward has run: gradient
+        checkpointing recomputes forwards during the backward, and they must see the same memory."""
+        with self.memdlm.bilevel_context():
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        self.memdlm.memory.clear()
+        return loss
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """MemDLM's loss on a micro-batch: anchor, inner adaptation of this rank's memory, outer MDLM loss
+        with the adapted memory bound; run as the DDP forward under DDP and weighted by this rank's share."""
+        if model is not self.model and not isinstance(model, DistributedDataParallel):
+            raise NotImplementedError(
+                f"MemDLMTrainer runs on one device or under DistributedDataParallel (torchrun / accelerate "
+                f"launch); the model is wrapped in {type(model).__name__}, which it does not support"
+            )
+        batch = self.memdlm.prepare(inputs)
+        share = self._share_of_global_batch(batch)
+        with ddp_forward(model) as finish:
+            if not bool(batch.maskable.any()):
+                self._metric_sums[-1] += 1
+                zero = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
+                loss = finish(zero)
+                return (loss, {}) if return_outputs else loss
+            outer, inner, _ = self.memdlm.compute_loss(batch)
+            loss = finish(outer * share)
+        self._metric_sums[:-1] += torch.cat([outer.detach()[None], inner.losses, inner.grad_norms,
+                                             torch.ones(1, device=outer.device)])
+        outputs = {"inner_losses": inner.losses, "inner_grad_norms": inner.grad_norms}
+        return (loss, outputs) if return_outputs else loss
+
+    def _share_of_global_batch(self, batch: PreparedBatch) -> torch.Tensor | float:
+        """``n_local * world_size / n_global`` (one all-reduce), or 1 on one process or when the ranks'
+        losses are to be averaged as they are (``average_tokens_across_devices=False``)."""
+        world = self.accelerator.num_processes
+        if world == 1 or not self.args.average_tokens_across_devices:
+            return 1.0
+        local = outer_normalizer(batch, self.memdlm.config.outer.normalization).float()
+        total = self.accelerator.reduce(local, reduction="sum")
+        return local * world / total.clamp_min(1.0)
+
+    # ----- logging and evaluation ----------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Training logs also get the outer loss and each inner stage's loss and fast-weight gradient
+        norm, averaged over the micro-batches since the last log and over the ranks."""
+        if "loss" in logs:
+            logs = {**logs, **self._pop_bilevel_metrics()}
+        super().log(logs, start_time)
+
+    def _pop_bilevel_metrics(self) -> dict[str, float]:
+        *sums, count, skipped = self.accelerator.reduce(self._metric_sums, reduction="sum").tolist()
+        self._metric_sums.zero_()
+        metrics = {name: value / count for name, value in zip(self._metric_names, sums)} if count else {}
+        if skipped:
+            metrics["skipped_batches"] = skipped
+        return metrics
+
+    def evaluate(
+        self,
+        eval_dataset: Any = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> dict[str, float]:
+        """Mean MDLM loss on the eval data with memory off (``<prefix>_loss``) and, with
+        ``args.eval_prompt_memory``, adapted on each prompt (``<prefix>_loss_prompt_memory``), as
+        ``MemoryWrapper.eval_loss`` measures them; each rank scores its shard and the means are averaged."""
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(dataset, dict):
+            metrics: dict[str, float] = {}
+            for name, part in dataset.items():
+                metrics.update(self.evaluate(part, ignore_keys, f"{metric_key_prefix}_{name}"))
+            return metrics
+        loader = self.get_eval_dataloader(dataset)
+        modes = {"loss": "off", "loss_prompt_memory": "prompt"} if self.args.eval_prompt_memory else {"loss": "off"}
+        values = torch.tensor([self.memdlm.eval_loss(loader, memory=mode) for mode in modes.values()],
+                              device=self.args.device)
+        values = self.accelerator.reduce(values, reduction="mean").tolist()
+        metrics = {f"{metric_key_prefix}_{name}": value for name, value in zip(modes, values)}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
