@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 
 from .checkpoint import META
 from .config import MemDLMConfig
+from .integrations import TINY_FAMILIES, tiny_model
 from .sampling import default_sampler
 from .tasks import TASKS, build_tokenizer, encode_example, exact_match, make_dataset
 from .tasks.tokenizer import IGNORE_INDEX
@@ -34,7 +35,6 @@ from .wrapper import MemoryWrapper
 
 __all__ = ["main", "build_parser", "CLIError"]
 
-TINY_FAMILIES = ("llada", "dream", "llada_moe", "mdlm")
 
 
 class CLIError(Exception):
@@ -183,24 +183,6 @@ class Source:
     model: nn.Module
     tokenizer: Any
     saved: MemoryWrapper | None = None
-
-
-def tiny_model(family: str, tokenizer: Any, max_length: int) -> nn.Module:
-    """A random tiny model of ``family`` whose vocabulary and special ids are the tokenizer's."""
-    from .integrations import dream, llada, llada_moe, mdlm
-
-    ids = dict(vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id)
-    special = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    if family == "llada":
-        return llada.LLaDAModelLM(llada.tiny_config(**ids, **special, embedding_size=len(tokenizer),
-                                                    max_sequence_length=max(512, max_length)))
-    if family == "dream":
-        return dream.DreamModel(dream.tiny_config(**ids, **special, bos_token_id=tokenizer.bos_token_id,
-                                                  max_position_embeddings=max(256, max_length)))
-    if family == "llada_moe":
-        return llada_moe.LLaDAMoEModelLM(llada_moe.tiny_config(**ids, **special,
-                                                               max_position_embeddings=max(256, max_length)))
-    return mdlm.MDLM(mdlm.tiny_config(**ids, model_length=max(64, max_length)))
 
 
 def _builtin_model_class(architectures: Sequence[str]) -> type[nn.Module] | None:
@@ -391,7 +373,7 @@ def run_train(args: argparse.Namespace) -> int:
         if source is None:
             torch.manual_seed(config.seed)
             longest = max(len(row["input_ids"]) for row in data.rows)
-            source = Source(tiny_model(args.tiny or "llada", tokenizer, longest), tokenizer)
+            source = Source(tiny_model(args.tiny or "llada", tokenizer, max_length=longest), tokenizer)
         _check_vocabulary(data.rows, source.model)
         wrapper = wrap(source.model, config, device, tokenizer=tokenizer, backbone=args.backbone, saved=source.saved)
 

@@ -54,28 +54,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--answer-tokens", type=int, default=20, help="generation budget (answer + EOS)")
     parser.add_argument("--reb-steps", type=int, default=8, help="commit steps of the exposure-bias curve")
     parser.add_argument("--model", help="start from a released checkpoint folder instead of the tiny default")
-    parser.add_argument("--backbone", help="adapter name (llada, dream, llada_moe, mdlm); detected by default")
+    parser.add_argument("--backbone", choices=["llada", "dream", "llada_moe", "mdlm"],
+                        help="family of the tiny model (default llada), or the adapter for --model (detected by default)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
 
 def build_model(args: argparse.Namespace, tokenizer):
-    """The tiny LLaDA sized to the tokenizer, or a released checkpoint with its own tokenizer."""
+    """A tiny model of ``--backbone`` (LLaDA by default) sized to the tokenizer, or a released checkpoint
+    with its own tokenizer."""
     if args.model:
         from transformers import AutoModel, AutoTokenizer
 
         import bilevel_dlm.integrations  # noqa: F401  (registers the native model classes)
 
         return AutoModel.from_pretrained(args.model), AutoTokenizer.from_pretrained(args.model)
-    from bilevel_dlm.integrations.llada import LLaDAModelLM, tiny_config
+    from bilevel_dlm.integrations import tiny_model
 
     torch.manual_seed(args.seed)
-    config = tiny_config(d_model=args.d_model, n_layers=args.layers, mlp_hidden_size=4 * args.d_model,
-                         vocab_size=len(tokenizer), embedding_size=len(tokenizer),
-                         mask_token_id=tokenizer.mask_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.eos_token_id)
-    return LLaDAModelLM(config), tokenizer
+    return tiny_model(args.backbone or "llada", tokenizer, width=args.d_model, layers=args.layers), tokenizer
 
 
 def training_rows(tokenizer, examples, answer_tokens: int, whole_sequence: bool) -> list[dict]:

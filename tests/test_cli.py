@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from bilevel_dlm import MemoryWrapper
-from bilevel_dlm.cli import decode, main, tiny_model
+from bilevel_dlm.cli import decode, main
+from bilevel_dlm.integrations import tiny_model
 from bilevel_dlm.integrations.llada import LLaDAModelLM
 from bilevel_dlm.tasks import build_tokenizer, encode_example, exact_match, make_dataset
 
@@ -72,7 +73,7 @@ def test_train_writes_a_checkpoint_that_loads_with_a_trained_tiny_model(tmp_path
     assert logits.shape == (1, 10, len(tokenizer)) and torch.isfinite(logits).all()
 
     torch.manual_seed(0)  # the config seed initialises the tiny model
-    initial = tiny_model("llada", tokenizer, 80).state_dict()
+    initial = tiny_model("llada", tokenizer, max_length=80).state_dict()
     trained_state = loaded.model.state_dict()
     assert initial.keys() == trained_state.keys()
     assert any(not torch.equal(initial[k], trained_state[k]) for k in initial), "3 steps at lr 1e-3 moved no weight"
@@ -177,7 +178,7 @@ def test_jsonl_token_and_text_records_train_and_eval(tmp_path, capsys):
 def test_text_records_with_a_model_folder_without_tokenizer_are_refused(tmp_path, capsys):
     tokenizer = build_tokenizer()
     torch.manual_seed(0)
-    tiny_model("llada", tokenizer, 80).save_pretrained(tmp_path / "bare")
+    tiny_model("llada", tokenizer, max_length=80).save_pretrained(tmp_path / "bare")
     path = tmp_path / "text.jsonl"
     path.write_text(json.dumps({"prompt": "where is mary ?", "answer": "garden"}) + "\n")
     code, _, err = run(capsys, "train", "--data", str(path), "--model", str(tmp_path / "bare"), *FAST)
@@ -188,7 +189,7 @@ def test_model_folder_with_its_tokenizer_trains(tmp_path, capsys):
     tokenizer = build_tokenizer()
     torch.manual_seed(0)
     folder = tmp_path / "hf"
-    tiny_model("llada", tokenizer, 80).save_pretrained(folder)
+    tiny_model("llada", tokenizer, max_length=80).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     code, _, err = run(capsys, "train", *SYNTHETIC, *FAST, "--steps", "1", "--model", str(folder),
                        "--output", str(tmp_path / "from-hf"))
