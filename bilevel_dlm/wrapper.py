@@ -212,6 +212,8 @@ class MemoryWrapper:
             raise ValueError(f"max_steps must be >= 1, got {max_steps}")
         if save_every and output_dir is None:
             raise ValueError("save_every needs output_dir=<folder for the checkpoints>")
+        if save_every:
+            self._check_savable()
         self.configure_optimizers(max_steps)
         history, step, consumed = History(), 0, 0
         if resume_from is not None:
@@ -250,6 +252,7 @@ class MemoryWrapper:
     def save_pretrained(self, directory: str | Path, *, training_state: dict[str, Any] | None = None) -> Path:
         """Write model (safetensors), tokenizer, config (YAML) and optimizer / scheduler / RNG state,
         atomically (a cut-off save leaves the previous checkpoint intact)."""
+        self._check_savable()
 
         def write(tmp: Path) -> None:
             self.model.save_pretrained(tmp / MODEL_DIR, safe_serialization=True)
@@ -271,6 +274,13 @@ class MemoryWrapper:
                              "mask_token_id": self.mask_token_id})
 
         return atomic_directory_write(directory, write)
+
+    def _check_savable(self) -> None:
+        if self.peft_model is not None:
+            raise NotImplementedError(
+                "save_pretrained does not support a PEFT (outer LoRA) model yet: save the adapter with "
+                "wrapper.peft_model.save_pretrained(dir), or train with MemDLMTrainer, whose checkpoints do"
+            )
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, device: str | torch.device | None = None,

@@ -72,3 +72,17 @@ def test_resume_from_a_plain_save_is_refused(tmp_path):
     wrapper.save_pretrained(tmp_path / "plain")
     with pytest.raises(ValueError, match="no training progress"):
         make().fit(data(), max_steps=2, resume_from=tmp_path / "plain", progress=False)
+
+
+def test_peft_models_are_refused_with_a_clear_error(tmp_path):
+    from bilevel_dlm.config import OuterLoRAConfig
+
+    torch.manual_seed(0)
+    config = MemDLMConfig(memory=MemoryConfig(rank=4, layer_fraction=0.25),
+                          outer=OuterConfig(lora=OuterLoRAConfig(apply=True, rank=4)))
+    wrapper = MemoryWrapper(LLaDAModelLM(tiny_config()), config)
+    assert wrapper.peft_model is not None
+    with pytest.raises(NotImplementedError, match="peft_model.save_pretrained"):
+        wrapper.save_pretrained(tmp_path / "x")
+    with pytest.raises(NotImplementedError, match="PEFT"):
+        wrapper.fit(data(), max_steps=2, save_every=1, output_dir=tmp_path, progress=False)
