@@ -12,3 +12,17 @@ def test_readme_usage_example_runs():
     namespace: dict = {}
     exec(compile(usage, "README.md", "exec"), namespace)
     assert len(namespace["history"].outer_loss) == 20
+
+
+def test_readme_swapping_example_runs():
+    import torch
+
+    from bilevel_dlm.integrations.llada import LLaDAModelLM, tiny_config
+
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    swap = next(b for b in blocks if "inner_optimizer=" in b)
+    namespace: dict = {"model": LLaDAModelLM(tiny_config())}
+    exec(compile(swap, "README.md", "exec"), namespace)
+    assert namespace["config"].inner.optimizer == "adam" and namespace["config"].trajectory.kind == "progressive"
+    metrics = namespace["wrapper"].step({"input_ids": torch.randint(2, 127, (4, 16))})
+    assert len([k for k in metrics if k.startswith("inner_loss_")]) == 2
