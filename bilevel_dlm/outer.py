@@ -57,13 +57,16 @@ class OuterLoop:
 
 
 def build_outer_optimizer(
-    params: Iterable[nn.Parameter], config: OuterConfig, max_steps: int
+    params: Iterable[nn.Parameter], config: OuterConfig, max_steps: int | None
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW on theta (plus any meta-parameters) with the configured warmup + decay schedule."""
+    """AdamW on theta (plus any meta-parameters) with the configured warmup + decay schedule over
+    ``max_steps``; without a horizon (``None``) the learning rate stays constant."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("the outer optimizer got no trainable parameters (all requires_grad=False)")
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    if max_steps is None:
+        return optimizer, get_constant_schedule_with_warmup(optimizer, 0)
     warmup = int(config.warmup_ratio * max_steps)
     if config.lr_schedule == "cosine":
         scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, max_steps)

@@ -125,8 +125,9 @@ class MemoryWrapper:
         """theta (the model's trainable parameters) plus meta-parameters of the inner optimizer."""
         return [p for p in self.model.parameters() if p.requires_grad] + self.inner.meta_parameters()
 
-    def configure_optimizers(self, max_steps: int) -> None:
-        """Build AdamW and the learning-rate schedule for ``max_steps`` outer steps."""
+    def configure_optimizers(self, max_steps: int | None) -> None:
+        """Build AdamW and the learning-rate schedule for ``max_steps`` outer steps (``None``: constant
+        learning rate, what :meth:`step` uses when called before any ``fit``)."""
         self.optimizer, self.scheduler = build_outer_optimizer(self.trainable_parameters(), self.config.outer, max_steps)
 
     def prepare(self, batch: Mapping[str, Any]) -> PreparedBatch:
@@ -162,7 +163,7 @@ class MemoryWrapper:
     def step(self, batch: Mapping[str, Any]) -> dict[str, float]:
         """One outer step on a batch; returns its metrics (a single host sync)."""
         if self.optimizer is None:
-            self.configure_optimizers(max_steps=1_000_000)
+            self.configure_optimizers(max_steps=None)
         prepared = self.prepare(batch)
         if not bool(prepared.maskable.any()):
             self.skipped_batches += 1

@@ -172,3 +172,9 @@ def test_fit_accepts_examples_datasets_and_dataloaders_and_lowers_the_loss():
         assert len(history.outer_loss) == 30 and len(history.inner_losses[0]) == 2
         assert history.eval_steps == [15, 30] and len(history.eval_loss_prompt_memory) == 2
         assert history.eval_loss[-1] < before
+
+
+def test_step_before_fit_uses_the_configured_lr_without_a_horizon():
+    wrapper = MemoryWrapper(tiny_llada(), MemDLMConfig(memory=MemoryConfig(rank=4, layer_fraction=0.25)))
+    wrapper.step(batch())
+    assert wrapper.optimizer.param_groups[0]["lr"] == wrapper.config.outer.lr
