@@ -21,7 +21,7 @@ from torchopt.base import GradientTransformation
 
 from .config import InnerConfig
 from .forward import ModelView
-from .losses import token_loss, weighted_mean
+from .losses import selected_rows, token_loss, weighted_mean
 from .memory import MemoryParams
 from .noise import Anchor
 from .optim import MetaSGD, build_inner_optimizer, per_tensor_clip
@@ -229,7 +229,7 @@ class InnerLoop:
                 teacher_ratio = masked_fraction(maskable & (teacher_input == self.view.mask_token_id), maskable)
                 teacher_logits, teacher_hidden = self.view.logits_at(select, teacher_input, attention_mask, teacher_ratio)
         per_token = token_loss(self.config.loss, logits, x0[select], hidden, teacher_logits, teacher_hidden)
-        rows = torch.arange(x0.shape[0], device=x0.device)[:, None].expand_as(select)[select]
+        rows = selected_rows(select)
         t = stage.t.clamp_min(1e-3)
         weights = (1.0 / t if weighting == "inverse_t" else torch.ones_like(t))[rows]
         return weighted_mean(per_token, weights, rows, x0.shape[0], self.memory.per_sample)

@@ -11,9 +11,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["token_loss", "weighted_mean", "INNER_LOSSES"]
+__all__ = ["token_loss", "weighted_mean", "selected_rows", "INNER_LOSSES"]
 
 INNER_LOSSES = ("ce", "kl", "reverse_kl", "hidden_mse", "hidden_cosine")
+
+
+def selected_rows(select: torch.Tensor) -> torch.Tensor:
+    """Sample index [N] of every position selected by the bool mask ``select`` [B, L] (row-major order,
+    the order of ``tensor[select]``)."""
+    return torch.arange(select.shape[0], device=select.device)[:, None].expand_as(select)[select]
 
 
 def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:

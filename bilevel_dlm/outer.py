@@ -11,7 +11,7 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_
 
 from .config import OuterConfig
 from .forward import ModelView
-from .losses import weighted_mean
+from .losses import selected_rows, weighted_mean
 from .noise import Anchor, make_schedule, sample_anchor
 from .trajectory import masked_fraction
 
@@ -44,7 +44,7 @@ class OuterLoop:
         logits, _ = self.view.logits_at(select, anchor.input_ids, attention_mask, masked_fraction(select, maskable))
         ce = F.cross_entropy(logits, x0[select], reduction="none")
         batch = x0.shape[0]
-        rows = torch.arange(batch, device=x0.device)[:, None].expand_as(select)[select]
+        rows = selected_rows(select)
         weight = self.schedule.weight(anchor.t) if self.config.weighting == "elbo" else torch.ones_like(anchor.t)
         weights = weight[rows]
         per_row_count = maskable.sum(1)
