@@ -38,8 +38,8 @@ class Backbone:
     token_mixing_targets: ClassVar[tuple[str, ...]] = ()
     # Leading positions that are never masked nor supervised (Dream's BOS).
     protected_prefix: ClassVar[int] = 0
-    # Some models only run their routed experts with autograd in train() mode (LLaDA2); dropout is
-    # always checked to be zero before adapting.
+    # Some models only run their routed experts with autograd in train() mode (LLaDA2); adapt() then
+    # runs in train mode and refuses models with active dropout (it would make the memory random).
     adapt_in_train_mode: ClassVar[bool] = False
     default_sampler: ClassVar[str] = "llada"
 

@@ -369,6 +369,13 @@ class MemoryWrapper:
         masked = random_subset(maskable, counts, source)
         anchor = Anchor(t=masked_fraction(masked, maskable), masked=masked,
                         input_ids=torch.where(masked, self.mask_token_id, x0))
+        if self.backbone.adapt_in_train_mode:
+            active = [n for n, m in self.model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
+            if active:
+                raise ValueError(
+                    f"{type(self.backbone).__name__} adapts in train() mode, but dropout is active in "
+                    f"{active[:3]}: set the model's dropout probabilities to 0 for inference-time memory"
+                )
         was_training = self.model.training
         self.model.train(self.backbone.adapt_in_train_mode)
         try:

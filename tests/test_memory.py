@@ -109,3 +109,24 @@ def test_token_mixing_targets_refuse_per_sample_memory():
 def test_values_before_reset_raise():
     with pytest.raises(RuntimeError, match="reset"):
         MemoryParams(ToyDLM()).values
+
+
+def test_adapting_in_train_mode_refuses_active_dropout():
+    from bilevel_dlm import MemoryWrapper
+
+    @register_backbone
+    class TrainModeToy(Backbone):
+        name = "toy_train_mode"
+        ffn_targets = ("ff_proj", "up_proj", "ff_out")
+        adapt_in_train_mode = True
+
+        def blocks(self, model):
+            return model.blocks
+
+    model = ToyDLM()
+    wrapper = MemoryWrapper(model, backbone=TrainModeToy())
+    ids = toy_batch(2, 8)["input_ids"]
+    wrapper.adapt(ids)  # no dropout: fine
+    model.blocks[0].attn_out = torch.nn.Sequential(model.blocks[0].attn_out, torch.nn.Dropout(0.1))
+    with pytest.raises(ValueError, match="dropout"):
+        wrapper.adapt(ids)
