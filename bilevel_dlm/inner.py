@@ -124,8 +124,7 @@ class InnerLoop:
     Args:
         view: the model seen through its backbone adapter.
         memory: the fast weights to adapt (reset at the start of every :meth:`run`).
-        simulator: builds the stages from the anchor (default: from ``config.trajectory``-style name
-            ``anchor_consistent``).
+        simulator: builds the stages from the anchor (default: ``AnchorConsistent()``).
         optimizer: a torchopt GradientTransformation or a :class:`MetaSGD` (default: from config).
         config: steps, mode, loss, weighting, backend.
     """

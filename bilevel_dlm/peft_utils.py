@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import OuterLoRAConfig
 
-__all__ = ["apply_outer_lora", "base_model_of", "is_peft_model"]
+__all__ = ["apply_outer_lora", "base_model_of", "is_peft_model", "with_requested_outer_lora"]
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -40,3 +40,8 @@ def apply_outer_lora(model: nn.Module, config: OuterLoRAConfig) -> nn.Module:
     targets = config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules)
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets)
     return get_peft_model(model, lora)
+
+
+def with_requested_outer_lora(model: nn.Module, config: OuterLoRAConfig) -> nn.Module:
+    """``model`` wrapped in the configured outer LoRA when ``config.apply`` asks for it and it has none yet."""
+    return apply_outer_lora(model, config) if config.apply and not is_peft_model(model) else model

@@ -32,7 +32,7 @@ from transformers import Trainer, TrainingArguments
 from .backbone import Backbone
 from .config import MemDLMConfig
 from .data import PreparedBatch, pad_collate
-from .peft_utils import apply_outer_lora, base_model_of, is_peft_model
+from .peft_utils import base_model_of, with_requested_outer_lora
 from .trajectory import TrajectorySimulator
 from .wrapper import MemoryWrapper
 
@@ -177,8 +177,7 @@ class MemDLMTrainer(Trainer):
             raise TypeError("MemDLMTrainer needs args=MemDLMTrainingArguments(...) (TrainingArguments plus memdlm=)")
         if model is None:
             raise ValueError("MemDLMTrainer needs a model (model_init is not supported)")
-        if args.memdlm.outer.lora.apply and not is_peft_model(model):
-            model = apply_outer_lora(model, args.memdlm.outer.lora)
+        model = with_requested_outer_lora(model, args.memdlm.outer.lora)
         super().__init__(model=model, args=args, data_collator=data_collator, processing_class=processing_class,
                          **kwargs)
         self.model_accepts_loss_kwargs = False  # the outer loss normalises itself: no label counting per step

@@ -29,7 +29,7 @@ from .inner import InnerLoop, InnerResult
 from .memory import MemoryParams
 from .noise import Anchor
 from .outer import OuterLoop, build_outer_optimizer
-from .peft_utils import apply_outer_lora, base_model_of, is_peft_model
+from .peft_utils import base_model_of, is_peft_model, with_requested_outer_lora
 from .prefix import PrefixReplay
 from .rng import RowSharedRandom
 from .sampling import Sampler, SampleOutput, default_sampler
@@ -78,8 +78,7 @@ class MemoryWrapper:
         inner_optimizer: Any = None,
     ) -> None:
         self.config = config or MemDLMConfig()
-        if self.config.outer.lora.apply and not is_peft_model(model):
-            model = apply_outer_lora(model, self.config.outer.lora)
+        model = with_requested_outer_lora(model, self.config.outer.lora)
         # Under PEFT the bilevel core runs on the base model, whose linears carry the injected LoRA layers.
         self.peft_model = model if is_peft_model(model) else None
         self.model = model = base_model_of(model)
