@@ -71,6 +71,11 @@ class Backbone:
         """Attention projections of a block."""
         return self.attention_targets
 
+    def reports_routed_tokens(self, model: nn.Module) -> bool:
+        """True when the model declares the routed tokens of every call of a token-mixing target
+        (:func:`bilevel_dlm.routing.routed_tokens`), so that per-sample memory can sit on them."""
+        return False
+
     # ----- forward -----------------------------------------------------------------------------
     def call(
         self,

@@ -38,6 +38,12 @@ class MemoryConfig(_Strict):
     targets: Literal["ffn", "ffn+attention"] | tuple[str, ...] = Field(
         "ffn", description="'ffn', 'ffn+attention', or block-relative module patterns"
     )
+    per_sample: bool = Field(
+        False, description="training memory: one set of fast weights per sample instead of one per batch (reference)"
+    )
+    dtype: Literal["float32", "float64"] = Field(
+        "float32", description="fast-weight dtype whatever the base dtype; float64 for numerical checks"
+    )
 
     @property
     def scale(self) -> float:

@@ -14,19 +14,34 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["PreparedBatch", "prepare_batch", "pad_collate", "iterate_batches"]
+__all__ = ["PreparedBatch", "prepare_batch", "pad_collate", "iterate_batches", "leading_real_tokens"]
 
 
 @dataclass(frozen=True)
 class PreparedBatch:
+    """The canonical view of a batch. ``padded`` and ``has_maskable`` were read from the device once
+    (one host sync per batch), so nothing later needs to ask again."""
+
     x0: torch.Tensor
     maskable: torch.Tensor
     attention_mask: torch.Tensor
+    padded: bool = True
+    has_maskable: bool = True
 
     @property
     def prompt(self) -> torch.Tensor:
         """Attended positions that are not maskable (the prompt)."""
         return self.attention_mask.bool() & ~self.maskable
+
+    @property
+    def model_attention_mask(self) -> torch.Tensor | None:
+        """The attention mask to give the model: None for a batch without padding (the fast path)."""
+        return self.attention_mask if self.padded else None
+
+
+def leading_real_tokens(attention_mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Bool [B, L]: the first ``count`` real (attended) tokens of every row, wherever the padding is."""
+    return attention_mask.bool() & (attention_mask.long().cumsum(1) <= count)
 
 
 def _as_long(value: Any, name: str) -> torch.Tensor:
@@ -37,7 +52,8 @@ def _as_long(value: Any, name: str) -> torch.Tensor:
 
 
 def prepare_batch(batch: Mapping[str, Any], device: torch.device, protected_prefix: int = 0) -> PreparedBatch:
-    """Validate a batch dict and derive the maskable positions (labels != -100, attended, not protected)."""
+    """Validate a batch dict and derive the maskable positions (labels != -100, attended, and not among
+    the first ``protected_prefix`` real tokens of the row)."""
     if "input_ids" not in batch:
         raise KeyError(f"a batch needs 'input_ids'; got keys {sorted(batch)}")
     x0 = _as_long(batch["input_ids"], "input_ids").to(device)
@@ -51,9 +67,10 @@ def prepare_batch(batch: Mapping[str, Any], device: torch.device, protected_pref
         if tensor.shape != x0.shape:
             raise ValueError(f"batch[{name!r}] has shape {tuple(tensor.shape)}, input_ids {tuple(x0.shape)}")
     maskable = (labels != -100) & attention.bool()
-    if protected_prefix:
-        maskable[:, :protected_prefix] = False
-    return PreparedBatch(x0=x0, maskable=maskable, attention_mask=attention)
+    if protected_prefix:  # the first real tokens of each row (left padding moves them)
+        maskable &= ~leading_real_tokens(attention, protected_prefix)
+    full, has_maskable = torch.stack([attention.bool().all(), maskable.any()]).tolist()
+    return PreparedBatch(x0=x0, maskable=maskable, attention_mask=attention, padded=not full, has_maskable=has_maskable)
 
 
 def pad_collate(examples: Sequence[Mapping[str, Any]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .backbone import Backbone
+from .selection import Selection
 
 __all__ = ["ModelView", "final_hidden"]
 
@@ -83,11 +84,11 @@ class ModelView:
 
     def logits_at(
         self,
-        select: torch.Tensor,
+        select: Selection,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         mask_ratio: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits [N, V] at the positions where the bool mask ``select`` [B, L] is true, plus hidden [N, d]."""
-        rows = self.hidden(input_ids, attention_mask, mask_ratio)[select]
-        return self.head(rows, input_ids[select]), rows
+        """Logits [N, V] at the selected positions, plus the hidden states [N, d] there."""
+        rows = select.take(self.hidden(input_ids, attention_mask, mask_ratio))
+        return self.head(rows, select.take(input_ids)), rows

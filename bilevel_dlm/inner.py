@@ -9,8 +9,8 @@ updates, so the outer gradient includes d phi_K / d theta and meta-parameters (M
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -21,13 +21,16 @@ from torchopt.base import GradientTransformation
 
 from .config import InnerConfig
 from .forward import ModelView
-from .losses import selected_rows, token_loss, weighted_mean
+from .losses import token_loss, weighted_mean
 from .memory import MemoryParams
 from .noise import Anchor
 from .optim import MetaSGD, build_inner_optimizer, per_tensor_clip
-from .prefix import PrefixReplay
+from .prefix import PrefixReplay, frozen
 from .rng import RandomSource
+from .selection import Selection
 from .trajectory import Stage, TrajectorySimulator, make_simulator, masked_fraction
+
+Gradients = tuple[torch.Tensor | None, ...]
 
 __all__ = ["InnerLoop", "InnerResult"]
 
@@ -38,19 +41,6 @@ class InnerResult:
 
     losses: torch.Tensor
     grad_norms: torch.Tensor
-
-
-@contextmanager
-def frozen(params: Sequence[nn.Parameter]) -> Iterator[None]:
-    """Temporarily stop recording gradients for these parameters."""
-    was = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(params, was):
-            p.requires_grad_(flag)
 
 
 @contextmanager
@@ -79,9 +69,9 @@ class _TorchoptStepper:
     def init(self, values: tuple[torch.Tensor, ...]) -> None:
         self.state = self.transformation.init(values)
 
-    def step(self, loss: torch.Tensor, values: tuple[torch.Tensor, ...], create_graph: bool):
-        # materialize: a fast weight that took no part (an MoE expert that got no token) gets a zero grad
-        grads = torch.autograd.grad(loss, values, create_graph=create_graph, allow_unused=True, materialize_grads=True)
+    def step(self, loss: torch.Tensor, values: tuple[torch.Tensor, ...], create_graph: bool,
+             complete: Callable[[Gradients], tuple[torch.Tensor, ...]]):
+        grads = complete(torch.autograd.grad(loss, values, create_graph=create_graph, allow_unused=True))
         updates, self.state = self.transformation.update(grads, self.state, params=values, inplace=False)
         return torchopt.apply_updates(values, updates, inplace=False), grads
 
@@ -104,11 +94,13 @@ class _HigherStepper:
         reference = [torch.zeros_like(v, requires_grad=True) for v in values]
         self.diffopt = higher.optim.get_diff_optim(optimizer_class(reference, lr=self.config.lr), reference)
 
-    def step(self, loss: torch.Tensor, values: tuple[torch.Tensor, ...], create_graph: bool):
+    def step(self, loss: torch.Tensor, values: tuple[torch.Tensor, ...], create_graph: bool,
+             complete: Callable[[Gradients], tuple[torch.Tensor, ...]]):
         self.diffopt._track_higher_grads = create_graph
         seen: list[torch.Tensor] = []
 
-        def clip(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        def clip(grads: list[torch.Tensor | None]) -> list[torch.Tensor]:
+            grads = list(complete(tuple(grads)))
             if self.clip is not None:
                 grads = list(self.clip.update(tuple(grads), None)[0])
             seen.extend(grads)
@@ -173,7 +165,8 @@ class InnerLoop:
     ) -> InnerResult:
         """Reset the memory, simulate the trajectory and adapt; returns per-stage metrics.
 
-        With ``steps == 0`` nothing runs and the memory stays empty (the plain MDLM baseline).
+        With ``steps == 0`` nothing runs and the memory stays empty (the plain MDLM baseline). With
+        ``prefix``, the anchor stage records the blocks below the first fast weight for the outer pass.
         """
         if self.config.steps == 0:
             self.memory.clear()
@@ -181,6 +174,7 @@ class InnerLoop:
             return InnerResult(empty, empty)
         self.memory.reset(batch_size=x0.shape[0], generator=generator)
         stages = self.simulator(x0, maskable, anchor, self.config.steps, self.view.mask_token_id, generator)
+        teachers = self.simulator.teacher_inputs(stages, x0) if self.config.loss != "ce" else [None] * len(stages)
         weighting = weighting or self.config.weighting
         stepper = self._stepper()
         values = tuple(v.requires_grad_() for v in self.memory.values)
@@ -190,18 +184,14 @@ class InnerLoop:
         with ExitStack() as stack, self.memory.bind():
             for context in unrolled:
                 stack.enter_context(context)
-            for k, stage in enumerate(stages):
-                teacher = stages[k + 1].input_ids if k + 1 < len(stages) else x0
-                record = prefix is not None and stage.is_anchor
-                if record and prefix.recorded:
-                    context = prefix.replay()
-                elif record:
-                    context = prefix.record()  # keeps theta's graph of the prefix for the outer pass
-                else:
-                    context = nullcontext() if self.unrolled else frozen(self.base_params)
-                with context:  # the backward runs inside too: checkpoint recomputation must see the same state
-                    loss = self._stage_loss(stage, x0, maskable, attention_mask, weighting, teacher)
-                    values, grads = stepper.step(loss, values, create_graph=self.unrolled)
+            for stage, teacher_input in zip(stages, teachers):
+                select = Selection.of(stage.supervised)
+                # The teacher runs outside any prefix context: its input is not the recorded one.
+                teacher = None if teacher_input is None else self._teacher(select, teacher_input, maskable, attention_mask)
+                with self._stage_context(stage, prefix):  # the backward runs inside too (checkpoint recomputation)
+                    self.memory.used_values.clear()
+                    loss = self._stage_loss(stage, select, x0, attention_mask, weighting, teacher)
+                    values, grads = stepper.step(loss, values, self.unrolled, self._complete_gradients(loss, values))
                 if not self.unrolled:
                     values = tuple(v.detach().requires_grad_() for v in values)
                 self.memory.set(values)
@@ -211,24 +201,65 @@ class InnerLoop:
             self.memory.set(tuple(v.detach() for v in values))  # first order: phi_K is a constant
         return InnerResult(torch.stack(losses), torch.stack(norms).detach())
 
+    def _stage_context(self, stage: Stage, prefix: PrefixReplay | None) -> AbstractContextManager:
+        """Replay or record the shared prefix on the anchor stage; otherwise freeze theta (first order)."""
+        if prefix is not None and stage.is_anchor:
+            if prefix.recorded:
+                return prefix.replay()
+            # Records theta's graph of the prefix for the outer pass; first order keeps no other graph.
+            return prefix.record(self.base_params, graph_above=self.unrolled)
+        return nullcontext() if self.unrolled else frozen(self.base_params)
+
+    def _complete_gradients(self, loss: torch.Tensor, values: tuple[torch.Tensor, ...]):
+        """Check the gradients of a stage: a fast weight whose module ran in the forward must get one.
+
+        Only a module that never ran (an MoE expert that received no token) may have none; it gets zero.
+        Anything else means the graph was cut between the memory and the loss, which would silently turn
+        the inner loop into a no-op, so it raises.
+        """
+        used = set(self.memory.used_values)
+
+        def cut(index: int) -> RuntimeError:
+            return RuntimeError(
+                f"the fast weight {self.memory.names[index]!r} was used in the forward but received no "
+                "gradient: something cut the autograd graph between the memory and the inner loss. The usual "
+                "cause is reentrant activation checkpointing (use_reentrant=True runs the forward under "
+                "no_grad); enable it with model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+                "{'use_reentrant': False})."
+            )
+
+        if not loss.requires_grad:
+            raise cut(min(used)) if used else RuntimeError(
+                "no fast weight took part in the inner loss: the memory's target modules never ran")
+
+        def complete(grads: Gradients) -> tuple[torch.Tensor, ...]:
+            for index, grad in enumerate(grads):
+                if grad is None and index in used:
+                    raise cut(index)
+            return tuple(torch.zeros_like(v) if g is None else g for g, v in zip(grads, values))
+
+        return complete
+
+    @torch.no_grad()
+    def _teacher(self, select: Selection, teacher_input: torch.Tensor, maskable: torch.Tensor,
+                 attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher logits and hidden states at the selected positions: the same model and current memory,
+        no gradient, on the simulator's teacher input (the next, less masked state)."""
+        ratio = masked_fraction(maskable & (teacher_input == self.view.mask_token_id), maskable)
+        return self.view.logits_at(select, teacher_input, attention_mask, ratio)
+
     def _stage_loss(
         self,
         stage: Stage,
+        select: Selection,
         x0: torch.Tensor,
-        maskable: torch.Tensor,
         attention_mask: torch.Tensor | None,
         weighting: str,
-        teacher_input: torch.Tensor,
+        teacher: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
-        select = stage.supervised
         logits, hidden = self.view.logits_at(select, stage.input_ids, attention_mask, stage.t)
-        teacher_logits = teacher_hidden = None
-        if self.config.loss != "ce":
-            with torch.no_grad():
-                teacher_ratio = masked_fraction(maskable & (teacher_input == self.view.mask_token_id), maskable)
-                teacher_logits, teacher_hidden = self.view.logits_at(select, teacher_input, attention_mask, teacher_ratio)
-        per_token = token_loss(self.config.loss, logits, x0[select], hidden, teacher_logits, teacher_hidden)
-        rows = selected_rows(select)
+        teacher_logits, teacher_hidden = teacher if teacher is not None else (None, None)
+        per_token = token_loss(self.config.loss, logits, select.take(x0), hidden, teacher_logits, teacher_hidden)
         t = stage.t.clamp_min(1e-3)
-        weights = (1.0 / t if weighting == "inverse_t" else torch.ones_like(t))[rows]
-        return weighted_mean(per_token, weights, rows, x0.shape[0], self.memory.per_sample)
+        weights = (1.0 / t if weighting == "inverse_t" else torch.ones_like(t))[select.rows]
+        return weighted_mean(per_token, weights, select.rows, x0.shape[0], self.memory.per_sample)

@@ -8,24 +8,30 @@ weights see exactly the loss they would see alone).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["token_loss", "weighted_mean", "selected_rows", "INNER_LOSSES"]
+__all__ = ["token_loss", "weighted_mean", "INNER_LOSSES", "TEACHER_SMOOTHING"]
 
 INNER_LOSSES = ("ce", "kl", "reverse_kl", "hidden_mse", "hidden_cosine")
 
-
-def selected_rows(select: torch.Tensor) -> torch.Tensor:
-    """Sample index [N] of every position selected by the bool mask ``select`` [B, L] (row-major order,
-    the order of ``tensor[select]``)."""
-    return torch.arange(select.shape[0], device=select.device)[:, None].expand_as(select)[select]
+# reverse_kl compares the student with the teacher mixed with this much of the uniform distribution.
+TEACHER_SMOOTHING = 1e-6
 
 
 def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) per row from log-probabilities; 0 * log 0 terms (including -inf) count as 0."""
-    p = p_log.exp()
-    return torch.where(p > 0, p * (p_log - q_log), torch.zeros_like(p)).sum(-1)
+    """KL(p || q) per row from log-probabilities. Terms with p = 0 (log p = -inf) count as 0; a NaN
+    anywhere stays NaN (it must reach the non-finite guard, not be reported as a zero loss)."""
+    terms = p_log.exp() * (p_log - q_log)
+    return torch.where(p_log == float("-inf"), torch.zeros_like(terms), terms).sum(-1)
+
+
+def _smoothed(log_probs: torch.Tensor, weight: float = TEACHER_SMOOTHING) -> torch.Tensor:
+    """log((1 - w) q + w / V): a distribution with full support, even where q is one-hot."""
+    uniform = torch.full_like(log_probs, math.log(weight / log_probs.shape[-1]))
+    return torch.logaddexp(log_probs + math.log1p(-weight), uniform)
 
 
 def token_loss(
@@ -36,12 +42,18 @@ def token_loss(
     teacher_logits: torch.Tensor | None = None,
     teacher_hidden: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-row loss [N] of the given kind (see MEMDLM.md section 3 for the variants)."""
+    """Per-row loss [N] of the given kind (see MEMDLM.md section 3 for the variants).
+
+    ``ce``: CE against ``targets``. ``kl``: KL(teacher || student). ``reverse_kl``: KL(student || teacher'),
+    teacher' = the teacher mixed with ``TEACHER_SMOOTHING`` of the uniform distribution, so the loss is
+    finite where the teacher is one-hot (MDLM's SUBS carries a revealed token over with probability 1;
+    plain KL(student || one-hot) is infinite). ``hidden_mse`` / ``hidden_cosine``: on final hidden states.
+    """
     if kind == "ce":
         return F.cross_entropy(logits, targets, reduction="none")
     if kind in ("kl", "reverse_kl"):
         student, teacher = logits.log_softmax(-1), teacher_logits.log_softmax(-1)
-        return _kl(teacher, student) if kind == "kl" else _kl(student, teacher)
+        return _kl(teacher, student) if kind == "kl" else _kl(student, _smoothed(teacher))
     if kind == "hidden_mse":
         return (hidden.float() - teacher_hidden.float()).pow(2).mean(-1)
     if kind == "hidden_cosine":
@@ -67,6 +79,6 @@ def weighted_mean(
         count = denominator if denominator is not None else torch.tensor(values.shape[0], device=values.device)
         return weighted.sum() / count.clamp_min(1)
     per_row = torch.zeros(batch_size, device=values.device, dtype=weighted.dtype).index_add(0, rows, weighted)
-    if denominator is None:
-        denominator = torch.bincount(rows, minlength=batch_size)
+    if denominator is None:  # index_add, not bincount: bincount's output size needs a host sync
+        denominator = torch.zeros_like(per_row).index_add(0, rows, torch.ones_like(weighted))
     return (per_row / denominator.clamp_min(1)).sum()

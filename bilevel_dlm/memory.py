@@ -8,6 +8,10 @@ sample b only ever sees row b.
 
 The tensors are never updated in place: :meth:`set` swaps in new objects, so a graph (or a gradient
 checkpoint) that used the old ones stays valid until its backward has run.
+
+Token-mixing targets (MoE experts) see the routed tokens of the whole batch as ``[n, d]`` rows; with
+per-sample memory each row gets its own sample's delta, from the routing the model declares
+(:mod:`bilevel_dlm.routing`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch import nn
 from .backbone import Backbone, detect_backbone, resolve_targets
 from .config import MemoryConfig
 from .rng import RandomSource, as_torch_generator
+from .routing import current_routed_tokens
 
 __all__ = ["MemoryParams", "first_memory_block"]
 
@@ -39,9 +44,10 @@ class MemoryParams:
         model: the backbone model (unwrapped: not a DDP wrapper).
         config: where the fast weights go and their shape (default: the MemDLM preset).
         backbone: the adapter (detected from the model when omitted).
-        per_sample: one set of fast weights per sample (leading batch dim) instead of one shared set.
-        dtype: dtype of the fast weights and of the delta computation (float32 whatever the base dtype;
-            float64 for finite-difference checks).
+        per_sample: one set of fast weights per sample (leading batch dim) instead of one shared set
+            (default: ``config.per_sample``).
+        dtype: dtype of the fast weights and of the delta computation (default: ``config.dtype``,
+            float32 whatever the base dtype; float64 for finite-difference checks).
     """
 
     def __init__(
@@ -50,19 +56,20 @@ class MemoryParams:
         config: MemoryConfig | None = None,
         *,
         backbone: Backbone | None = None,
-        per_sample: bool = False,
-        dtype: torch.dtype = torch.float32,
+        per_sample: bool | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         self.config = config or MemoryConfig()
         self.backbone = backbone or detect_backbone(model)
-        self.per_sample = per_sample
-        self.dtype = dtype
+        self.per_sample = self.config.per_sample if per_sample is None else per_sample
+        self.dtype = dtype or getattr(torch, self.config.dtype)
         n_blocks = len(self.backbone.blocks(model))
         self.first_block = first_memory_block(n_blocks, self.config.layer_fraction)
-        self.targets = resolve_targets(
-            self.backbone, model, self._patterns(model), list(range(self.first_block, n_blocks))
-        )
-        if per_sample:
+        blocks = list(range(self.first_block, n_blocks))
+        self.targets = resolve_targets(self.backbone, model, self._patterns(model), blocks)
+        mixing = resolve_targets(self.backbone, model, self.backbone.token_mixing_targets, blocks, strict=False)
+        self._token_mixing = frozenset(i for i, path in enumerate(self.targets) if path in mixing)
+        if self.per_sample and self._token_mixing and not self.backbone.reports_routed_tokens(model):
             self._refuse_token_mixing(model)
         self.names: tuple[str, ...] = tuple(
             f"{path}.{part}" for path in self.targets for part in self._parts()
@@ -72,6 +79,9 @@ class MemoryParams:
         self.batch_size: int | None = None
         self._bind_depth = 0
         self._handles: list = []
+        # Indices (into ``values``) of the fast weights whose module ran since the last clear: a fast
+        # weight that was used must receive a gradient (InnerLoop checks).
+        self.used_values: set[int] = set()
 
     # ----- construction ----------------------------------------------------------------------
     def _patterns(self, model: nn.Module) -> tuple[str, ...]:
@@ -83,15 +93,16 @@ class MemoryParams:
         return tuple(targets)
 
     def _refuse_token_mixing(self, model: nn.Module) -> None:
-        blocks = list(range(self.first_block, len(self.backbone.blocks(model))))
-        mixing = resolve_targets(self.backbone, model, self.backbone.token_mixing_targets, blocks, strict=False)
-        mixed = sorted(set(self.targets) & set(mixing))
-        if mixed:
-            raise ValueError(
-                f"per-sample fast weights cannot sit on modules that see the tokens of several samples "
-                f"mixed together ({len(mixed)} such targets, e.g. {mixed[0]!r}: MoE experts). Use shared "
-                "memory (per_sample=False), adapt one sample at a time, or choose other targets."
-            )
+        paths = list(self.targets)
+        mixed = sorted(paths[i] for i in self._token_mixing)
+        raise ValueError(
+            f"per-sample fast weights on modules that see the tokens of several samples mixed together "
+            f"({len(mixed)} such targets, e.g. {mixed[0]!r}: MoE experts) need the model to report which "
+            f"sample each routed token came from, and this {type(model).__name__} object does not "
+            "(bilevel_dlm.routing). Load the checkpoint with the library's native model class, use shared "
+            "memory (per_sample=False) and adapt one sample at a time, or choose other targets."
+        )
+
 
     def _parts(self) -> tuple[str, ...]:
         return ("lora_A", "lora_B") if self.config.kind == "lora" else ("delta",)
@@ -170,9 +181,8 @@ class MemoryParams:
         the forward during backward and must see the same fast weights).
         """
         if self._bind_depth == 0:
-            per_module = len(self._parts())
             self._handles = [
-                module.register_forward_hook(self._hook(index * per_module, path))
+                module.register_forward_hook(self._hook(index, path))
                 for index, (path, module) in enumerate(self.targets.items())
             ]
         self._bind_depth += 1
@@ -185,14 +195,19 @@ class MemoryParams:
                     handle.remove()
                 self._handles = []
 
-    def _hook(self, offset: int, path: str):
+    def _hook(self, index: int, path: str):
         lora = self.config.kind == "lora"
+        offset = index * len(self._parts())
         scale = self.config.scale
         dropout = self.config.dropout
+        routed = self.per_sample and index in self._token_mixing
+
+        used = range(offset, offset + len(self._parts()))
 
         def add_delta(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            self.used_values.update(used)
             x = args[0]
-            if self.per_sample and x.shape[0] != self.batch_size:
+            if self.per_sample and not routed and x.shape[0] != self.batch_size:
                 raise RuntimeError(
                     f"per-sample memory for batch size {self.batch_size} got input of shape "
                     f"{tuple(x.shape)} at {path}; reset(batch_size=...) to the batch being run"
@@ -200,12 +215,33 @@ class MemoryParams:
             x = x.to(self.dtype)
             if dropout and module.training:
                 x = F.dropout(x, dropout)
-            if lora:
-                a, b = self.values[offset], self.values[offset + 1]
-                delta = (x @ a.mT) @ b.mT * scale
+            weights = self.values[offset : offset + len(self._parts())]
+            if routed:
+                delta = self._routed_delta(x, weights, path)
+            elif lora:
+                delta = (x @ weights[0].mT) @ weights[1].mT * scale
             else:
-                delta = x @ self.values[offset].mT
+                delta = x @ weights[0].mT
             return output + delta.to(output.dtype)
 
         return add_delta
+
+    def _routed_delta(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...], path: str) -> torch.Tensor:
+        """Per-sample delta for routed rows x [n, in]: row i uses the fast weights of its own sample.
+
+        Every sample's projection is formed and all but the row's own zeroed, so the result is one
+        matmul of inner size B * r (no per-sample loop, no host sync).
+        """
+        routed = current_routed_tokens()
+        if routed is None:
+            raise RuntimeError(
+                f"per-sample memory at {path} (a token-mixing target) needs the model to declare the routed "
+                "tokens of each expert call (bilevel_dlm.routing.routed_tokens); this forward did not"
+            )
+        own = F.one_hot(routed.samples, self.batch_size).to(x.dtype)  # [n, B]
+        if self.config.kind == "lora":
+            a, b = weights  # [B, r, in], [B, out, r]
+            projected = torch.einsum("nd,brd->nbr", x, a) * own[:, :, None]
+            return projected.flatten(1) @ b.transpose(1, 2).flatten(0, 1) * self.config.scale
+        return torch.einsum("nd,bod,nb->no", x, weights[0], own)
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .forward import ModelView
 from .rng import RandomSource, uniform
+from .selection import Selection
 
 __all__ = ["ExposureBias", "exposure_bias"]
 
@@ -41,8 +42,9 @@ class ExposureBias:
 
 def _masked_ce(view: ModelView, canvas: torch.Tensor, select: torch.Tensor, x0: torch.Tensor,
                attention_mask: torch.Tensor | None, ratio: torch.Tensor) -> torch.Tensor:
-    logits, _ = view.logits_at(select, canvas, attention_mask, ratio)
-    return F.cross_entropy(logits, x0[select], reduction="sum")
+    selection = Selection.of(select)
+    logits, _ = view.logits_at(selection, canvas, attention_mask, ratio)
+    return F.cross_entropy(logits, selection.take(x0), reduction="sum")
 
 
 @torch.no_grad()

@@ -11,7 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["NoiseSchedule", "LinearSchedule", "CosineSchedule", "make_schedule", "Anchor", "sample_anchor"]
+from .rng import content_keys, keyed_uniform
+
+__all__ = ["NoiseSchedule", "LinearSchedule", "CosineSchedule", "make_schedule", "Anchor", "sample_anchor",
+           "anchor_from_draws", "keyed_anchor"]
 
 
 class NoiseSchedule:
@@ -60,6 +63,21 @@ class Anchor:
     input_ids: torch.Tensor
 
 
+def anchor_from_draws(
+    x0: torch.Tensor,
+    maskable: torch.Tensor,
+    schedule: NoiseSchedule,
+    mask_token_id: int,
+    t_eps: float,
+    t_draw: torch.Tensor,
+    mask_draws: torch.Tensor,
+) -> Anchor:
+    """t = t_eps + (1 - t_eps) u per sequence; a maskable token is masked where its draw < 1 - alpha(t)."""
+    t = t_eps + (1 - t_eps) * t_draw
+    masked = maskable & (mask_draws < schedule.mask_prob(t)[:, None])
+    return Anchor(t=t, masked=masked, input_ids=torch.where(masked, mask_token_id, x0))
+
+
 def sample_anchor(
     x0: torch.Tensor,
     maskable: torch.Tensor,
@@ -69,8 +87,28 @@ def sample_anchor(
     generator: torch.Generator | None = None,
 ) -> Anchor:
     """t ~ U(t_eps, 1) per sequence; each maskable token masked with probability 1 - alpha(t)."""
-    batch = x0.shape[0]
-    t = t_eps + (1 - t_eps) * torch.rand(batch, generator=generator, device=x0.device)
+    t_draw = torch.rand(x0.shape[0], generator=generator, device=x0.device)
     draws = torch.rand(x0.shape, generator=generator, device=x0.device)
-    masked = maskable & (draws < schedule.mask_prob(t)[:, None])
-    return Anchor(t=t, masked=masked, input_ids=torch.where(masked, mask_token_id, x0))
+    return anchor_from_draws(x0, maskable, schedule, mask_token_id, t_eps, t_draw, draws)
+
+
+def keyed_anchor(
+    x0: torch.Tensor,
+    maskable: torch.Tensor,
+    attention_mask: torch.Tensor,
+    schedule: NoiseSchedule,
+    mask_token_id: int,
+    t_eps: float,
+    seed: int,
+) -> Anchor:
+    """An anchor whose draws depend only on (seed, the example's real tokens, the position among them).
+
+    Used for evaluation: an example gets the same t and mask whatever batch, padding, data order or
+    process it is scored in, so aggregate losses are independent of the batching.
+    """
+    keys = content_keys(x0, attention_mask)
+    positions = attention_mask.long().cumsum(1) - 1
+    t_draw = keyed_uniform(seed, keys, torch.full_like(keys[:, None], -1))[:, 0]
+    draws = keyed_uniform(seed, keys, positions)
+    dtype = torch.float32
+    return anchor_from_draws(x0, maskable, schedule, mask_token_id, t_eps, t_draw.to(dtype), draws.to(dtype))

@@ -11,8 +11,9 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_
 
 from .config import OuterConfig
 from .forward import ModelView
-from .losses import selected_rows, weighted_mean
-from .noise import Anchor, make_schedule, sample_anchor
+from .losses import weighted_mean
+from .noise import Anchor, keyed_anchor, make_schedule, sample_anchor
+from .selection import Selection
 from .trajectory import masked_fraction
 
 __all__ = ["OuterLoop", "build_outer_optimizer"]
@@ -33,6 +34,10 @@ class OuterLoop:
     def sample_anchor(self, x0: torch.Tensor, maskable: torch.Tensor, generator: torch.Generator | None = None) -> Anchor:
         return sample_anchor(x0, maskable, self.schedule, self.view.mask_token_id, self.config.t_eps, generator)
 
+    def keyed_anchor(self, x0: torch.Tensor, maskable: torch.Tensor, attention_mask: torch.Tensor, seed: int) -> Anchor:
+        """An anchor drawn from each example's own content (:func:`bilevel_dlm.noise.keyed_anchor`)."""
+        return keyed_anchor(x0, maskable, attention_mask, self.schedule, self.view.mask_token_id, self.config.t_eps, seed)
+
     def loss(
         self,
         x0: torch.Tensor,
@@ -40,20 +45,35 @@ class OuterLoop:
         anchor: Anchor,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        select = anchor.masked
-        logits, _ = self.view.logits_at(select, anchor.input_ids, attention_mask, masked_fraction(select, maskable))
-        ce = F.cross_entropy(logits, x0[select], reduction="none")
+        """The normalised loss of the batch (``numerator / denominator`` of :meth:`loss_terms`)."""
+        numerator, denominator = self.loss_terms(x0, maskable, anchor, attention_mask)
+        return numerator / denominator.clamp_min(1)
+
+    def loss_terms(
+        self,
+        x0: torch.Tensor,
+        maskable: torch.Tensor,
+        anchor: Anchor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(numerator, denominator) of the loss, so that sums over batches or processes give the exact
+        loss of their union: weighted CE sum and maskable-token count (``token``), sum of per-sequence
+        means and number of sequences with a maskable token (``sequence``), weighted CE sum and batch
+        size (``batch``)."""
+        select = Selection.of(anchor.masked)
+        logits, _ = self.view.logits_at(select, anchor.input_ids, attention_mask, masked_fraction(anchor.masked, maskable))
+        ce = F.cross_entropy(logits, select.take(x0), reduction="none")
         batch = x0.shape[0]
-        rows = selected_rows(select)
         weight = self.schedule.weight(anchor.t) if self.config.weighting == "elbo" else torch.ones_like(anchor.t)
-        weights = weight[rows]
+        weights = weight[select.rows]
         per_row_count = maskable.sum(1)
+        one = torch.ones((), device=x0.device)
         if self.config.normalization == "token":
-            return weighted_mean(ce, weights, rows, batch, per_sample=False, denominator=per_row_count.sum())
+            return weighted_mean(ce, weights, select.rows, batch, per_sample=False, denominator=one), per_row_count.sum()
         if self.config.normalization == "sequence":
-            per_sequence = weighted_mean(ce, weights, rows, batch, per_sample=True, denominator=per_row_count)
-            return per_sequence / (per_row_count > 0).sum().clamp_min(1)
-        return weighted_mean(ce, weights, rows, batch, per_sample=False, denominator=torch.tensor(batch, device=x0.device))
+            per_sequence = weighted_mean(ce, weights, select.rows, batch, per_sample=True, denominator=per_row_count)
+            return per_sequence, (per_row_count > 0).sum()
+        return weighted_mean(ce, weights, select.rows, batch, per_sample=False, denominator=one), one * batch
 
 
 def build_outer_optimizer(

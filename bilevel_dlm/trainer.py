@@ -225,7 +225,7 @@ class MemDLMTrainer(Trainer):
         batch = self.memdlm.prepare(inputs)
         share = self._share_of_global_batch(batch)
         with ddp_forward(model) as finish:
-            if not bool(batch.maskable.any()):
+            if not batch.has_maskable:
                 self._metric_sums[-1] += 1
                 zero = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
                 loss = finish(zero)
@@ -269,9 +269,10 @@ class MemDLMTrainer(Trainer):
         ignore_keys: list[str] | None = None,
         metric_key_prefix: str = "eval",
     ) -> dict[str, float]:
-        """Mean MDLM loss on the eval data with memory off (``<prefix>_loss``) and, with
+        """MDLM loss on the eval data with memory off (``<prefix>_loss``) and, with
         ``args.eval_prompt_memory``, adapted on each prompt (``<prefix>_loss_prompt_memory``), as
-        ``MemoryWrapper.eval_loss`` measures them; each rank scores its shard and the means are averaged."""
+        ``MemoryWrapper.eval_loss`` measures them: each rank sums its shard's loss terms, the sums are
+        all-reduced, so the value is the loss of the whole eval set whatever the number of ranks."""
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         if isinstance(dataset, dict):
             metrics: dict[str, float] = {}
@@ -280,10 +281,12 @@ class MemDLMTrainer(Trainer):
             return metrics
         loader = self.get_eval_dataloader(dataset)
         modes = {"loss": "off", "loss_prompt_memory": "prompt"} if self.args.eval_prompt_memory else {"loss": "off"}
-        values = torch.tensor([self.memdlm.eval_loss(loader, memory=mode) for mode in modes.values()],
-                              device=self.args.device)
-        values = self.accelerator.reduce(values, reduction="mean").tolist()
-        metrics = {f"{metric_key_prefix}_{name}": value for name, value in zip(modes, values)}
+        terms = torch.stack([self.memdlm.eval_loss_terms(loader, memory=mode) for mode in modes.values()])
+        numerators, denominators = self.accelerator.reduce(terms, reduction="sum").T.tolist()
+        if not any(denominators):
+            raise ValueError("eval data has no maskable (response) token")
+        metrics = {f"{metric_key_prefix}_{name}": numerator / denominator
+                   for name, numerator, denominator in zip(modes, numerators, denominators)}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics

@@ -84,7 +84,15 @@ def _stage(x0: torch.Tensor, masked: torch.Tensor, supervised: torch.Tensor, mas
 
 
 class TrajectorySimulator:
-    """Base class. ``__call__`` returns exactly ``steps`` stages; subclass and implement it."""
+    """Base class. ``__call__`` returns exactly ``steps`` stages; subclass and implement it.
+
+    :meth:`teacher_inputs` gives the teacher's input of each stage for the teacher-based inner losses
+    (``kl``, ``reverse_kl``, ``hidden_*``): by default the next, less masked stage, and the clean x0
+    for the last one. A simulator whose stages do not get less masked must override it.
+    """
+
+    def teacher_inputs(self, stages: list[Stage], x0: torch.Tensor) -> list[torch.Tensor]:
+        return [stage.input_ids for stage in stages[1:]] + [x0]
 
     def __call__(
         self,
@@ -138,6 +146,10 @@ class PreAnchorOnly(TrajectorySimulator):
         first = self._consistent(x0, maskable, anchor, 2, mask_token_id, generator)[0]
         return [first] * steps
 
+    def teacher_inputs(self, stages, x0):
+        """Every stage is the same state, so its teacher is the clean x0."""
+        return [x0] * len(stages)
+
 
 class AnchorOnly(TrajectorySimulator):
     """Ablation (reference name "no_progressive"): every step on the anchor itself (stage 2 only)."""
@@ -145,6 +157,10 @@ class AnchorOnly(TrajectorySimulator):
     def __call__(self, x0, maskable, anchor, steps, mask_token_id, generator=None):
         stage = Stage(anchor.input_ids, anchor.masked, anchor.masked, masked_fraction(anchor.masked, maskable), True)
         return [stage] * steps
+
+    def teacher_inputs(self, stages, x0):
+        """Every stage is the anchor itself, so its teacher is the clean x0."""
+        return [x0] * len(stages)
 
 
 class Progressive(TrajectorySimulator):

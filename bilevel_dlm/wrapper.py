@@ -23,7 +23,7 @@ from .backbone import Backbone, detect_backbone, get_backbone
 from .checkpoint import (CONFIG, MODEL_DIR, TOKENIZER_DIR, TRAINING_STATE, atomic_directory_write, import_model_class,
                          load_weights, model_class_path, read_meta, resolve_checkpoint, write_meta)
 from .config import MemDLMConfig
-from .data import PreparedBatch, iterate_batches, prepare_batch
+from .data import PreparedBatch, iterate_batches, leading_real_tokens, prepare_batch
 from .forward import ModelView
 from .inner import InnerLoop, InnerResult
 from .memory import MemoryParams
@@ -31,7 +31,7 @@ from .noise import Anchor
 from .outer import OuterLoop, build_outer_optimizer
 from .peft_utils import base_model_of, is_peft_model, with_requested_outer_lora
 from .prefix import PrefixReplay
-from .rng import RowSharedRandom
+from .rng import RowSharedRandom, leading_padding
 from .sampling import Sampler, SampleOutput, default_sampler
 from .trajectory import TrajectorySimulator, make_simulator, masked_fraction, random_subset
 
@@ -149,7 +149,7 @@ class MemoryWrapper:
         The returned loss carries theta's graph. Call it and run the backward inside
         :meth:`bilevel_context` (as :meth:`step` does).
         """
-        x0, maskable, attention = batch.x0, batch.maskable, batch.attention_mask
+        x0, maskable, attention = batch.x0, batch.maskable, batch.model_attention_mask
         anchor = self.outer.sample_anchor(x0, maskable, self.generator)
         first = self.memory.first_block
         prefix = PrefixReplay(self.backbone.blocks(self.model), first) if first > 0 and self.share_prefix else None
@@ -164,7 +164,7 @@ class MemoryWrapper:
         if self.optimizer is None:
             self.configure_optimizers(max_steps=None)
         prepared = self.prepare(batch)
-        if not bool(prepared.maskable.any()):
+        if not prepared.has_maskable:
             self.skipped_batches += 1
             return {"skipped": 1.0, "skipped_batches": float(self.skipped_batches)}
         self.model.train()
@@ -348,16 +348,18 @@ class MemoryWrapper:
 
         Every attended prompt token is maskable; the anchor masks ``adapt.anchor_ratio`` of them, and
         the training trajectory and inner optimizer run ``adapt.steps`` times with uniform weights.
-        Random draws are shared by the rows and independent of the batch, so row b of a batch is
-        adapted exactly as it would be alone (right padding). Returns the memory (also kept as
-        ``self.prompt_memory``); bind it with ``memory.bind()``.
+        Random draws are shared by the rows, independent of the batch and aligned on each row's first
+        real token, so row b of a batch (left- or right-padded) is adapted exactly as it would be alone.
+        Returns the memory (also kept as ``self.prompt_memory``); bind it with ``memory.bind()``.
         """
         batch = self.prepare({"input_ids": input_ids, "attention_mask": attention_mask})
-        return self._adapt(batch.x0, batch.maskable, batch.attention_mask, seed)
+        return self._adapt(batch.x0, batch.maskable, batch.model_attention_mask, seed)
 
-    def _adapt(self, x0, maskable, attention_mask, seed: int | None = None) -> MemoryParams:
+    def _adapt(self, x0: torch.Tensor, maskable: torch.Tensor, attention_mask: torch.Tensor | None,
+               seed: int | None = None) -> MemoryParams:
         settings = self.config.adapt
-        source = RowSharedRandom(self.config.seed if seed is None else seed)
+        offsets = None if attention_mask is None else leading_padding(attention_mask)
+        source = RowSharedRandom(self.config.seed if seed is None else seed, offsets)
         # One prompt needs no batch dimension (and MoE experts, which mix the tokens of a batch, accept it).
         per_sample = x0.shape[0] > 1
         memory = MemoryParams(self.model, self.config.memory, backbone=self.backbone, per_sample=per_sample)
@@ -431,36 +433,50 @@ class MemoryWrapper:
         batch_size: int = 8,
         seed: int = 1234,
     ) -> float:
-        """Mean MDLM loss on ``data`` with memory ``off`` or adapted on each sample's ``prompt``.
+        """MDLM loss on ``data`` with memory ``off`` or adapted on each sample's ``prompt``.
 
-        The anchors are drawn from ``seed`` (identical in both modes). Memory is never adapted on the
-        tokens it scores: with ``prompt`` it adapts on the prompt positions alone (responses hidden
+        The loss is the configured normalisation over the whole data set (``token``: weighted CE summed
+        over every example, divided by the number of maskable tokens), not a mean of batch means. Each
+        example's anchor is drawn from its own tokens and ``seed`` (identical in both modes), so the
+        value does not depend on the batch size, the order or the padding. Memory is never adapted on
+        the tokens it scores: with ``prompt`` it adapts on the prompt positions alone (responses hidden
         from attention), then scores the response.
         """
+        numerator, denominator = self.eval_loss_terms(data, memory, batch_size=batch_size, seed=seed).tolist()
+        if denominator == 0:
+            raise ValueError("eval data has no maskable (response) token")
+        return numerator / denominator
+
+    @torch.no_grad()
+    def eval_loss_terms(
+        self,
+        data: Iterable[Mapping[str, Any]],
+        memory: str = "off",
+        *,
+        batch_size: int = 8,
+        seed: int = 1234,
+    ) -> torch.Tensor:
+        """(numerator, denominator) [2] of :meth:`eval_loss`, summed over the data: add the terms of
+        several shards (processes) and divide to get the loss of their union."""
         if memory not in ("off", "prompt"):
             raise ValueError(f"memory must be 'off' or 'prompt', got {memory!r}")
-        generator = torch.Generator(self.device).manual_seed(seed)
         was_training = self.model.training
         self.model.eval()
-        total, count = torch.zeros((), device=self.device), 0
+        totals = torch.zeros(2, device=self.device, dtype=torch.float64)
         try:
             for raw in iterate_batches(data, batch_size, pad_token_id=self.pad_token_id(), shuffle=False, repeat=False):
                 batch = self.prepare(raw)
-                if not bool(batch.maskable.any()):
+                if not batch.has_maskable:
                     continue
-                anchor = self.outer.sample_anchor(batch.x0, batch.maskable, generator)
+                anchor = self.outer.keyed_anchor(batch.x0, batch.maskable, batch.attention_mask, seed)
                 bound = nullcontext()
                 if memory == "prompt":
-                    prompt = batch.prompt
-                    if self.backbone.protected_prefix:
-                        prompt[:, : self.backbone.protected_prefix] = False
-                    adapted = self._adapt(batch.x0, prompt, batch.prompt.long(), seed)
+                    protected = leading_real_tokens(batch.attention_mask, self.backbone.protected_prefix)
+                    adapted = self._adapt(batch.x0, batch.prompt & ~protected, batch.prompt.long(), seed)
                     bound = adapted.bind()
                 with bound:
-                    total += self.outer.loss(batch.x0, batch.maskable, anchor, batch.attention_mask)
-                count += 1
+                    terms = self.outer.loss_terms(batch.x0, batch.maskable, anchor, batch.model_attention_mask)
+                totals += torch.stack(terms).double()
         finally:
             self.model.train(was_training)
-        if count == 0:
-            raise ValueError("eval data has no maskable (response) token")
-        return float(total / count)
+        return totals

@@ -18,7 +18,7 @@ from torch import nn
 
 from bilevel_dlm import MemDLMConfig, MemoryConfig, MemoryParams, MemoryWrapper, OuterConfig
 from bilevel_dlm.integrations import dream, llada, llada_moe, mdlm
-from bilevel_dlm.noise import Anchor, LinearSchedule, sample_anchor
+from bilevel_dlm.noise import Anchor, LinearSchedule, keyed_anchor
 
 MASK = 127  # every tiny config uses the last id of a 128-token vocabulary as the mask
 DREAM_BOS = 126
@@ -233,9 +233,31 @@ def test_adapt_leaves_the_base_model_bitwise_unchanged(name: str) -> None:
 
 
 # ----- LLaDA-MoE: token-mixing experts -----------------------------------------------------------------
-def test_moe_per_sample_memory_on_experts_is_refused() -> None:
+class UndeclaredRoutingBlock(nn.Module):
+    """An MoE block of another class that routes like the native one but declares no routed tokens
+    (as the release's remote code does not)."""
+
+    def __init__(self, native: nn.Module) -> None:
+        super().__init__()
+        self.gate, self.experts, self.top_k = native.gate, native.experts, native.top_k
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        tokens = hidden.reshape(-1, hidden.shape[-1])
+        weights, chosen = F.softmax(self.gate(tokens), dim=-1, dtype=torch.float32).topk(self.top_k, dim=-1)
+        out = torch.zeros_like(tokens)
+        for e, expert in enumerate(self.experts):
+            rows, slot = (chosen == e).nonzero(as_tuple=True)
+            if len(rows):
+                out.index_add_(0, rows, expert(tokens[rows]) * weights[rows, slot, None].to(tokens.dtype))
+        return out.view_as(hidden)
+
+
+def test_moe_per_sample_memory_on_experts_needs_declared_routing() -> None:
     model = FAMILIES["llada_moe"].build(0)
-    with pytest.raises(ValueError, match=r"per-sample(?s:.*)experts"):
+    assert len(MemoryParams(model, MemoryConfig(layer_fraction=0.25, rank=4), per_sample=True).targets) == 12
+    for layer in model.model.layers:
+        layer.mlp = UndeclaredRoutingBlock(layer.mlp)
+    with pytest.raises(ValueError, match=r"per-sample(?s:.*)experts(?s:.*)native model class"):
         MemoryParams(model, MemoryConfig(layer_fraction=0.25, rank=4), per_sample=True)
     wrapper = MemoryWrapper(model, recipe())
     with pytest.raises(ValueError, match=r"per-sample(?s:.*)experts"):
@@ -302,10 +324,10 @@ def test_dream_eval_loss_uses_realigned_logits() -> None:
     wrapper = MemoryWrapper(model, config)
     data = make_batch(DREAM_BOS, n=3)
     library = wrapper.eval_loss([data], memory="off", seed=7)
-    # eval_loss draws its anchor with sample_anchor from a generator seeded with `seed`.
+    # eval_loss draws each example's anchor from its own tokens and `seed`.
     prepared = wrapper.prepare(data)
     x0, maskable = prepared.x0, prepared.maskable
-    anchor = sample_anchor(x0, maskable, LinearSchedule(), MASK, config.outer.t_eps, torch.Generator().manual_seed(7))
+    anchor = keyed_anchor(x0, maskable, prepared.attention_mask, LinearSchedule(), MASK, config.outer.t_eps, 7)
     assert bool(anchor.masked.any())
     with torch.no_grad():
         raw = model.eval()(anchor.input_ids).logits

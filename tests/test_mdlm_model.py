@@ -13,6 +13,7 @@ from transformers import AutoModelForMaskedLM
 
 from bilevel_dlm.backbone import detect_backbone, resolve_targets
 from bilevel_dlm.forward import ModelView
+from bilevel_dlm.selection import Selection
 from bilevel_dlm.integrations.mdlm import (
     MDLM,
     MDLMBackbone,
@@ -268,5 +269,5 @@ def test_model_view_matches_subs_of_forward() -> None:
     expected = subs_log_probs(model(ids, sigma_of(t)).logits, ids, MASK)
     torch.testing.assert_close(view.logits(ids, mask_ratio=t), expected)
     select = ids == MASK
-    rows, _ = view.logits_at(select, ids, mask_ratio=t)
+    rows, _ = view.logits_at(Selection.of(select), ids, mask_ratio=t)
     torch.testing.assert_close(rows, expected[select])

@@ -6,6 +6,8 @@ from torch import nn
 
 from bilevel_dlm.backbone import Backbone, register_backbone
 
+from .modeling import LLaDAMoESparseMoeBlock
+
 __all__ = ["LLaDAMoEBackbone"]
 
 _EXPERT_PATTERNS = ("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj", "mlp.experts.*.down_proj")
@@ -18,7 +20,8 @@ _RELEASED_MASK_TOKEN_ID = 156895
 class LLaDAMoEBackbone(Backbone):
     """Blocks at ``model.model.layers``; FFN targets are every routed expert's SwiGLU linears, plus the
     shared expert's when the model has one. Routed experts see the tokens of all samples of a batch
-    flattened together, so they are token-mixing; the shared expert runs on [B, L, d] and is not."""
+    flattened together, so they are token-mixing; the shared expert runs on [B, L, d] and is not.
+    The native model declares each expert call's routed tokens, so per-sample memory works on it."""
 
     name = "llada_moe"
     model_types = ("lladamoe",)
@@ -41,6 +44,10 @@ class LLaDAMoEBackbone(Backbone):
         patterns that match nothing, so they are only listed when present)."""
         has_shared = getattr(self.blocks(model)[0], "shared_expert", None) is not None
         return self.ffn_targets + (_SHARED_EXPERT_PATTERNS if has_shared else ())
+
+    def reports_routed_tokens(self, model: nn.Module) -> bool:
+        """The native sparse block declares its routed tokens; the release's remote code does not."""
+        return isinstance(self.blocks(model)[0].mlp, LLaDAMoESparseMoeBlock)
 
     def mask_token_id(self, model: nn.Module) -> int | None:
         """``config.mask_token_id``; for the released vocabulary without one, the released mask id."""

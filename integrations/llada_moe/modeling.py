@@ -11,7 +11,8 @@ class, not with AutoModel). Architecture, as in the release's modeling code:
   attention is not reused here;
 - router: ``mlp.gate`` linear -> softmax (float32) -> top-k, weights not renormalised unless
   ``norm_topk_prob``; every expert is a separate SwiGLU module called only on its routed tokens, so
-  hooks on an expert's linears see exactly those tokens (``[n_routed, hidden]``).
+  hooks on an expert's linears see exactly those tokens (``[n_routed, hidden]``), and each call declares
+  the flat token index of its rows (``bilevel_dlm.routing``) for per-sample fast weights.
 
 Deliberate differences to the release: no KV cache (the release refuses one too); RoPE frequencies are
 computed in each forward instead of a buffer, because transformers 5 leaves non-persistent buffers
@@ -29,6 +30,8 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.models.olmoe.modeling_olmoe import OlmoeRMSNorm as LLaDAMoERMSNorm
+
+from bilevel_dlm.routing import routed_tokens
 
 from .configuration import LLaDAMoEConfig
 
@@ -147,9 +150,11 @@ class LLaDAMoESparseMoeBlock(nn.Module):
         token_index = (order // self.top_k).split(counts)
         slot_weight = weights.reshape(-1)[order].split(counts)
         out = torch.zeros_like(tokens)
+        length = hidden_states.shape[1] if hidden_states.dim() == 3 else tokens.shape[0]
         for expert, rows, weight, count in zip(self.experts, token_index, slot_weight, counts):
             if count:
-                out.index_add_(0, rows, expert(tokens[rows]) * weight[:, None])
+                with routed_tokens(rows, length):  # per-sample fast weights find each row's sample
+                    out.index_add_(0, rows, expert(tokens[rows]) * weight[:, None])
         return out.view_as(hidden_states)
 
 
