@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bilevel_dlm import InnerConfig, MemDLMConfig, MemoryWrapper, OuterConfig
 from bilevel_dlm.integrations.llada import LLaDAModelLM, tiny_config
+from bilevel_dlm.prefix import PrefixReplay
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -68,7 +69,7 @@ def mdlm_step(wrapper: MemoryWrapper, batch) -> None:
     """The plain MDLM step: same anchor sampling, loss, clipping and AdamW, no memory."""
     prepared = wrapper.prepare(batch)
     anchor = wrapper.outer.sample_anchor(prepared.x0, prepared.maskable, wrapper.generator)
-    loss = wrapper.outer.loss(prepared.x0, prepared.maskable, anchor, prepared.attention_mask)
+    loss = wrapper.outer.loss(prepared.x0, prepared.maskable, anchor, prepared.model_attention_mask)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(wrapper.trainable_parameters(), 1.0)
     wrapper.optimizer.step()
@@ -132,6 +133,8 @@ def main() -> None:
                 step(wrapper, batch)
             peaks[name] = tracker.peak
 
+    inner_peak = inner_loop_peak(variants["memdlm_preset"][0], batch, args.device)
+
     shape = f"d_model {args.d_model}, {args.layers} blocks, vocab {args.vocab}, batch {args.batch} x {args.length}"
     print(f"step cost on {args.device} ({shape}), {args.repeats} interleaved repeats, medians")
     base_time, base_peak = statistics.median(times["mdlm"]), peaks["mdlm"]
@@ -139,6 +142,23 @@ def main() -> None:
     for name in variants:
         ratio_t = statistics.median(times[name]) / base_time
         print(f"{name:28s} {ratio_t:10.2f} {peaks[name] / base_peak:18.3f}")
+    print(f"preset inner loop (anchor stage recorded for the outer pass): peak {inner_peak / 2**20:.1f} MiB, "
+          f"{inner_peak / base_peak:.3f} of the MDLM step's peak")
+
+
+def inner_loop_peak(wrapper: MemoryWrapper, batch: dict, device: str) -> int:
+    """Peak bytes while the inner loop runs and the recorded prefix is held, before the outer pass."""
+    prepared = wrapper.prepare(batch)
+    anchor = wrapper.outer.sample_anchor(prepared.x0, prepared.maskable, wrapper.generator)
+    prefix = PrefixReplay(wrapper.backbone.blocks(wrapper.model), wrapper.memory.first_block)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        wrapper.inner.run(prepared.x0, prepared.maskable, anchor, None, generator=wrapper.generator, prefix=prefix)
+        return torch.cuda.max_memory_allocated() - base
+    with LiveTensorBytes() as tracker:
+        wrapper.inner.run(prepared.x0, prepared.maskable, anchor, None, generator=wrapper.generator, prefix=prefix)
+    return tracker.peak
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ detected from ``config.model_type`` or the model's class name (see README, "Addi
 from __future__ import annotations
 
 import fnmatch
+import functools
 import importlib
+import inspect
 from typing import Any, ClassVar
 
 import torch
@@ -88,7 +90,23 @@ class Backbone:
 
         ``mask_ratio`` [B] is the fraction of masked positions per sample, for time-conditioned models.
         """
-        return model(input_ids=input_ids, attention_mask=attention_mask)
+        return model(input_ids=input_ids, **self.attention_kwargs(model, attention_mask))
+
+    def attention_kwargs(self, model: nn.Module, attention_mask: torch.Tensor | None) -> dict[str, Any]:
+        """``{"attention_mask": mask}`` for a forward that takes one. A model whose forward has no
+        ``attention_mask`` parameter (the MDLM release) gets none: an all-ones mask is dropped, a padded
+        batch raises, since that model cannot hide padding from attention."""
+        if attention_mask is None:
+            return {}
+        if _accepts(model, "attention_mask"):
+            return {"attention_mask": attention_mask}
+        if bool(attention_mask.bool().all()):
+            return {}
+        raise ValueError(
+            f"{type(model).__name__}.forward takes no attention_mask, so it cannot hide padding, and this batch "
+            "is padded. Use batches of equal length (no padding), or load the checkpoint with the library's "
+            "native model class, whose forward masks padded keys."
+        )
 
     def align_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """Reorder final hidden states [B, L, d] so that position i predicts token i."""
@@ -97,6 +115,24 @@ class Backbone:
     def finalize_logits(self, logits: torch.Tensor, input_ids: torch.Tensor, mask_token_id: int) -> torch.Tensor:
         """Post-process head logits [..., V] given the input tokens at the same positions [...]."""
         return logits
+
+
+@functools.cache
+def _forward_parameters(model_type: type) -> frozenset[str] | None:
+    """Parameter names of ``model_type.forward``; None when unknown or when it takes ``**kwargs``."""
+    try:
+        signature = inspect.signature(model_type.forward)
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+        return None
+    return frozenset(signature.parameters)
+
+
+def _accepts(model: nn.Module, argument: str) -> bool:
+    """True when ``model.forward`` has a parameter ``argument`` (or takes ``**kwargs``)."""
+    parameters = _forward_parameters(type(model))
+    return parameters is None or argument in parameters
 
 
 def register_backbone(cls: type[Backbone]) -> type[Backbone]:

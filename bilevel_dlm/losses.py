@@ -22,10 +22,11 @@ TEACHER_SMOOTHING = 1e-6
 
 
 def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) per row from log-probabilities. Terms with p = 0 (log p = -inf) count as 0; a NaN
+    """KL(p || q) per row from log-probabilities. Terms with p = 0 (log p = -inf) count as 0, with a zero
+    gradient (their logs are replaced before any arithmetic, so no inf - inf reaches the backward); a NaN
     anywhere stays NaN (it must reach the non-finite guard, not be reported as a zero loss)."""
-    terms = p_log.exp() * (p_log - q_log)
-    return torch.where(p_log == float("-inf"), torch.zeros_like(terms), terms).sum(-1)
+    empty = p_log == float("-inf")
+    return (p_log.exp() * (p_log.masked_fill(empty, 0.0) - q_log.masked_fill(empty, 0.0))).sum(-1)
 
 
 def _smoothed(log_probs: torch.Tensor, weight: float = TEACHER_SMOOTHING) -> torch.Tensor:

@@ -6,7 +6,8 @@
 Every rank trains its copy of the same tiny LLaDA for one step on its shard of the global batch
 (``global_examples``) and writes ``OUT_DIR/find_unused_<flag>_rank<r>.pt``: the micro-batch it got, its
 adapted memory, the module type compute_loss ran under, the parameters DDP reduces, and theta's
-gradient just before the optimizer step (after DDP's all-reduce; no clipping). It does so twice, with
+gradient just before the optimizer step (after DDP's all-reduce; no clipping), and the evaluation of the
+fresh model on the global examples (each rank scoring its shard). It does so twice, with
 ``find_unused_parameters`` True and False, the two ways DDP prepares its reducer after a forward.
 """
 
@@ -73,11 +74,12 @@ def main(out_dir: Path) -> None:
             output_dir=str(out_dir / "run"), memdlm=recipe(), max_steps=1, per_device_train_batch_size=PER_RANK,
             train_sampling_strategy="sequential", use_cpu=True, ddp_backend="gloo", ddp_timeout=120,
             ddp_find_unused_parameters=find_unused, max_grad_norm=0.0, report_to=[], save_strategy="no",
-            disable_tqdm=True,
+            disable_tqdm=True, per_device_eval_batch_size=PER_RANK,
         )
         trainer = _Probe(tiny_model(), args, train_dataset=global_examples(), callbacks=[probe])
+        evaluation = trainer.evaluate(eval_dataset=global_examples())  # before training: the fresh model
         trainer.train()
-        record = {**trainer.record, "gradients": probe.gradients}
+        record = {**trainer.record, "gradients": probe.gradients, "evaluation": evaluation}
         torch.save(record, out_dir / f"find_unused_{find_unused}_rank{args.process_index}.pt")
 
 

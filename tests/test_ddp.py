@@ -104,3 +104,16 @@ def test_ddp_gradient_equals_the_global_batch_gradient_and_memory_stays_per_rank
         torch.testing.assert_close(g0, exact[name], atol=1e-6, rtol=0, msg=lambda m: f"{name}: {m}")
     gap = max((records[0]["gradients"][n] - naive[n]).abs().max().item() for n in names)
     assert gap > 1e-3, "control: averaging per-rank normalised losses should give a different gradient"
+
+
+def test_ddp_evaluation_equals_one_process_on_the_whole_eval_set(ranks):
+    """Each rank sums its shard's loss terms; the all-reduced ratio is the loss of the whole set."""
+    from ddp_worker import global_examples
+
+    wrapper = MemoryWrapper(tiny_model(), recipe())
+    expected = {"eval_loss": wrapper.eval_loss(global_examples(), memory="off"),
+                "eval_loss_prompt_memory": wrapper.eval_loss(global_examples(), memory="prompt")}
+    for rank in (0, 1):
+        evaluation = torch.load(ranks / f"find_unused_True_rank{rank}.pt")["evaluation"]
+        for name, value in expected.items():
+            assert evaluation[name] == pytest.approx(value, rel=1e-5), (rank, name)

@@ -146,7 +146,9 @@ class LLaDAMoESparseMoeBlock(nn.Module):
         # Group the (token, slot) pairs by expert: one host sync for the group sizes, not one per expert.
         flat_experts = experts.reshape(-1)
         order = flat_experts.argsort(stable=True)
-        counts = torch.bincount(flat_experts, minlength=len(self.experts)).tolist()
+        # scatter_add, not bincount: bincount's output size costs a second sync on a GPU.
+        counts = torch.zeros(len(self.experts), dtype=torch.long, device=tokens.device).scatter_add_(
+            0, flat_experts, torch.ones_like(flat_experts)).tolist()
         token_index = (order // self.top_k).split(counts)
         slot_weight = weights.reshape(-1)[order].split(counts)
         out = torch.zeros_like(tokens)

@@ -55,12 +55,13 @@ class MDLMBackbone(Backbone):
         attention_mask: torch.Tensor | None,
         mask_ratio: torch.Tensor | None = None,
     ) -> Any:
-        """Forward with ``timesteps = sigma(t)``, taking t = the masked fraction (0 when unknown)."""
+        """Forward with ``timesteps = sigma(t)``, taking t = the masked fraction (0 when unknown). The
+        release's ``forward(input_ids, timesteps)`` takes no attention mask (see ``attention_kwargs``)."""
         if mask_ratio is None:
             t = torch.zeros(input_ids.shape[0], device=input_ids.device)
         else:
             t = mask_ratio.to(device=input_ids.device, dtype=torch.float32)
-        return model(input_ids=input_ids, timesteps=loglinear_sigma(t), attention_mask=attention_mask)
+        return model(input_ids=input_ids, timesteps=loglinear_sigma(t), **self.attention_kwargs(model, attention_mask))
 
     def finalize_logits(self, logits: torch.Tensor, input_ids: torch.Tensor, mask_token_id: int) -> torch.Tensor:
         return subs_log_probs(logits, input_ids, mask_token_id)

@@ -1,0 +1,178 @@
+"""One bilevel step under every combination of the options a user can switch.
+
+Factors: backbone family x inner loss x trajectory x {first_order, unrolled} x {shared, per-sample
+memory} x {no, right, left padding} x {activation checkpointing off, on}. For each combination:
+
+- every inner loss and the outer loss are finite;
+- every inner stage moves the fast weights (gradient norm > 0);
+- prefix sharing gives the same outer loss and the same gradient of every theta tensor as recomputing
+  the prefix (float64 models and fast weights, relative 1e-10);
+- ``adapt`` on the prompts (same padding layout) leaves every base weight bitwise unchanged and moves
+  the fast weights.
+
+The default run covers every pair of option values (a greedy all-pairs design) plus the full product
+family x inner loss x trajectory for the sharing check; ``-m slow`` runs the whole cross product.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from bilevel_dlm import InnerConfig, MemDLMConfig, MemoryConfig, MemoryWrapper, TrajectoryConfig
+from bilevel_dlm.losses import INNER_LOSSES
+from test_backbones_bilevel import FAMILIES, bitwise_equal, make_batch, snapshot
+from toy import ToyDLM, toy_batch
+
+PAD = 1
+FACTORS = {
+    "family": ("llada", "llada_moe", "llada_moe_shared", "dream", "mdlm"),
+    "loss": INNER_LOSSES,
+    "trajectory": ("anchor_consistent", "pre_only", "anchor_only", "progressive"),
+    "mode": ("first_order", "unrolled"),
+    "memory": ("shared", "per_sample"),
+    "padding": ("none", "right", "left"),
+    "checkpointing": ("off", "on"),
+}
+LENGTH, PROMPT, REAL_LENGTHS = 12, 4, (12, 9, 7)
+GRADIENT_TOLERANCE = {"first_order": 1e-10, "unrolled": 1e-6}
+
+
+def all_pairs(factors: dict[str, tuple]) -> list[tuple]:
+    """A small set of combinations in which every pair of values of two factors occurs (greedy, deterministic)."""
+    names = list(factors)
+    product = list(itertools.product(*factors.values()))
+
+    def pairs(row: tuple) -> set:
+        return {(i, row[i], j, row[j]) for i, j in itertools.combinations(range(len(names)), 2)}
+
+    uncovered = set().union(*(pairs(row) for row in product))
+    chosen = []
+    while uncovered:
+        best = max(product, key=lambda row: len(pairs(row) & uncovered))
+        chosen.append(best)
+        uncovered -= pairs(best)
+    return chosen
+
+
+PAIRWISE = all_pairs(FACTORS)
+SHARING = [(f, l, t, "first_order", "shared", "none", "off")
+           for f in FACTORS["family"] for l in FACTORS["loss"] for t in FACTORS["trajectory"]]
+DEFAULT = sorted(set(PAIRWISE) | set(SHARING))
+REST = [row for row in itertools.product(*FACTORS.values()) if row not in set(DEFAULT)]
+
+
+def padded(batch: dict, padding: str) -> dict:
+    """Rows of ``REAL_LENGTHS`` real tokens, padded on the right or the left (labels -100, attention 0)."""
+    if padding == "none":
+        return batch
+    out = {key: value.clone() for key, value in batch.items()}
+    out["input_ids"].fill_(PAD)
+    out["labels"].fill_(-100)
+    out["attention_mask"].zero_()
+    for row, n in enumerate(REAL_LENGTHS):
+        place = slice(0, n) if padding == "right" else slice(LENGTH - n, LENGTH)
+        for key in out:
+            out[key][row, place] = batch[key][row, :n]
+    return out
+
+
+def prompts(batch: dict, padding: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt part of each row (its first ``PROMPT`` real tokens), in the same padding layout."""
+    ids, mask = batch["input_ids"][:, :PROMPT].clone(), torch.ones(len(REAL_LENGTHS), PROMPT, dtype=torch.long)
+    if padding != "none":
+        lengths = (PROMPT, PROMPT - 1, PROMPT - 2)
+        for row, n in enumerate(lengths):
+            place = slice(0, n) if padding == "right" else slice(PROMPT - n, PROMPT)
+            real = batch["input_ids"][row, :n].clone()
+            ids[row], mask[row] = PAD, 0
+            ids[row, place], mask[row, place] = real, 1
+    return ids, mask
+
+
+def recipe(loss: str, trajectory: str, mode: str, memory: str) -> MemDLMConfig:
+    return MemDLMConfig(
+        memory=MemoryConfig(rank=4, layer_fraction=0.5, dtype="float64", per_sample=memory == "per_sample"),
+        inner=InnerConfig(loss=loss, mode=mode, lr=0.5),
+        trajectory=TrajectoryConfig(kind=trajectory),
+    )
+
+
+def one_step(family: str, config: MemDLMConfig, batch: dict, checkpointing: str, share: bool):
+    """Outer loss, inner result and theta's gradient of one bilevel step on a float64 tiny model."""
+    model = FAMILIES[family].build(0).double().train()
+    if checkpointing == "on":
+        model.gradient_checkpointing_enable()
+    wrapper = MemoryWrapper(model, config)
+    wrapper.share_prefix = share
+    with wrapper.bilevel_context():
+        loss, inner, _ = wrapper.compute_loss(wrapper.prepare(batch))
+        loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return wrapper, loss.detach(), inner, grads
+
+
+def check(family: str, loss: str, trajectory: str, mode: str, memory: str, padding: str, checkpointing: str) -> None:
+    config = recipe(loss, trajectory, mode, memory)
+    batch = padded(make_batch(FAMILIES[family].bos, n=len(REAL_LENGTHS), length=LENGTH, prompt=PROMPT, seed=1), padding)
+    wrapper, shared_loss, inner, shared_grads = one_step(family, config, batch, checkpointing, share=True)
+    _, plain_loss, plain_inner, plain_grads = one_step(family, config, batch, checkpointing, share=False)
+
+    assert torch.isfinite(inner.losses).all() and math.isfinite(float(shared_loss))
+    assert (inner.grad_norms > 0).all(), f"a stage did not move the fast weights: {inner.grad_norms}"
+    torch.testing.assert_close(inner.losses, plain_inner.losses, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(shared_loss, plain_loss, rtol=1e-10, atol=1e-12)
+    assert shared_grads.keys() == plain_grads.keys() and shared_grads
+    # Unrolled: the shared prefix node sums the outer and the unrolled path's gradients in another order,
+    # and the models compute their norms / rotary tables in float32 as the releases do, so agreement is at
+    # float32 rounding (the all-float64 toy model below agrees to 1e-12).
+    tolerance = GRADIENT_TOLERANCE[mode]
+    for name, grad in shared_grads.items():
+        error = float((grad - plain_grads[name]).norm() / plain_grads[name].norm().clamp_min(1e-30))
+        assert error <= tolerance, f"{name}: relative gradient difference {error:.2e} > {tolerance:.0e}"
+
+    model = wrapper.model
+    before = snapshot(model)
+    memory_state = wrapper.adapt(*prompts(batch, padding))
+    changed = [k for k, v in snapshot(model).items() if not bitwise_equal(before[k], v)]
+    assert not changed, f"adapt changed base weights {changed[:3]}"
+    assert any(bool(v.abs().sum() > 0) for n, v in zip(memory_state.names, memory_state.values) if "lora_B" in n)
+
+
+def test_the_default_design_covers_every_pair_of_option_values() -> None:
+    names = list(FACTORS)
+    for (i, a), (j, b) in itertools.combinations(enumerate(names), 2):
+        for u, v in itertools.product(FACTORS[a], FACTORS[b]):
+            assert any(row[i] == u and row[j] == v for row in DEFAULT), (a, u, b, v)
+
+
+@pytest.mark.parametrize("combination", DEFAULT, ids="-".join)
+def test_one_step_under_the_option_combination(combination: tuple) -> None:
+    check(*combination)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("combination", REST, ids="-".join)
+def test_one_step_under_the_rest_of_the_cross_product(combination: tuple) -> None:
+    check(*combination)
+
+
+@pytest.mark.parametrize("loss", INNER_LOSSES)
+@pytest.mark.parametrize("mode", FACTORS["mode"])
+def test_prefix_sharing_is_exact_on_an_all_float64_model(mode: str, loss: str) -> None:
+    grads = []
+    for share in (True, False):
+        model = ToyDLM(n_blocks=4).double()
+        config = MemDLMConfig(memory=MemoryConfig(rank=3, layer_fraction=0.5, dtype="float64"),
+                              inner=InnerConfig(mode=mode, loss=loss, lr=0.5))
+        wrapper = MemoryWrapper(model, config)
+        wrapper.share_prefix = share
+        with wrapper.bilevel_context():
+            outer, _, _ = wrapper.compute_loss(wrapper.prepare(toy_batch(4, 12)))
+            outer.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for shared, plain in zip(*grads):
+        assert float((shared - plain).norm() / plain.norm()) <= 1e-12
