@@ -31,6 +31,8 @@ class Backbone:
     """
 
     name: ClassVar[str] = ""
+    # Module path of the transformer blocks (an nn.ModuleList), e.g. "model.layers"; or override blocks().
+    blocks_path: ClassVar[str] = ""
     model_types: ClassVar[tuple[str, ...]] = ()
     class_names: ClassVar[tuple[str, ...]] = ()
     ffn_targets: ClassVar[tuple[str, ...]] = ()
@@ -47,8 +49,47 @@ class Backbone:
 
     # ----- structure -------------------------------------------------------------------------
     def blocks(self, model: nn.Module) -> nn.ModuleList:
-        """The model's list of transformer blocks, in execution order."""
-        raise NotImplementedError(f"{type(self).__name__} must implement blocks(model)")
+        """The model's list of transformer blocks, in execution order (``blocks_path`` by default).
+
+        A model without that module raises a ValueError that names the expected path and the modules
+        the model has.
+        """
+        if not self.blocks_path:
+            raise NotImplementedError(f"{type(self).__name__} must set blocks_path or implement blocks(model)")
+        try:
+            blocks = model.get_submodule(self.blocks_path)
+        except AttributeError:
+            children = [name for name, _ in model.named_children()]
+            raise ValueError(
+                f"the {self.name!r} adapter expects the transformer blocks at {self.blocks_path!r}, but "
+                f"{type(model).__name__} has no such module (its top-level modules: {children}). Pass the adapter "
+                "of this model's family as backbone=, or leave backbone out to detect it."
+            ) from None
+        if not isinstance(blocks, nn.ModuleList):
+            raise ValueError(f"{type(model).__name__}.{self.blocks_path} is a {type(blocks).__name__}, not the "
+                             f"nn.ModuleList of blocks the {self.name!r} adapter expects")
+        return blocks
+
+    def vocab_size(self, model: nn.Module) -> int | None:
+        """Number of token ids the model embeds (ids must be below it), or None when unknown."""
+        try:
+            embedding = model.get_input_embeddings()
+        except (AttributeError, NotImplementedError):
+            embedding = None
+        weight = getattr(embedding, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            return int(weight.shape[0])
+        value = getattr(getattr(model, "config", None), "vocab_size", None)
+        return None if value is None else int(value)
+
+    def max_length(self, model: nn.Module) -> int | None:
+        """Longest sequence the model takes (from its config), or None when it declares none."""
+        config = getattr(model, "config", None)
+        for field in ("max_sequence_length", "max_position_embeddings", "model_length", "n_positions"):
+            value = getattr(config, field, None)
+            if isinstance(value, int):
+                return value
+        return None
 
     def mask_token_id(self, model: nn.Module) -> int | None:
         """The mask token id, or None when the model does not declare one."""

@@ -2,14 +2,18 @@
 state needed to resume ``fit`` exactly (optimizer, scheduler, random generators, step, history).
 
 Writes are atomic: everything goes into a temporary sibling directory that replaces the target only
-once complete, so an interruption mid-save leaves the previous checkpoint intact.
+once complete, so an interruption mid-save leaves the previous checkpoint intact. The last file written
+is ``manifest.json``: the size and sha256 of every other file. Loading checks it first, so a truncated or
+edited file is reported by name, with the newest valid checkpoint beside it as the fix.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -18,25 +22,40 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_directory_write", "resolve_checkpoint", "model_class_path", "import_model_class",
-           "load_weights", "write_meta", "read_meta", "TRAINING_STATE", "META", "CONFIG", "MODEL_DIR",
-           "TOKENIZER_DIR"]
+__all__ = ["atomic_directory_write", "resolve_checkpoint", "verify_checkpoint", "newest_valid_checkpoint",
+           "CheckpointError", "model_class_path", "import_model_class", "load_weights", "write_meta", "read_meta",
+           "TRAINING_STATE", "META", "CONFIG", "MODEL_DIR", "TOKENIZER_DIR", "MANIFEST", "HISTORY"]
 
 MODEL_DIR, TOKENIZER_DIR = "model", "tokenizer"
 CONFIG, META, TRAINING_STATE = "memdlm.yaml", "bilevel_dlm.json", "training_state.pt"
+MANIFEST, HISTORY = "manifest.json", "history.json"
+_STEP = re.compile(r"checkpoint-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: names the file, the problem and the fix."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_directory_write(target: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_dir)`` then move the finished directory to ``target`` (replacing it).
+    """Call ``write(tmp_dir)``, add the manifest, then move the finished directory to ``target``.
 
     The old checkpoint is renamed aside before the new one moves in and deleted after, so at every
     moment either the old or the new checkpoint is complete on disk (see :func:`resolve_checkpoint`).
+    The directory gets the permissions of the user's umask (a temporary directory starts as 0700).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         write(tmp)
+        _write_manifest(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -49,16 +68,95 @@ def atomic_directory_write(target: str | Path, write: Callable[[Path], None]) ->
     return target
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 23), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _write_manifest(directory: Path) -> None:
+    """``manifest.json``: relative path -> size and sha256 of every file, written atomically."""
+    entries = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(directory)}
+    partial = directory / f".{MANIFEST}.partial"
+    partial.write_text(json.dumps({"files": entries}, indent=1))
+    os.replace(partial, directory / MANIFEST)
+
+
+def _problem(directory: Path) -> tuple[str, str] | None:
+    """(file, problem) of the first thing wrong with a checkpoint directory, or None when it is intact."""
+    manifest = directory / MANIFEST
+    if not manifest.exists():
+        return MANIFEST, "is missing (the save did not finish, or the folder is not a bilevel_dlm checkpoint)"
+    try:
+        entries = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return MANIFEST, "is not a valid manifest (truncated or edited)"
+    for name, entry in entries.items():
+        path = directory / name
+        if not path.is_file():
+            return name, "is missing"
+        if path.stat().st_size != entry["size"]:
+            return name, f"has {path.stat().st_size} bytes where the manifest says {entry['size']} (truncated or replaced)"
+        if _sha256(path) != entry["sha256"]:
+            return name, "does not match its sha256 in the manifest (corrupted or edited)"
+    return None
+
+
+def _checkpoint_steps(folder: Path) -> list[tuple[int, Path]]:
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _STEP.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def newest_valid_checkpoint(folder: str | Path, *, exclude: Path | None = None) -> Path | None:
+    """The ``checkpoint-<step>`` directory of ``folder`` with the highest step that passes verification."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    for _, path in _checkpoint_steps(folder):
+        if path != exclude and _problem(path) is None:
+            return path
+    return None
+
+
+def verify_checkpoint(directory: Path) -> None:
+    """Raise :class:`CheckpointError` naming the broken file and the newest valid alternative, if any."""
+    problem = _problem(directory)
+    if problem is None:
+        return
+    name, what = problem
+    alternative = newest_valid_checkpoint(directory.parent, exclude=directory)
+    fix = (f"resume from {alternative} instead" if alternative is not None
+           else "no other valid checkpoint was found beside it; save a new one")
+    raise CheckpointError(f"checkpoint {directory}: {name} {what}. Fix: {fix}.")
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The checkpoint directory to read, falling back to the previous one if a save was cut off
-    between moving the old checkpoint aside and moving the new one in."""
+    """The verified checkpoint directory to read.
+
+    ``path`` is a checkpoint, or a folder of ``checkpoint-<step>`` directories (then the newest valid
+    one). It falls back to the previous checkpoint if a save was cut off between moving the old one
+    aside and moving the new one in.
+    """
     path = Path(path)
-    if (path / META).exists():
-        return path
-    old = path.with_name(f".{path.name}.old")
-    if (old / META).exists():
-        return old
-    raise FileNotFoundError(f"no bilevel_dlm checkpoint at {path} (missing {META}); save one with save_pretrained")
+    if not (path / META).exists() and path.is_dir() and _checkpoint_steps(path):
+        newest = newest_valid_checkpoint(path)
+        if newest is None:
+            raise CheckpointError(f"{path}: none of its checkpoint-<step> folders is valid "
+                                  f"({', '.join(p.name for _, p in _checkpoint_steps(path)[:3])}, ...)")
+        path = newest
+    if not (path / META).exists():
+        old = path.with_name(f".{path.name}.old")
+        if not (old / META).exists():
+            raise FileNotFoundError(f"no bilevel_dlm checkpoint at {path} (missing {META}); save one with save_pretrained")
+        path = old
+    verify_checkpoint(path)
+    return path
 
 
 def model_class_path(model: torch.nn.Module) -> str:

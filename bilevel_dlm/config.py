@@ -1,16 +1,20 @@
 """Validated configuration. ``MemDLMConfig()`` is the MemDLM paper preset (shared/MEMDLM.md section 6).
 
-Every model is frozen and rejects unknown keys, so a typo in a YAML file fails loudly instead of
-silently falling back to a default.
+Every model is frozen, rejects unknown keys and is strict: values keep their types (``rank="16"`` is an
+error, not 16), rates are finite, schedules ordered. A typo in a YAML file therefore fails loudly instead
+of silently falling back to a default; YAML's own types (ints, floats, lists for tuples) are accepted.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Tuples may be given as lists (YAML has no tuple type); everything else is strict.
+Names = Annotated[tuple[str, ...], Field(strict=False)]
 
 __all__ = [
     "MemoryConfig",
@@ -24,7 +28,7 @@ __all__ = [
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, strict=True, allow_inf_nan=False)
 
 
 class MemoryConfig(_Strict):
@@ -35,7 +39,7 @@ class MemoryConfig(_Strict):
     alpha: float = Field(64.0, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the fast-weight input")
     layer_fraction: float = Field(0.1, gt=0.0, le=1.0, description="last fraction of blocks that get fast weights")
-    targets: Literal["ffn", "ffn+attention"] | tuple[str, ...] = Field(
+    targets: Literal["ffn", "ffn+attention"] | Names = Field(
         "ffn", description="'ffn', 'ffn+attention', or block-relative module patterns"
     )
     per_sample: bool = Field(
@@ -83,6 +87,15 @@ class TrajectoryConfig(_Strict):
     progressive_start: float = Field(0.8, gt=0.0, le=1.0)
     progressive_end: float = Field(0.2, gt=0.0, le=1.0)
 
+    @model_validator(mode="after")
+    def _check(self) -> "TrajectoryConfig":
+        if self.progressive_start < self.progressive_end:
+            raise ValueError(
+                f"progressive_start={self.progressive_start} < progressive_end={self.progressive_end}: the "
+                "progressive trajectory reveals tokens, so its mask ratio goes down from start to end (e.g. 0.8 -> 0.2)"
+            )
+        return self
+
 
 class OuterLoRAConfig(_Strict):
     """The paper's outer LoRA (applied through PEFT when ``apply`` is true, or bring a PeftModel)."""
@@ -91,7 +104,7 @@ class OuterLoRAConfig(_Strict):
     rank: int = Field(32, gt=0)
     alpha: float = Field(64.0, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: str | tuple[str, ...] = "all-linear"
+    target_modules: str | Names = "all-linear"
 
 
 class OuterConfig(_Strict):
@@ -103,7 +116,7 @@ class OuterConfig(_Strict):
     normalization: Literal["token", "sequence", "batch"] = "token"
     lr: float = Field(2e-5, ge=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: Annotated[tuple[float, float], Field(strict=False)] = (0.9, 0.999)
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
     max_grad_norm: float | None = Field(1.0, gt=0.0)
@@ -127,11 +140,21 @@ class MemDLMConfig(_Strict):
     outer: OuterConfig = OuterConfig()
     adapt: AdaptConfig = AdaptConfig()
     seed: int = 0
+    max_nonfinite_steps: int = Field(
+        3, gt=0, description="training stops with an error after this many non-finite steps in a row (each is skipped)"
+    )
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "MemDLMConfig":
-        """Load from a YAML (or JSON) file; unknown keys and invalid values raise."""
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        """Load from a YAML (or JSON) file; a syntax error, an empty file, unknown keys and invalid
+        values raise, naming the file (write ``{}`` for the preset)."""
+        text = Path(path).read_text()
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path}: invalid YAML: {error}") from error
+        if data is None:
+            raise ValueError(f"{path} is empty: a config file must hold a mapping (write {{}} for the MemDLM preset)")
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
         return cls.model_validate(data)

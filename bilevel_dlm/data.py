@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["PreparedBatch", "prepare_batch", "pad_collate", "iterate_batches", "leading_real_tokens"]
+__all__ = ["PreparedBatch", "prepare_batch", "pad_collate", "iterate_batches", "BatchStream", "leading_real_tokens"]
 
 
 @dataclass(frozen=True)
@@ -44,37 +44,71 @@ def leading_real_tokens(attention_mask: torch.Tensor, count: int) -> torch.Tenso
     return attention_mask.bool() & (attention_mask.long().cumsum(1) <= count)
 
 
-def _as_long(value: Any, name: str) -> torch.Tensor:
+def _as_long(value: Any, name: str, where: str) -> torch.Tensor:
     tensor = torch.as_tensor(value)
-    if tensor.dtype.is_floating_point:
-        raise TypeError(f"batch[{name!r}] must hold integers, got dtype {tensor.dtype}")
+    if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
+        raise TypeError(f"{where}: {name!r} must hold integers, got dtype {tensor.dtype}; pass token ids "
+                        "(torch.long), not embeddings, probabilities or masks")
     return tensor.long()
 
 
-def prepare_batch(batch: Mapping[str, Any], device: torch.device, protected_prefix: int = 0) -> PreparedBatch:
+def prepare_batch(
+    batch: Mapping[str, Any],
+    device: torch.device,
+    protected_prefix: int = 0,
+    *,
+    vocab_size: int | None = None,
+    max_length: int | None = None,
+    where: str = "batch",
+) -> PreparedBatch:
     """Validate a batch dict and derive the maskable positions (labels != -100, attended, and not among
-    the first ``protected_prefix`` real tokens of the row)."""
-    if "input_ids" not in batch:
-        raise KeyError(f"a batch needs 'input_ids'; got keys {sorted(batch)}")
-    x0 = _as_long(batch["input_ids"], "input_ids").to(device)
+    the first ``protected_prefix`` real tokens of the row).
+
+    Checked, with messages naming ``where``, the field and the fix: keys, integer dtypes, shapes, empty
+    batches, token ids in ``[0, vocab_size)``, an attention mask of 0 / 1 and lengths up to
+    ``max_length``. The value checks and the batch's flags are read from the device in one sync.
+    """
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+        raise KeyError(f"{where}: a batch needs 'input_ids' (and optionally 'labels', 'attention_mask'); got {keys}")
+    x0 = _as_long(batch["input_ids"], "input_ids", where).to(device)
     if x0.dim() != 2:
-        raise ValueError(f"batch['input_ids'] must be [batch, length], got shape {tuple(x0.shape)}")
+        raise ValueError(f"{where}: 'input_ids' must be [batch, length], got shape {tuple(x0.shape)} "
+                         "(add a batch dimension with ids[None] for a single sequence)")
+    if x0.numel() == 0:
+        raise ValueError(f"{where}: 'input_ids' has shape {tuple(x0.shape)}; it needs at least one row and one token")
+    if max_length is not None and x0.shape[1] > max_length:
+        raise ValueError(f"{where}: sequences of {x0.shape[1]} tokens exceed the model's maximum length {max_length}; "
+                         "truncate or split them")
     attention = batch.get("attention_mask")
-    attention = torch.ones_like(x0) if attention is None else _as_long(attention, "attention_mask").to(device)
+    attention = torch.ones_like(x0) if attention is None else _as_long(attention, "attention_mask", where).to(device)
     labels = batch.get("labels")
-    labels = torch.where(attention.bool(), x0, -100) if labels is None else _as_long(labels, "labels").to(device)
+    labels = torch.where(attention.bool(), x0, -100) if labels is None else _as_long(labels, "labels", where).to(device)
     for name, tensor in (("attention_mask", attention), ("labels", labels)):
         if tensor.shape != x0.shape:
-            raise ValueError(f"batch[{name!r}] has shape {tuple(tensor.shape)}, input_ids {tuple(x0.shape)}")
+            raise ValueError(f"{where}: {name!r} has shape {tuple(tensor.shape)} but 'input_ids' {tuple(x0.shape)}; "
+                             "they must match position by position")
     maskable = (labels != -100) & attention.bool()
     if protected_prefix:  # the first real tokens of each row (left padding moves them)
         maskable &= ~leading_real_tokens(attention, protected_prefix)
-    full, has_maskable = torch.stack([attention.bool().all(), maskable.any()]).tolist()
+    checks = torch.stack([attention.bool().all(), maskable.any(), x0.min(), x0.max(), attention.min(), attention.max(),
+                          attention.bool().any(1).all()]).tolist()
+    full, has_maskable, smallest, largest, low, high, every_row_attended = checks
+    if low < 0 or high > 1:
+        raise ValueError(f"{where}: 'attention_mask' holds values in [{low}, {high}]; it must be 1 (real token) or 0 (padding)")
+    if not every_row_attended:
+        raise ValueError(f"{where}: a row is all padding (attention_mask all 0); drop empty rows")
+    if smallest < 0 or (vocab_size is not None and largest >= vocab_size):
+        valid = f"0..{vocab_size - 1}" if vocab_size is not None else "non-negative ids"
+        raise ValueError(f"{where}: 'input_ids' holds token ids in [{smallest}, {largest}] but the model takes {valid}; "
+                         "encode the data with the model's tokenizer (padding included)")
     return PreparedBatch(x0=x0, maskable=maskable, attention_mask=attention, padded=not full, has_maskable=has_maskable)
 
 
 def pad_collate(examples: Sequence[Mapping[str, Any]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
     """Right-pad examples of varying length: pad id, attention 0 and label -100 on the padding."""
+    for index, example in enumerate(examples):
+        _check_example(example, index)
     length = max(len(e["input_ids"]) for e in examples)
     batch = {"input_ids": torch.full((len(examples), length), pad_token_id, dtype=torch.long),
              "attention_mask": torch.zeros(len(examples), length, dtype=torch.long),
@@ -91,33 +125,66 @@ def pad_collate(examples: Sequence[Mapping[str, Any]], pad_token_id: int = 0) ->
     return batch
 
 
+def _check_example(example: Mapping[str, Any], index: int) -> None:
+    """An example is a dict of 1D integer sequences of one length, with 'input_ids'."""
+    where = f"example {index} of the batch"
+    if not isinstance(example, Mapping) or "input_ids" not in example:
+        keys = sorted(example) if isinstance(example, Mapping) else type(example).__name__
+        raise KeyError(f"{where}: an example needs 'input_ids' (and optionally 'labels', 'attention_mask'); got {keys}")
+    ids = _as_long(example["input_ids"], "input_ids", where)
+    if ids.dim() != 1 or ids.numel() == 0:
+        raise ValueError(f"{where}: 'input_ids' must be a non-empty 1D sequence, got shape {tuple(ids.shape)}")
+    for name in ("labels", "attention_mask"):
+        if example.get(name) is not None:
+            values = _as_long(example[name], name, where)
+            if values.shape != ids.shape:
+                raise ValueError(f"{where}: {name!r} has {values.numel()} entries but 'input_ids' {ids.numel()}; "
+                                 "they must match position by position")
+
+
 def _is_batch(item: Mapping[str, Any]) -> bool:
     return torch.as_tensor(item["input_ids"]).dim() == 2
 
 
-def iterate_batches(
-    data: Iterable[Mapping[str, Any]] | Dataset | DataLoader,
-    batch_size: int,
-    *,
-    pad_token_id: int = 0,
-    shuffle: bool = True,
-    generator: torch.Generator | None = None,
-    repeat: bool = True,
-) -> Iterator[Mapping[str, Any]]:
+class BatchStream:
     """Batches from a DataLoader (as is), a Dataset or list of examples (batched, reshuffled every epoch
     when ``shuffle``), or any other iterable of examples or batches (in its own order).
 
-    With ``repeat`` the data is cycled (a new epoch each time it is exhausted).
+    With ``repeat`` the data is cycled (a new epoch each time it is exhausted). ``epoch_batches`` is
+    the number of batches of the last complete epoch (None until one has completed), so a caller can
+    tell when a whole pass over the data has gone by.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
-    def one_epoch() -> Iterator[Mapping[str, Any]]:
+    def __init__(
+        self,
+        data: Iterable[Mapping[str, Any]] | Dataset | DataLoader,
+        batch_size: int,
+        *,
+        pad_token_id: int = 0,
+        shuffle: bool = True,
+        generator: torch.Generator | None = None,
+        repeat: bool = True,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.data, self.batch_size, self.pad_token_id = data, batch_size, pad_token_id
+        self.shuffle, self.generator, self.repeat = shuffle, generator, repeat
+        self.epoch_batches: int | None = None
+        self._batches = self._stream()
+
+    def __iter__(self) -> "BatchStream":
+        return self
+
+    def __next__(self) -> Mapping[str, Any]:
+        return next(self._batches)
+
+    def _one_epoch(self) -> Iterator[Mapping[str, Any]]:
+        data = self.data
         if isinstance(data, DataLoader):
             yield from data
         elif isinstance(data, Dataset) or (isinstance(data, Sequence) and len(data) and not _is_batch(data[0])):
-            loader = DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                                collate_fn=lambda ex: pad_collate(ex, pad_token_id))
+            loader = DataLoader(data, batch_size=self.batch_size, shuffle=self.shuffle, generator=self.generator,
+                                collate_fn=lambda ex: pad_collate(ex, self.pad_token_id))
             yield from loader
         else:
             pending: list[Mapping[str, Any]] = []
@@ -126,21 +193,29 @@ def iterate_batches(
                     yield item
                     continue
                 pending.append(item)
-                if len(pending) == batch_size:
-                    yield pad_collate(pending, pad_token_id)
+                if len(pending) == self.batch_size:
+                    yield pad_collate(pending, self.pad_token_id)
                     pending = []
             if pending:
-                yield pad_collate(pending, pad_token_id)
+                yield pad_collate(pending, self.pad_token_id)
 
-    while True:
-        produced = False
-        for batch in one_epoch():
-            produced = True
-            yield batch
-        if not produced:
-            raise ValueError(
-                "the data produced no batch (empty, or a one-shot iterator that was already consumed: "
-                "pass a list, a Dataset or a DataLoader to train for more than one epoch)"
-            )
-        if not repeat:
-            return
+    def _stream(self) -> Iterator[Mapping[str, Any]]:
+        while True:
+            produced = 0
+            for batch in self._one_epoch():
+                produced += 1
+                yield batch
+            if not produced:
+                raise ValueError(
+                    "the data produced no batch (empty, or a one-shot iterator that was already consumed: "
+                    "pass a list, a Dataset or a DataLoader to train for more than one epoch)"
+                )
+            self.epoch_batches = produced
+            if not self.repeat:
+                return
+
+
+def iterate_batches(data: Iterable[Mapping[str, Any]] | Dataset | DataLoader, batch_size: int, **options: Any
+                    ) -> BatchStream:
+    """A :class:`BatchStream` over ``data`` (options: pad_token_id, shuffle, generator, repeat)."""
+    return BatchStream(data, batch_size, **options)

@@ -49,10 +49,20 @@ def sgd(lr: float = 0.1, clip: float | None = 1.0) -> GradientTransformation:
     return torchopt.chain(*steps, torchopt.sgd(lr))
 
 
-def adam(lr: float = 1e-2, clip: float | None = None, betas: tuple[float, float] = (0.9, 0.999)) -> GradientTransformation:
-    """Adam on the fast weights (state re-initialised every batch), optional per-tensor clip first."""
+def adam(lr: float = 1e-2, clip: float | None = None, betas: tuple[float, float] = (0.9, 0.999),
+         eps_root: float = 0.0) -> GradientTransformation:
+    """Adam on the fast weights (state re-initialised every batch), optional per-tensor clip first.
+
+    ``eps_root`` is added inside the square root of the second moment. Differentiating through an
+    update (unrolled mode) needs it > 0: d sqrt(v) / dv is infinite at v = 0, which a fast weight whose
+    gradient is still zero (LoRA's A while B = 0) has, and the outer gradient becomes NaN.
+    """
     steps = [per_tensor_clip(clip)] if clip is not None else []
-    return torchopt.chain(*steps, torchopt.adam(lr, betas=betas))
+    return torchopt.chain(*steps, torchopt.adam(lr, betas=betas, eps_root=eps_root))
+
+
+# eps_root of Adam when the inner loop is differentiated through (see ``adam``).
+UNROLLED_ADAM_EPS_ROOT = 1e-16
 
 
 class MetaSGD(nn.Module):
@@ -97,7 +107,7 @@ def build_inner_optimizer(config: InnerConfig, names: Sequence[str]) -> Gradient
     if config.optimizer == "sgd":
         return sgd(config.lr, config.clip)
     if config.optimizer == "adam":
-        return adam(config.lr, config.clip)
+        return adam(config.lr, config.clip, eps_root=UNROLLED_ADAM_EPS_ROOT if config.mode == "unrolled" else 0.0)
     if config.optimizer == "metasgd":
         return MetaSGD(names, config.lr, config.clip)
     raise ValueError(f"unknown inner optimizer {config.optimizer!r}")

@@ -17,6 +17,7 @@ on its own micro-batch, with the inner loss normalised over that micro-batch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,12 +28,13 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .backbone import Backbone
 from .config import MemDLMConfig
 from .data import PreparedBatch, pad_collate
 from .peft_utils import base_model_of, with_requested_outer_lora
+from .training import SKIPS_WITHOUT_AN_EPOCH, skip_nonfinite
 from .trajectory import TrajectorySimulator
 from .wrapper import MemoryWrapper
 
@@ -139,6 +141,30 @@ def outer_normalizer(batch: PreparedBatch, normalization: str) -> torch.Tensor:
     return torch.tensor(batch.x0.shape[0], device=batch.x0.device)
 
 
+class NonFiniteGuard(TrainerCallback):
+    """Skips an optimizer step whose (all-reduced) gradient is not finite, as ``MemoryWrapper.step`` does:
+    every gradient is dropped, so AdamW leaves the weights as they are; ``memdlm.max_nonfinite_steps`` such
+    steps in a row raise :class:`~bilevel_dlm.training.TrainingDiverged`. Every rank sees the same reduced
+    gradient, so all ranks decide alike."""
+
+    def __init__(self, wrapper: MemoryWrapper) -> None:
+        self.wrapper = wrapper
+        self.skipped_steps: list[int] = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        values = {"grad_norm": float(norm)}
+        if math.isfinite(values["grad_norm"]):
+            self.wrapper.nonfinite_run, self.wrapper.last_finite = 0, (state.global_step, values)
+            return control
+        for p in model.parameters():
+            p.grad = None
+        self.skipped_steps.append(state.global_step + 1)
+        skip_nonfinite(self.wrapper, values)
+        return control
+
+
 class MemDLMTrainer(Trainer):
     """The transformers Trainer with MemDLM's bilevel objective as its loss.
 
@@ -198,6 +224,8 @@ class MemDLMTrainer(Trainer):
                               *(f"inner_grad_norm_{i}" for i in range(k))]
         # Sums since the last log: the metrics above, then the micro-batch count and the skipped count.
         self._metric_sums = torch.zeros(len(self._metric_names) + 2, device=args.device)
+        self._skipped_run = 0
+        self.add_callback(NonFiniteGuard(self.memdlm))
 
     # ----- training ------------------------------------------------------------------------------
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
@@ -226,16 +254,31 @@ class MemDLMTrainer(Trainer):
         share = self._share_of_global_batch(batch)
         with ddp_forward(model) as finish:
             if not batch.has_maskable:
+                self._count_skipped_batch()
                 self._metric_sums[-1] += 1
                 zero = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
                 loss = finish(zero)
                 return (loss, {}) if return_outputs else loss
+            self._skipped_run = 0
             outer, inner, _ = self.memdlm.compute_loss(batch)
             loss = finish(outer * share)
         self._metric_sums[:-1] += torch.cat([outer.detach()[None], inner.losses, inner.grad_norms,
                                              torch.ones(1, device=outer.device)])
         outputs = {"inner_losses": inner.losses, "inner_grad_norms": inner.grad_norms}
         return (loss, outputs) if return_outputs else loss
+
+    def _count_skipped_batch(self) -> None:
+        """A whole epoch of micro-batches without a maskable token raises instead of training nothing."""
+        self._skipped_run += 1
+        try:
+            per_epoch = math.ceil(len(self.train_dataset) / (self._train_batch_size * self.args.world_size))
+        except TypeError:  # an iterable dataset without a length
+            per_epoch = SKIPS_WITHOUT_AN_EPOCH
+        if self._skipped_run >= per_epoch:
+            raise ValueError(
+                f"{self._skipped_run} micro-batches in a row (a full pass over the training data) had no maskable "
+                "token: every label is -100 or every position is padding. Labels mark the response; -100 only the prompt."
+            )
 
     def _share_of_global_batch(self, batch: PreparedBatch) -> torch.Tensor | float:
         """``n_local * world_size / n_global`` (one all-reduce), or 1 on one process or when the ranks'

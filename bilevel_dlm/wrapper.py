@@ -7,21 +7,20 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from tqdm.auto import tqdm
 
 from .backbone import Backbone, detect_backbone, get_backbone
-from .checkpoint import (CONFIG, MODEL_DIR, TOKENIZER_DIR, TRAINING_STATE, atomic_directory_write, import_model_class,
-                         load_weights, model_class_path, read_meta, resolve_checkpoint, write_meta)
+from .checkpoint import (CONFIG, HISTORY, MODEL_DIR, TOKENIZER_DIR, TRAINING_STATE, atomic_directory_write,
+                         import_model_class, load_weights, model_class_path, read_meta, resolve_checkpoint, write_meta)
 from .config import MemDLMConfig
 from .data import PreparedBatch, iterate_batches, leading_real_tokens, prepare_batch
 from .forward import ModelView
@@ -33,23 +32,10 @@ from .peft_utils import base_model_of, is_peft_model, with_requested_outer_lora
 from .prefix import PrefixReplay
 from .rng import RowSharedRandom, leading_padding
 from .sampling import Sampler, SampleOutput, default_sampler
+from .training import History, fit, train_step
 from .trajectory import TrajectorySimulator, make_simulator, masked_fraction, random_subset
 
 __all__ = ["MemoryWrapper", "History"]
-
-
-@dataclass
-class History:
-    """What ``fit`` measured: one entry per optimizer step, evaluations at ``eval_steps``."""
-
-    steps: list[int] = field(default_factory=list)
-    outer_loss: list[float] = field(default_factory=list)
-    inner_losses: list[list[float]] = field(default_factory=list)
-    inner_grad_norms: list[list[float]] = field(default_factory=list)
-    eval_steps: list[int] = field(default_factory=list)
-    eval_loss: list[float] = field(default_factory=list)
-    eval_loss_prompt_memory: list[float] = field(default_factory=list)
-    skipped_batches: int = 0
 
 
 class MemoryWrapper:
@@ -87,6 +73,7 @@ class MemoryWrapper:
             backbone = get_backbone(backbone)
         self.backbone = backbone or detect_backbone(model)
         self.view = ModelView(self.backbone, model, self._resolve_mask_id(mask_token_id))
+        self.vocab_size, self.max_length = self.backbone.vocab_size(model), self.backbone.max_length(model)
         trajectory = self.config.trajectory
         self.simulator = simulator or make_simulator(
             trajectory.kind, trajectory.s_pre, trajectory.stage1_targets,
@@ -100,6 +87,11 @@ class MemoryWrapper:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: Any = None
         self.skipped_batches = 0
+        # Optimizer updates applied, the current run of skipped non-finite steps, and the last finite
+        # step's (update, metrics): the non-finite guard of bilevel_dlm.training reads them.
+        self.updates = 0
+        self.nonfinite_run = 0
+        self.last_finite: tuple[int, dict[str, float]] | None = None
         self.prompt_memory: MemoryParams | None = None
         # Reuse the anchor stage's pass through the blocks below the first fast weight in the outer
         # pass (bilevel_dlm.prefix); off only to measure what it saves.
@@ -129,8 +121,10 @@ class MemoryWrapper:
         learning rate, what :meth:`step` uses when called before any ``fit``)."""
         self.optimizer, self.scheduler = build_outer_optimizer(self.trainable_parameters(), self.config.outer, max_steps)
 
-    def prepare(self, batch: Mapping[str, Any]) -> PreparedBatch:
-        return prepare_batch(batch, self.device, self.backbone.protected_prefix)
+    def prepare(self, batch: Mapping[str, Any], where: str = "batch") -> PreparedBatch:
+        """Validate a batch against this model (vocabulary, maximum length) and derive its maskable positions."""
+        return prepare_batch(batch, self.device, self.backbone.protected_prefix, vocab_size=self.vocab_size,
+                             max_length=self.max_length, where=where)
 
     # ----- training ----------------------------------------------------------------------------
     @contextmanager
@@ -160,31 +154,10 @@ class MemoryWrapper:
         return loss, inner, anchor
 
     def step(self, batch: Mapping[str, Any]) -> dict[str, float]:
-        """One outer step on a batch; returns its metrics (a single host sync)."""
-        if self.optimizer is None:
-            self.configure_optimizers(max_steps=None)
-        prepared = self.prepare(batch)
-        if not prepared.has_maskable:
-            self.skipped_batches += 1
-            return {"skipped": 1.0, "skipped_batches": float(self.skipped_batches)}
-        self.model.train()
-        with self.bilevel_context():
-            loss, inner, _ = self.compute_loss(prepared)
-            loss.backward()
-        self.memory.clear()
-        theta = self.trainable_parameters()
-        max_norm = self.config.outer.max_grad_norm
-        grad_norm = (torch.nn.utils.clip_grad_norm_(theta, max_norm) if max_norm is not None
-                     else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in theta if p.grad is not None])))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        values = torch.cat([loss.detach()[None], inner.losses, inner.grad_norms, grad_norm.detach()[None].float()]).tolist()
-        k = inner.losses.shape[0]
-        metrics = {"outer_loss": values[0], "grad_norm": values[-1]}
-        metrics.update({f"inner_loss_{i}": values[1 + i] for i in range(k)})
-        metrics.update({f"inner_grad_norm_{i}": values[1 + k + i] for i in range(k)})
-        return metrics
+        """One outer step on a batch; returns its metrics (a single host sync). A step with non-finite
+        values is skipped (metrics then hold ``nonfinite``); ``config.max_nonfinite_steps`` in a row raise
+        :class:`~bilevel_dlm.training.TrainingDiverged`."""
+        return train_step(self, batch)
 
     def fit(
         self,
@@ -202,57 +175,23 @@ class MemoryWrapper:
     ) -> History:
         """Bilevel training for ``max_steps`` outer steps (the data is cycled).
 
-        ``train_data``: a list or torch Dataset of examples (reshuffled every epoch), a DataLoader, or any
-        iterable of example or batch dicts (used in its order). With ``eval_data``, the eval loss (memory off, and adapted on the prompt when
-        ``eval_prompt_memory``) is measured every ``eval_every`` steps and at the end. With
-        ``save_every``, a checkpoint is written to ``output_dir/checkpoint-<step>``; ``resume_from``
-        such a checkpoint continues with exactly the trajectory of an uninterrupted run.
+        ``train_data``: a list or torch Dataset of examples (reshuffled every epoch), a DataLoader, or
+        any iterable of example or batch dicts (used in its order). With ``eval_data``, the eval loss
+        (memory off, and adapted on the prompt when ``eval_prompt_memory``) is measured every
+        ``eval_every`` steps and at the end. With ``save_every``, a checkpoint is written to
+        ``output_dir/checkpoint-<step>``; ``resume_from`` such a checkpoint continues with exactly the
+        trajectory of an uninterrupted run. Batches without a maskable token are skipped, and a whole
+        pass of them raises; non-finite steps are skipped (``History.nonfinite_steps``).
         """
-        if max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
-        if save_every and output_dir is None:
-            raise ValueError("save_every needs output_dir=<folder for the checkpoints>")
-        if save_every:
-            self._check_savable()
-        self.configure_optimizers(max_steps)
-        history, step, consumed = History(), 0, 0
-        if resume_from is not None:
-            history, step, consumed = self._restore_training(resume_from)
-        data_generator = torch.Generator().manual_seed(self.config.seed)
-        batches = iterate_batches(train_data, batch_size, pad_token_id=self.pad_token_id(), generator=data_generator)
-        for _ in range(consumed):
-            next(batches)
-        bar = tqdm(total=max_steps, initial=step, disable=not progress, desc="MemDLM", dynamic_ncols=True)
-        while step < max_steps:
-            metrics = self.step(next(batches))
-            consumed += 1
-            if "skipped" in metrics:
-                history.skipped_batches += 1
-                continue
-            step += 1
-            k = sum(name.startswith("inner_loss_") for name in metrics)
-            history.steps.append(step)
-            history.outer_loss.append(metrics["outer_loss"])
-            history.inner_losses.append([metrics[f"inner_loss_{i}"] for i in range(k)])
-            history.inner_grad_norms.append([metrics[f"inner_grad_norm_{i}"] for i in range(k)])
-            bar.update(1)
-            bar.set_postfix(outer=f"{metrics['outer_loss']:.3f}")
-            if eval_data is not None and (step == max_steps or (eval_every and step % eval_every == 0)):
-                history.eval_steps.append(step)
-                history.eval_loss.append(self.eval_loss(eval_data, memory="off", batch_size=batch_size))
-                if eval_prompt_memory:
-                    history.eval_loss_prompt_memory.append(self.eval_loss(eval_data, memory="prompt", batch_size=batch_size))
-            if save_every and step % save_every == 0:
-                progress_state = {"step": step, "consumed_batches": consumed, "history": asdict(history)}
-                self.save_pretrained(Path(output_dir) / f"checkpoint-{step}", training_state=progress_state)
-        bar.close()
-        return history
+        return fit(self, train_data, eval_data=eval_data, max_steps=max_steps, batch_size=batch_size,
+                   eval_every=eval_every, eval_prompt_memory=eval_prompt_memory, save_every=save_every,
+                   output_dir=output_dir, resume_from=resume_from, progress=progress)
 
     # ----- checkpoints ---------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, *, training_state: dict[str, Any] | None = None) -> Path:
         """Write model (safetensors), tokenizer, config (YAML) and optimizer / scheduler / RNG state,
         atomically (a cut-off save leaves the previous checkpoint intact)."""
-        self._check_savable()
+        self.check_savable()
 
         def write(tmp: Path) -> None:
             self.model.save_pretrained(tmp / MODEL_DIR, safe_serialization=True)
@@ -270,12 +209,14 @@ class MemoryWrapper:
                 state["optimizer"] = self.optimizer.state_dict()
                 state["scheduler"] = self.scheduler.state_dict()
             torch.save(state, tmp / TRAINING_STATE)
+            if "history" in state:  # a fit checkpoint: its History as JSON too, for people and plots
+                (tmp / HISTORY).write_text(json.dumps(state["history"], indent=1))
             write_meta(tmp, {"model_class": model_class_path(self.model), "backbone": self.backbone.name,
                              "mask_token_id": self.mask_token_id})
 
         return atomic_directory_write(directory, write)
 
-    def _check_savable(self) -> None:
+    def check_savable(self) -> None:
         if self.peft_model is not None:
             raise NotImplementedError(
                 "save_pretrained does not support a PEFT (outer LoRA) model yet: save the adapter with "
@@ -319,7 +260,7 @@ class MemoryWrapper:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
 
-    def _restore_training(self, directory: str | Path) -> tuple[History, int, int]:
+    def restore_training(self, directory: str | Path) -> tuple[History, int, int]:
         """Load weights and training state from a ``fit`` checkpoint into this wrapper."""
         path = resolve_checkpoint(directory)
         state = torch.load(path / TRAINING_STATE, weights_only=False)
@@ -352,7 +293,7 @@ class MemoryWrapper:
         real token, so row b of a batch (left- or right-padded) is adapted exactly as it would be alone.
         Returns the memory (also kept as ``self.prompt_memory``); bind it with ``memory.bind()``.
         """
-        batch = self.prepare({"input_ids": input_ids, "attention_mask": attention_mask})
+        batch = self.prepare({"input_ids": input_ids, "attention_mask": attention_mask}, where="adapt")
         return self._adapt(batch.x0, batch.maskable, batch.model_attention_mask, seed)
 
     def _adapt(self, x0: torch.Tensor, maskable: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -409,6 +350,7 @@ class MemoryWrapper:
         if sampler is not None and sampler_settings:
             raise ValueError(f"pass either sampler= or sampler settings, not both (got {sorted(sampler_settings)})")
         sampler = sampler or default_sampler(self.backbone, **sampler_settings)
+        self.prepare({"input_ids": input_ids, "attention_mask": attention_mask}, where="generate")  # validation
         seed = self.config.seed if seed is None else seed
         was_training = self.model.training
         memory = self.adapt(input_ids, attention_mask, seed=seed).bind() if adapt else nullcontext()

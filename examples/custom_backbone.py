@@ -36,13 +36,11 @@ class ModernBertBackbone(Backbone):
     """
 
     name = "modernbert"
+    blocks_path = "model.layers"
     model_types = ("modernbert",)
     class_names = ("ModernBertForMaskedLM",)
     ffn_targets = ("mlp.Wi", "mlp.Wo")  # Wi is the fused gate + up projection (out = 2 * intermediate)
     attention_targets = ("attn.Wqkv", "attn.Wo")
-
-    def blocks(self, model: nn.Module) -> nn.ModuleList:
-        return model.model.layers
 
     def output_head(self, model: nn.Module) -> nn.Module:
         """The hidden -> vocabulary linear; its input is the prediction head's (dense, GELU, norm) output."""

@@ -55,7 +55,7 @@ def test_atomic_write_replaces_only_when_complete(tmp_path):
     target = tmp_path / "d"
     atomic_directory_write(target, lambda d: (d / "a").write_text("1"))
     atomic_directory_write(target, lambda d: (d / "b").write_text("2"))
-    assert sorted(p.name for p in target.iterdir()) == ["b"]
+    assert sorted(p.name for p in target.iterdir()) == ["b", "manifest.json"]
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):

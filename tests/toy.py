@@ -61,12 +61,10 @@ class ToyDLM(nn.Module):
 @register_backbone
 class ToyBackbone(Backbone):
     name = "toy"
+    blocks_path = "blocks"
     model_types = ("toy_dlm",)
     ffn_targets = ("ff_proj", "up_proj", "ff_out")
     attention_targets = ("q_proj", "k_proj", "v_proj", "attn_out")
-
-    def blocks(self, model: nn.Module) -> nn.ModuleList:
-        return model.blocks
 
 
 def toy_batch(batch: int = 3, length: int = 10, prompt: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:

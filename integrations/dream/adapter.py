@@ -19,15 +19,13 @@ class DreamBackbone(Backbone):
     """Dream's logits are shifted by one (AR heritage) and its BOS at position 0 is never masked."""
 
     name = "dream"
+    blocks_path = "model.layers"
     model_types = ("Dream",)
     class_names = ("DreamModel",)
     ffn_targets = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
     attention_targets = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
     protected_prefix = 1
     default_sampler = "dream"
-
-    def blocks(self, model: nn.Module) -> nn.ModuleList:
-        return model.model.layers
 
     def output_head(self, model: nn.Module) -> nn.Module:
         return model.lm_head

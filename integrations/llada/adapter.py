@@ -20,14 +20,12 @@ class LLaDABackbone(Backbone):
     """LLaDA-8B layout: blocks at ``model.transformer.blocks``, LM head at ``model.transformer.ff_out``."""
 
     name = "llada"
+    blocks_path = "model.transformer.blocks"
     model_types = ("llada",)
     class_names = ("LLaDAModelLM",)
     ffn_targets = ("ff_proj", "up_proj", "ff_out")
     attention_targets = ("q_proj", "k_proj", "v_proj", "attn_out")
     default_sampler = "llada"
-
-    def blocks(self, model: nn.Module) -> nn.ModuleList:
-        return model.model.transformer.blocks
 
     def output_head(self, model: nn.Module) -> nn.Module:
         """The LM head module. The native model always has one (tied to ``wte`` under weight tying); the

@@ -24,6 +24,7 @@ class LLaDAMoEBackbone(Backbone):
     The native model declares each expert call's routed tokens, so per-sample memory works on it."""
 
     name = "llada_moe"
+    blocks_path = "model.layers"
     model_types = ("lladamoe",)
     class_names = ("LLaDAMoEModelLM",)
     ffn_targets = _EXPERT_PATTERNS
@@ -35,9 +36,6 @@ class LLaDAMoEBackbone(Backbone):
     )
     token_mixing_targets = _EXPERT_PATTERNS
     default_sampler = "llada"
-
-    def blocks(self, model: nn.Module) -> nn.ModuleList:
-        return model.model.layers
 
     def ffn_target_patterns(self, model: nn.Module) -> tuple[str, ...]:
         """Expert linears, plus the shared expert's when the blocks carry one (the core raises on

@@ -36,14 +36,12 @@ class MDLMBackbone(Backbone):
     """kuleshov-group MDLM (DiT with adaLN time conditioning); native class in ``.modeling``."""
 
     name = "mdlm"
+    blocks_path = "backbone.blocks"
     model_types = ("mdlm",)
     class_names = ("MDLM",)
     ffn_targets = ("mlp.0", "mlp.2")
     attention_targets = ("attn_qkv", "attn_out")
     default_sampler = "mdlm"
-
-    def blocks(self, model: nn.Module) -> nn.ModuleList:
-        return model.backbone.blocks
 
     def output_head(self, model: nn.Module) -> nn.Module:
         return model.backbone.output_layer.linear

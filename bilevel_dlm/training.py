@@ -1,0 +1,181 @@
+"""The training loop of :class:`~bilevel_dlm.wrapper.MemoryWrapper`: one outer step, and ``fit``.
+
+A step is the bilevel forward, the outer backward, clipping of theta's gradient and the optimizer
+update, with a single host sync for its metrics. A step whose loss or gradients are not finite never
+reaches the weights: it is skipped, counted and warned about, and ``max_nonfinite_steps`` of them in a
+row stop training with an error that names the step and the last finite metrics (the weights are then
+those of the last finite step). ``fit`` cycles the data and stops with an error, instead of looping
+forever, when a whole pass over the data brings no batch with a maskable token.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import iterate_batches
+
+if TYPE_CHECKING:
+    from .wrapper import MemoryWrapper
+
+__all__ = ["History", "TrainingDiverged", "train_step", "fit", "skip_nonfinite"]
+
+# Without epochs (an endless iterable) a run of skipped batches this long counts as "no usable data".
+SKIPS_WITHOUT_AN_EPOCH = 10_000
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps in a row; the model keeps the weights of the last finite step."""
+
+
+@dataclass
+class History:
+    """What ``fit`` measured: one entry per optimizer step, evaluations at ``eval_steps``.
+
+    ``nonfinite_steps`` lists the steps that were attempted with a non-finite loss or gradient and
+    skipped (the step was then retried on the next batch); ``variant`` is "MemDLM", or "MDLM" for
+    zero inner steps (the plain baseline).
+    """
+
+    steps: list[int] = field(default_factory=list)
+    outer_loss: list[float] = field(default_factory=list)
+    inner_losses: list[list[float]] = field(default_factory=list)
+    inner_grad_norms: list[list[float]] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    eval_loss: list[float] = field(default_factory=list)
+    eval_loss_prompt_memory: list[float] = field(default_factory=list)
+    skipped_batches: int = 0
+    nonfinite_steps: list[int] = field(default_factory=list)
+    variant: str = "MemDLM"
+
+
+def variant_name(wrapper: "MemoryWrapper") -> str:
+    return "MDLM" if wrapper.config.inner.steps == 0 else "MemDLM"
+
+
+def train_step(wrapper: "MemoryWrapper", batch: Mapping[str, Any]) -> dict[str, float]:
+    """One outer step on a batch; returns its metrics (one host sync). See the module docstring."""
+    if wrapper.optimizer is None:
+        wrapper.configure_optimizers(max_steps=None)
+    prepared = wrapper.prepare(batch)
+    if not prepared.has_maskable:
+        wrapper.skipped_batches += 1
+        return {"skipped": 1.0, "skipped_batches": float(wrapper.skipped_batches)}
+    wrapper.model.train()
+    with wrapper.bilevel_context():
+        loss, inner, _ = wrapper.compute_loss(prepared)
+        loss.backward()
+    wrapper.memory.clear()
+    theta = [p for p in wrapper.trainable_parameters() if p.grad is not None]
+    max_norm = wrapper.config.outer.max_grad_norm
+    grad_norm = (torch.nn.utils.clip_grad_norm_(theta, max_norm) if max_norm is not None
+                 else torch.nn.utils.get_total_norm([p.grad for p in theta]))
+    values = torch.cat([loss.detach()[None].float(), inner.losses.float(), inner.grad_norms.float(),
+                        grad_norm.detach()[None].float()]).tolist()
+    k = inner.losses.shape[0]
+    metrics = {"outer_loss": values[0], "grad_norm": values[-1]}
+    metrics.update({f"inner_loss_{i}": values[1 + i] for i in range(k)})
+    metrics.update({f"inner_grad_norm_{i}": values[1 + k + i] for i in range(k)})
+    if all(math.isfinite(v) for v in values):
+        wrapper.optimizer.step()
+        wrapper.scheduler.step()
+        wrapper.nonfinite_run, wrapper.last_finite = 0, (wrapper.updates + 1, metrics)
+        wrapper.updates += 1
+    else:
+        skip_nonfinite(wrapper, metrics)
+        metrics["nonfinite"] = 1.0
+    wrapper.optimizer.zero_grad(set_to_none=True)
+    return metrics
+
+
+def skip_nonfinite(wrapper: "MemoryWrapper", metrics: dict[str, float]) -> None:
+    """Count a skipped non-finite step: warn, or raise once ``max_nonfinite_steps`` came in a row."""
+    wrapper.nonfinite_run += 1
+    shown = ", ".join(f"{name} {value:.4g}" for name, value in metrics.items())
+    limit = wrapper.config.max_nonfinite_steps
+    if wrapper.nonfinite_run >= limit:
+        update, last = wrapper.last_finite if wrapper.last_finite else (0, None)
+        before = (f"the weights are those after update {update} (metrics: "
+                  + ", ".join(f"{n} {v:.4g}" for n, v in last.items()) + ")") if last else "no step was finite"
+        raise TrainingDiverged(
+            f"training diverged: {wrapper.nonfinite_run} steps in a row had non-finite values (the last: {shown}); "
+            f"{before}. Lower outer.lr or inner.lr, check the data and the model's weights for NaN, or raise "
+            "max_nonfinite_steps."
+        )
+    warnings.warn(f"skipped a step with non-finite values ({shown}); {wrapper.nonfinite_run} of {limit} in a row "
+                  "stop training", RuntimeWarning, stacklevel=3)
+
+
+def fit(
+    wrapper: "MemoryWrapper",
+    train_data: Iterable[Mapping[str, Any]],
+    *,
+    eval_data: Iterable[Mapping[str, Any]] | None = None,
+    max_steps: int,
+    batch_size: int = 8,
+    eval_every: int | None = None,
+    eval_prompt_memory: bool = True,
+    save_every: int | None = None,
+    output_dir: str | Path | None = None,
+    resume_from: str | Path | None = None,
+    progress: bool = True,
+) -> History:
+    """Bilevel training for ``max_steps`` outer steps; see :meth:`MemoryWrapper.fit`."""
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    if save_every and output_dir is None:
+        raise ValueError("save_every needs output_dir=<folder for the checkpoints>")
+    if save_every:
+        wrapper.check_savable()
+    wrapper.configure_optimizers(max_steps)
+    history, step, consumed = History(variant=variant_name(wrapper)), 0, 0
+    if resume_from is not None:
+        history, step, consumed = wrapper.restore_training(resume_from)
+    data_generator = torch.Generator().manual_seed(wrapper.config.seed)
+    batches = iterate_batches(train_data, batch_size, pad_token_id=wrapper.pad_token_id(), generator=data_generator)
+    for _ in range(consumed):
+        next(batches)
+    bar = tqdm(total=max_steps, initial=step, disable=not progress, desc=history.variant, dynamic_ncols=True)
+    skipped_run = 0
+    while step < max_steps:
+        metrics = wrapper.step(next(batches))
+        consumed += 1
+        if "skipped" in metrics:
+            history.skipped_batches += 1
+            skipped_run += 1
+            if skipped_run >= (batches.epoch_batches or SKIPS_WITHOUT_AN_EPOCH):
+                raise ValueError(
+                    f"{skipped_run} batches in a row (a full pass over the training data) had no maskable token: "
+                    "every label is -100 or every position is padding. Labels mark the response; -100 only the "
+                    "prompt."
+                )
+            continue
+        skipped_run = 0
+        if "nonfinite" in metrics:
+            history.nonfinite_steps.append(step + 1)
+            continue
+        step += 1
+        k = sum(name.startswith("inner_loss_") for name in metrics)
+        history.steps.append(step)
+        history.outer_loss.append(metrics["outer_loss"])
+        history.inner_losses.append([metrics[f"inner_loss_{i}"] for i in range(k)])
+        history.inner_grad_norms.append([metrics[f"inner_grad_norm_{i}"] for i in range(k)])
+        bar.update(1)
+        bar.set_postfix(outer=f"{metrics['outer_loss']:.3f}")
+        if eval_data is not None and (step == max_steps or (eval_every and step % eval_every == 0)):
+            history.eval_steps.append(step)
+            history.eval_loss.append(wrapper.eval_loss(eval_data, memory="off", batch_size=batch_size))
+            if eval_prompt_memory:
+                history.eval_loss_prompt_memory.append(wrapper.eval_loss(eval_data, memory="prompt", batch_size=batch_size))
+        if save_every and step % save_every == 0:
+            progress_state = {"step": step, "consumed_batches": consumed, "history": asdict(history)}
+            wrapper.save_pretrained(Path(output_dir) / f"checkpoint-{step}", training_state=progress_state)
+    bar.close()
+    return history
