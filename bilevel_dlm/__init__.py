@@ -1,24 +1,44 @@
 """bilevel_dlm: bilevel training with fast-weight parametric memory for masked diffusion LMs.
 
 MemDLM ("Memory-Enhanced DLM Training", 2026) is the reference configuration: ``MemDLMConfig()``.
+
+The public names below are imported on first use, so that light entry points (the command line's
+``--help``) start without loading torch and transformers.
 """
 
-from .backbone import Backbone, detect_backbone, get_backbone, register_backbone, registered_backbones
-from .config import AdaptConfig, InnerConfig, MemDLMConfig, MemoryConfig, OuterConfig, OuterLoRAConfig, TrajectoryConfig
-from .forward import ModelView
-from .inner import InnerLoop, InnerResult
-from .memory import MemoryParams
-from .noise import Anchor, CosineSchedule, LinearSchedule, NoiseSchedule, sample_anchor
-from .optim import MetaSGD, adam, per_tensor_clip, sgd
-from .outer import OuterLoop
-from .trajectory import AnchorConsistent, AnchorOnly, PreAnchorOnly, Progressive, Stage, TrajectorySimulator
-from .wrapper import History, MemoryWrapper
+from __future__ import annotations
 
-__all__ = [
-    "AdaptConfig", "Anchor", "AnchorConsistent", "AnchorOnly", "Backbone", "CosineSchedule", "History",
-    "InnerConfig", "InnerLoop", "InnerResult", "LinearSchedule", "MemDLMConfig", "MemoryConfig",
-    "MemoryParams", "MemoryWrapper", "MetaSGD", "ModelView", "NoiseSchedule", "OuterConfig",
-    "OuterLoRAConfig", "OuterLoop", "PreAnchorOnly", "Progressive", "Stage", "TrajectoryConfig",
-    "TrajectorySimulator", "adam", "detect_backbone", "get_backbone", "per_tensor_clip",
-    "register_backbone", "registered_backbones", "sample_anchor", "sgd",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Backbone": "backbone", "detect_backbone": "backbone", "get_backbone": "backbone",
+    "register_backbone": "backbone", "registered_backbones": "backbone",
+    "AdaptConfig": "config", "InnerConfig": "config", "MemDLMConfig": "config", "MemoryConfig": "config",
+    "OuterConfig": "config", "OuterLoRAConfig": "config", "TrajectoryConfig": "config",
+    "ModelView": "forward",
+    "InnerLoop": "inner", "InnerResult": "inner",
+    "MemoryParams": "memory",
+    "Anchor": "noise", "CosineSchedule": "noise", "LinearSchedule": "noise", "NoiseSchedule": "noise",
+    "sample_anchor": "noise",
+    "MetaSGD": "optim", "adam": "optim", "per_tensor_clip": "optim", "sgd": "optim",
+    "OuterLoop": "outer",
+    "AnchorConsistent": "trajectory", "AnchorOnly": "trajectory", "PreAnchorOnly": "trajectory",
+    "Progressive": "trajectory", "Stage": "trajectory", "TrajectorySimulator": "trajectory",
+    "History": "training", "TrainingDiverged": "training",
+    "MemoryWrapper": "wrapper",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'bilevel_dlm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -6,13 +6,17 @@ its :class:`~bilevel_dlm.backbone.Backbone` adapter; importing it registers the 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from . import dream, llada, llada_moe, mdlm
 
-__all__ = ["dream", "llada", "llada_moe", "mdlm", "TINY_FAMILIES", "tiny_model"]
+__all__ = ["dream", "llada", "llada_moe", "mdlm", "TINY_FAMILIES", "tiny_model", "model_class_for", "load_pretrained"]
+
+_FAMILIES = (dream, llada, llada_moe, mdlm)
 
 TINY_FAMILIES = ("llada", "dream", "llada_moe", "mdlm")
 
@@ -37,3 +41,30 @@ def tiny_model(family: str, tokenizer: Any, *, width: int = 64, layers: int = 4,
     if family == "mdlm":
         return mdlm.MDLM(mdlm.tiny_config(**vocab, hidden_dim=width, n_blocks=layers, model_length=max(64, max_length)))
     raise ValueError(f"unknown tiny model family {family!r}; choose one of {TINY_FAMILIES}")
+
+
+def model_class_for(architectures: list[str]) -> type[nn.Module] | None:
+    """The native class named in a config's ``architectures`` (the LLaDA-MoE release says model_type
+    "llada", so its class name, not Auto* dispatch on the model type, picks the right family)."""
+    for name in architectures:
+        for family in _FAMILIES:
+            found = getattr(family, name, None)
+            if isinstance(found, type) and issubclass(found, nn.Module):
+                return found
+    return None
+
+
+def load_pretrained(path: str | Path, **kwargs: Any) -> nn.Module:
+    """Load a ``save_pretrained`` / released checkpoint folder of any built-in family with its native class.
+
+    Raises a ValueError naming the folder when its config.json names no built-in architecture.
+    """
+    config_file = Path(path) / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{path}: no config.json (not a save_pretrained model folder)")
+    architectures = json.loads(config_file.read_text()).get("architectures") or []
+    model_class = model_class_for(architectures)
+    if model_class is None:
+        raise ValueError(f"{config_file}: architectures {architectures} name no built-in model class "
+                         f"(supported families: {', '.join(TINY_FAMILIES)})")
+    return model_class.from_pretrained(path, **kwargs)

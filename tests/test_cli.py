@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from bilevel_dlm import MemoryWrapper
-from bilevel_dlm.cli import decode, main
+from bilevel_dlm.cli import main
+from bilevel_dlm.cli.generation import decode
 from bilevel_dlm.integrations import tiny_model
 from bilevel_dlm.integrations.llada import LLaDAModelLM
 from bilevel_dlm.tasks import build_tokenizer, encode_example, exact_match, make_dataset

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from pydantic import ValidationError
 
 from bilevel_dlm import InnerConfig, MemDLMConfig, MemoryConfig, MemoryWrapper, OuterConfig, TrajectoryConfig
-from bilevel_dlm.checkpoint import CONFIG, META, MODEL_DIR, TRAINING_STATE, CheckpointError, resolve_checkpoint
+from bilevel_dlm.checkpoint import CONFIG, HISTORY, META, MODEL_DIR, TRAINING_STATE, CheckpointError, resolve_checkpoint
+from bilevel_dlm.cli import main
 from bilevel_dlm.integrations.dream import DreamModel
 from bilevel_dlm.integrations.dream import tiny_config as dream_config
 from bilevel_dlm.integrations.llada import LLaDAModelLM, tiny_config
@@ -270,3 +278,133 @@ def test_yaml_keeps_its_natural_types(tmp_path) -> None:
     path.write_text("memory: {rank: '16'}\n")
     with pytest.raises(ValidationError, match="rank"):
         MemDLMConfig.from_yaml(path)
+
+
+# ----- 3 and 7: the command line keeps the trained model ----------------------------------------------
+SYNTHETIC = ["--synthetic", "--tasks", "babi", "--context-lengths", "64", "--examples-per-task", "4",
+             "--max-length", "80"]
+FAST = ["--steps", "4", "--batch-size", "2", "--lr", "1e-3", "--no-progress"]
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_an_unusable_output_fails_before_training(tmp_path, capsys) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, out, err = cli(capsys, "train", *SYNTHETIC, *FAST, "--output", str(blocker / "run"))
+    assert code == 2 and "cannot write there" in err and len(err.strip().splitlines()) == 1
+    assert "trained" not in out
+
+
+def test_a_failed_final_save_says_where_the_last_checkpoint_is(tmp_path, capsys, monkeypatch) -> None:
+    """Fault injection: the disk fills up when the final model is written."""
+    original = MemoryWrapper.save_pretrained
+
+    def full_disk(self, directory, **kwargs):
+        if Path(directory).name == "run":
+            raise OSError(28, "No space left on device")
+        return original(self, directory, **kwargs)
+
+    monkeypatch.setattr(MemoryWrapper, "save_pretrained", full_disk)
+    code, _, err = cli(capsys, "train", *SYNTHETIC, *FAST, "--save-every", "2", "--output", str(tmp_path / "run"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "No space left on device" in err and str(tmp_path / "run-checkpoints" / "checkpoint-4") in err
+    assert MemoryWrapper.from_pretrained(tmp_path / "run-checkpoints" / "checkpoint-4") is not None
+
+
+def test_checkpoints_carry_their_history_and_resume_takes_the_newest_valid(tmp_path, capsys) -> None:
+    output = tmp_path / "run"
+    assert cli(capsys, "train", *SYNTHETIC, *FAST, "--save-every", "2", "--eval-every", "2",
+               "--output", str(output))[0] == 0
+    history = json.loads((output.with_name("run-checkpoints") / "checkpoint-4" / HISTORY).read_text())
+    assert history["steps"] == [1, 2, 3, 4] and history["eval_steps"] == [2, 4] and history["variant"] == "MemDLM"
+    assert json.loads((output / HISTORY).read_text())["eval_steps"] == [2, 4]
+    folder = output.with_name("run-checkpoints")
+    (folder / "checkpoint-4" / TRAINING_STATE).write_bytes(b"")
+    code, out, err = cli(capsys, "train", *SYNTHETIC, *FAST, "--steps", "6", "--save-every", "2",
+                         "--resume", str(folder), "--output", str(tmp_path / "resumed"))
+    assert code == 0, err
+    resumed = json.loads((tmp_path / "resumed" / HISTORY).read_text())
+    assert resumed["steps"] == [1, 2, 3, 4, 5, 6]  # from checkpoint-2: steps 3..6 trained again
+
+
+def test_every_command_takes_no_progress(tmp_path, capsys) -> None:
+    output = tmp_path / "run"
+    assert cli(capsys, "train", *SYNTHETIC, *FAST, "--output", str(output))[0] == 0
+    code, out, err = cli(capsys, "eval", "--checkpoint", str(output), *SYNTHETIC, "--no-progress")
+    assert code == 0 and "eval loss" in out and "%|" not in err
+    code, out, err = cli(capsys, "generate", "--checkpoint", str(output), "--prompt", "where is mary?",
+                         "--max-new-tokens", "2", "--no-progress")
+    assert code == 0 and "%|" not in err
+
+
+def test_help_is_plain_text_and_imports_no_torch() -> None:
+    probe = ("import sys, contextlib, io; from bilevel_dlm.cli import main; out = io.StringIO()\n"
+             "with contextlib.redirect_stdout(out): code = main(['train', '--help'])\n"
+             "print(code, 'torch' in sys.modules, '``' in out.getvalue())")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["0", "False", "False"], result.stderr
+
+
+def test_ctrl_c_prints_the_resume_command_and_exits_130(tmp_path) -> None:
+    output = tmp_path / "run"
+    argv = ["train", *SYNTHETIC, "--steps", "100000", "--batch-size", "2", "--no-progress", "--save-every", "2",
+            "--output", str(output)]
+    process = subprocess.Popen([sys.executable, "-m", "bilevel_dlm.cli", *argv], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not (output.with_name("run-checkpoints") / "checkpoint-4").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    command = shlex.split(err.split("resume with: ", 1)[1])
+    checkpoint = Path(command[command.index("--resume") + 1])
+    assert checkpoint.parent == output.with_name("run-checkpoints") and checkpoint.name.startswith("checkpoint-")
+    assert command[0] == "bilevel-dlm" and command[1:command.index("--resume")] == argv
+    step = int(checkpoint.name.split("-")[1])
+    command[command.index("--steps") + 1] = str(step + 2)
+    assert main(command[1:]) == 0
+    assert json.loads((output / HISTORY).read_text())["steps"][-1] == step + 2
+
+
+def test_the_parser_choices_are_the_libraries_tasks_and_families() -> None:
+    from bilevel_dlm.cli import FAMILY_NAMES, TASK_NAMES
+    from bilevel_dlm.integrations import TINY_FAMILIES
+    from bilevel_dlm.tasks import TASKS
+
+    assert TASK_NAMES == tuple(TASKS) and FAMILY_NAMES == TINY_FAMILIES
+
+
+@pytest.mark.parametrize("family", ["llada", "dream", "llada_moe", "mdlm"])
+def test_load_pretrained_picks_the_native_class_of_every_family(tmp_path, family) -> None:
+    from bilevel_dlm.integrations import load_pretrained, tiny_model
+    from bilevel_dlm.tasks import build_tokenizer
+
+    model = tiny_model(family, build_tokenizer())
+    model.save_pretrained(tmp_path)
+    loaded = load_pretrained(tmp_path)
+    assert type(loaded) is type(model)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+def test_the_trainer_example_trains_any_family(tmp_path) -> None:
+    from bilevel_dlm.integrations import tiny_model
+    from bilevel_dlm.tasks import build_tokenizer
+
+    tiny_model("dream", build_tokenizer()).save_pretrained(tmp_path / "model")
+    with (tmp_path / "train.jsonl").open("w") as lines:
+        for row in examples(4):
+            lines.write(json.dumps({k: v.tolist() for k, v in row.items()}) + "\n")
+    example = Path(__file__).parents[1] / "examples" / "memdlm_trainer.py"
+    result = subprocess.run([sys.executable, str(example), "--model", str(tmp_path / "model"), "--train_file",
+                             str(tmp_path / "train.jsonl"), "--output_dir", str(tmp_path / "out"), "--max_steps", "2",
+                             "--per_device_train_batch_size", "2", "--use_cpu", "--report_to", "none",
+                             "--save_strategy", "no", "--disable_tqdm", "true"],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]

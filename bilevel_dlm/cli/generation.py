@@ -1,0 +1,44 @@
+"""bilevel-dlm generate: decode generations for prompts with a checkpoint's tokenizer."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from ..sampling import default_sampler
+from ..wrapper import MemoryWrapper
+from . import CLIError
+from .common import load_checkpoint, progress_bars, reported, resolve_device
+
+__all__ = ["run", "decode", "generation_settings"]
+
+
+def generation_settings(args: argparse.Namespace, wrapper: MemoryWrapper) -> dict[str, Any]:
+    """Keyword arguments of ``MemoryWrapper.generate``; the sampler is built here so bad settings fail early."""
+    with reported("--sampler"):
+        sampler = default_sampler(wrapper.backbone, **dict(args.sampler or []))
+    return {"adapt": not args.no_adapt, "seed": args.seed, "sampler": sampler}
+
+
+def decode(tokenizer: Any, ids: torch.Tensor) -> str:
+    """Text of generated ids up to the first EOS (the response is answer + EOS padding)."""
+    tokens = ids.tolist()
+    if tokenizer.eos_token_id in tokens:
+        tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    with progress_bars(not args.no_progress):
+        wrapper = load_checkpoint(args.checkpoint, resolve_device(args.device))
+    if wrapper.tokenizer is None:
+        raise CLIError(f"--checkpoint {args.checkpoint} has no tokenizer, so prompts cannot be encoded")
+    settings = generation_settings(args, wrapper)
+    for prompt in args.prompt:
+        ids = wrapper.tokenizer(prompt, return_tensors="pt")["input_ids"].to(wrapper.device)
+        with reported("generation"):
+            output = wrapper.generate(ids, max_new_tokens=args.max_new_tokens, **settings)
+        print(decode(wrapper.tokenizer, output[0, ids.shape[1]:]))
+    return 0
