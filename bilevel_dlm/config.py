@@ -129,6 +129,7 @@ class AdaptConfig(_Strict):
     anchor_ratio: float = Field(0.2, gt=0.0, le=1.0)
     steps: int = Field(2, ge=1)
     weighting: Literal["inverse_t", "uniform"] = "uniform"
+    lr: float | None = Field(None, gt=0.0, description="inner learning rate while adapting; None = inner.lr (reference)")
 
 
 class MemDLMConfig(_Strict):
@@ -143,6 +144,12 @@ class MemDLMConfig(_Strict):
     max_nonfinite_steps: int = Field(
         3, gt=0, description="training stops with an error after this many non-finite steps in a row (each is skipped)"
     )
+
+    @model_validator(mode="after")
+    def _check(self) -> "MemDLMConfig":
+        if self.adapt.lr is not None and self.inner.optimizer == "metasgd":
+            raise ValueError("adapt.lr cannot override the learned MetaSGD rates; leave adapt.lr unset (None)")
+        return self
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "MemDLMConfig":

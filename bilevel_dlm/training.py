@@ -11,6 +11,7 @@ forever, when a whole pass over the data brings no batch with a maskable token.
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -54,6 +55,7 @@ class History:
     skipped_batches: int = 0
     nonfinite_steps: list[int] = field(default_factory=list)
     variant: str = "MemDLM"
+    step_seconds: list[float] = field(default_factory=list)
 
 
 def variant_name(wrapper: "MemoryWrapper") -> str:
@@ -145,7 +147,10 @@ def fit(
     bar = tqdm(total=max_steps, initial=step, disable=not progress, desc=history.variant, dynamic_ncols=True)
     skipped_run = 0
     while step < max_steps:
-        metrics = wrapper.step(next(batches))
+        batch = next(batches)
+        started = time.perf_counter()
+        metrics = wrapper.step(batch)  # ends with a host sync, so the time is the device's too
+        seconds = time.perf_counter() - started
         consumed += 1
         if "skipped" in metrics:
             history.skipped_batches += 1
@@ -164,6 +169,7 @@ def fit(
         step += 1
         k = sum(name.startswith("inner_loss_") for name in metrics)
         history.steps.append(step)
+        history.step_seconds.append(seconds)
         history.outer_loss.append(metrics["outer_loss"])
         history.inner_losses.append([metrics[f"inner_loss_{i}"] for i in range(k)])
         history.inner_grad_norms.append([metrics[f"inner_grad_norm_{i}"] for i in range(k)])

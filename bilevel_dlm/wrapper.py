@@ -27,6 +27,7 @@ from .forward import ModelView
 from .inner import InnerLoop, InnerResult
 from .memory import MemoryParams
 from .noise import Anchor
+from .optim import build_inner_optimizer
 from .outer import OuterLoop, build_outer_optimizer
 from .peft_utils import base_model_of, is_peft_model, with_requested_outer_lora
 from .prefix import PrefixReplay
@@ -80,6 +81,9 @@ class MemoryWrapper:
             trajectory.progressive_start, trajectory.progressive_end,
         )
         self.memory = MemoryParams(model, self.config.memory, backbone=self.backbone)
+        if inner_optimizer is not None and self.config.adapt.lr is not None:
+            raise ValueError("adapt.lr rebuilds the inner optimizer from the config at that rate, so it cannot "
+                             "apply to an inner_optimizer object; leave adapt.lr unset or pass no inner_optimizer")
         self.inner = InnerLoop(self.view, self.memory, self.simulator, inner_optimizer, self.config.inner)
         self.outer = OuterLoop(self.view, self.config.outer)
         self.device = next(model.parameters()).device
@@ -306,6 +310,9 @@ class MemoryWrapper:
         memory = MemoryParams(self.model, self.config.memory, backbone=self.backbone, per_sample=per_sample)
         inner_config = self.config.inner.model_copy(update={"steps": settings.steps, "mode": "first_order"})
         optimizer = None if inner_config.backend == "higher" else self.inner.optimizer
+        if settings.lr is not None:  # the adaptation's own rate: the configured optimizer at that lr
+            inner_config = inner_config.model_copy(update={"lr": settings.lr})
+            optimizer = None if inner_config.backend == "higher" else build_inner_optimizer(inner_config, memory.names)
         loop = InnerLoop(self.view, memory, self.simulator, optimizer, inner_config)
         counts = torch.floor(maskable.sum(1) * settings.anchor_ratio).long().clamp_min(1)
         masked = random_subset(maskable, counts, source)

@@ -1,33 +1,108 @@
-"""The main job runs end to end (shortened) and writes its table and plots; evaluation helpers."""
+"""The main job's quick budget end to end: its outputs are consistent with each other; evaluation helpers."""
 
+import csv
 import importlib.util
 import json
+import math
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from bilevel_dlm.evaluation import decode_answers, encode_prompts
-from bilevel_dlm.tasks import build_tokenizer
+from bilevel_dlm.tasks import build_tokenizer, token_accuracy
+from bilevel_dlm.tasks.recall import make_recall_dataset, recall_tokenizer
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "memdlm_llada.py"
 
 
-def test_shortened_main_job_writes_table_and_plots(tmp_path):
+@pytest.fixture(scope="module")
+def job():
     spec = importlib.util.spec_from_file_location("memdlm_llada", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
-    results = module.main(["--output", str(tmp_path), "--tasks", "babi", "vt", "--pretrain-steps", "3",
-                           "--finetune-steps", "2", "--train-examples", "2", "--eval-examples", "2",
-                           "--batch-size", "4", "--reb-steps", "3", "--d-model", "32", "--no-progress"])
-    for name in ("results.json", "results.csv", "loss_curves.png", "exposure_bias.png", "accuracy.png"):
-        assert (tmp_path / name).stat().st_size > 0, name
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert set(saved["accuracy"]) == {"MDLM", "MemDLM (train)", "MemDLM (train + inference)"}
-    assert set(saved["accuracy"]["MDLM"]) == {"babi@96", "babi@160", "vt@96", "vt@160", "mean"}
-    assert len(saved["exposure_bias"]["MemDLM"]["random"]["ratio"]) == 2
-    assert (tmp_path / "results.csv").read_text().count("\n") == 4
-    assert results["histories"]["fine-tuning (MemDLM)"]["inner_losses"][0].__len__() == 2
-    assert (tmp_path / "tokenizer" / "tokenizer.json").exists()
+    return module
+
+
+@pytest.fixture(scope="module")
+def quick_run(job, tmp_path_factory):
+    output = tmp_path_factory.mktemp("main_job")
+    record = job.main(["--budget", "quick", "--output", str(output), "--workers", "1", "--no-progress"])
+    return output, record
+
+
+def test_the_quick_run_writes_every_output(quick_run) -> None:
+    output, _ = quick_run
+    for name in ("results.json", "results.csv", "eval_loss_vs_steps.png", "eval_loss_vs_time.png", "accuracy.png",
+                 "adaptation_sweep.png"):
+        assert (output / name).stat().st_size > 0, name
+
+
+def test_table_json_and_csv_agree_and_record_every_seed(job, quick_run) -> None:
+    output, record = quick_run
+    saved = json.loads((output / "results.json").read_text())
+    assert saved["seeds"] == [0, 1] and set(saved["arms"]) == set(job.ARMS)
+    assert sorted((r["arm"], r["seed"]) for r in saved["runs"]) == sorted((a, s) for a in job.ARMS for s in (0, 1))
+    with open(output / "results.csv") as handle:
+        rows = list(csv.reader(handle))
+    assert [row[0] for row in rows[1:]] == list(job.ARMS), "one table row per arm"
+    header = rows[0]
+    for row in rows[1:]:
+        arm = saved["arms"][row[0]]
+        for title, key in job.TABLE_COLUMNS:
+            assert row[header.index(title)] == job.cell(arm[key])
+        runs = [r for r in saved["runs"] if r["arm"] == row[0]]
+        final = [r["eval_loss"][-1] for r in runs]
+        assert arm["final_eval_loss"]["mean"] == pytest.approx(sum(final) / len(final))
+        assert arm["final_eval_loss"]["min"] == min(final) and arm["final_eval_loss"]["max"] == max(final)
+
+
+def test_curves_and_metrics_are_well_formed(quick_run) -> None:
+    _, record = quick_run
+    for run in record["runs"]:
+        steps, seconds = run["eval_steps"], run["eval_seconds"]
+        assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == record["budget_settings"]["steps"]
+        assert seconds == sorted(seconds) and len(seconds) == len(steps) == len(run["eval_loss"])
+        assert all(math.isfinite(v) for v in run["eval_loss"])
+        for mode in ("off", "prompt"):
+            for scores in run[f"accuracy_{mode}"].values():
+                assert 0.0 <= scores["exact_match"] <= scores["token_accuracy"] <= 1.0
+        assert run["adapt_sweep"][run["adapt_choice"]] == min(run["adapt_sweep"].values()), \
+            "the chosen adaptation rate is the best on the validation split"
+        assert float(run["adapt_choice"]) == run["adapt_lr"]
+
+
+def test_arms_start_from_the_same_weights_and_data(job) -> None:
+    """Every arm of a seed evaluates the same initial model: its step-0 eval loss is identical."""
+    args = job.parse_args(["--budget", "quick", "--no-progress"])
+    budget = job.Budget(**{**job.BUDGETS["quick"].__dict__, "steps": 1, "eval_every": 1})
+    first = {arm: job.run_arm(arm, 3, args, budget)["eval_loss"][0] for arm in ("MDLM", "MemDLM (last block)")}
+    assert first["MDLM"] == first["MemDLM (last block)"]
+
+
+def test_recall_tasks_are_deterministic_and_answer_from_the_context() -> None:
+    tokenizer = recall_tokenizer()
+    for task, pairs, queries in (("position", 6, 0), ("mqar", 4, 3)):
+        examples = make_recall_dataset(task, 20, seed=5, n_pairs=pairs, n_queries=queries)
+        assert examples == make_recall_dataset(task, 20, seed=5, n_pairs=pairs, n_queries=queries)
+        assert examples != make_recall_dataset(task, 20, seed=6, n_pairs=pairs, n_queries=queries)
+        for example in examples:
+            words = example.prompt.split()
+            assert tokenizer.unk_token_id not in tokenizer(example.prompt)["input_ids"]
+            keys = words[:pairs] if task == "position" else words[0:2 * pairs:2]
+            values = words[pairs:2 * pairs] if task == "position" else words[1:2 * pairs:2]
+            if task == "position":
+                assert example.answer.split() == values
+            else:
+                asked = words[2 * pairs + 1:-1]
+                assert len(asked) == queries and example.answer.split() == [values[keys.index(k)] for k in asked]
+
+
+def test_token_accuracy_gives_partial_credit_by_position() -> None:
+    assert token_accuracy("va vb vc", "va vx vc") == pytest.approx(2 / 3)
+    assert token_accuracy("", "va vb") == 0.0 and token_accuracy("va vb vz", "va vb") == 1.0
 
 
 def test_prompts_are_left_padded_and_answers_stop_at_eos():

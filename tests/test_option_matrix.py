@@ -22,7 +22,7 @@ import math
 import pytest
 import torch
 
-from bilevel_dlm import InnerConfig, MemDLMConfig, MemoryConfig, MemoryWrapper, TrajectoryConfig
+from bilevel_dlm import AdaptConfig, InnerConfig, MemDLMConfig, MemoryConfig, MemoryWrapper, TrajectoryConfig
 from bilevel_dlm.losses import INNER_LOSSES
 from test_backbones_bilevel import FAMILIES, bitwise_equal, make_batch, snapshot
 from toy import ToyDLM, toy_batch
@@ -176,3 +176,17 @@ def test_prefix_sharing_is_exact_on_an_all_float64_model(mode: str, loss: str) -
         grads.append([p.grad.clone() for p in model.parameters()])
     for shared, plain in zip(*grads):
         assert float((shared - plain).norm() / plain.norm()) <= 1e-12
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_the_adaptation_learning_rate_equals_adapting_with_that_inner_rate(optimizer: str) -> None:
+    """adapt.lr = x must adapt exactly as a wrapper whose inner optimizer runs at x."""
+    prompts_ = make_batch(None, n=3, length=8, seed=2)["input_ids"]
+    states = []
+    for inner_lr, adapt_lr in ((0.1, 0.02), (0.02, None)):
+        config = MemDLMConfig(memory=MemoryConfig(rank=4, layer_fraction=0.5),
+                              inner=InnerConfig(optimizer=optimizer, lr=inner_lr),
+                              adapt=AdaptConfig(lr=adapt_lr))
+        states.append(MemoryWrapper(FAMILIES["llada"].build(0), config).adapt(prompts_, seed=1).state())
+    for key, value in states[0].items():
+        torch.testing.assert_close(value, states[1][key], rtol=0, atol=0)

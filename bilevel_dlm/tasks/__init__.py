@@ -2,7 +2,7 @@
 
 from .corpus import build_corpus
 from .generators import TASKS, Example, generate_babi, generate_cwe, generate_mv, generate_vt, make_dataset
-from .solvers import exact_match, solve, split_prompt
+from .solvers import exact_match, solve, split_prompt, token_accuracy
 from .tokenizer import SPECIAL_TOKENS, build_tokenizer, encode_example
 from .vocab import count_tokens, split_tokens, vocabulary
 
@@ -23,5 +23,6 @@ __all__ = [
     "solve",
     "split_prompt",
     "split_tokens",
+    "token_accuracy",
     "vocabulary",
 ]

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from .generators import Example
 from .vocab import split_tokens
 
-__all__ = ["split_prompt", "solve", "exact_match"]
+__all__ = ["split_prompt", "solve", "exact_match", "token_accuracy"]
 
 _QUESTION = re.compile(r"\nquestion:(?P<question>[^\n]*)\nanswer:\s*$")
 
@@ -86,3 +86,12 @@ def exact_match(prediction: str, answer: str) -> bool:
     matches ``4821, 77``. Decode model output with ``skip_special_tokens=True`` before comparing.
     """
     return split_tokens(prediction) == split_tokens(answer)
+
+
+def token_accuracy(prediction: str, answer: str) -> float:
+    """Fraction of the answer's tokens that the prediction has at the same position (partial credit:
+    a wrong or missing token counts as wrong, extra tokens after the answer are ignored)."""
+    predicted, reference = split_tokens(prediction), split_tokens(answer)
+    if not reference:
+        return float(not predicted)
+    return sum(p == r for p, r in zip(predicted, reference)) / len(reference)
