@@ -1,6 +1,7 @@
 """MemDLMTrainer / MemDLMTrainingArguments on the native tiny LLaDA, and outer LoRA through PEFT."""
 
 import json
+import math
 import pickle
 
 import pytest
@@ -248,21 +249,58 @@ def test_trainer_applies_outer_lora_from_the_recipe_and_trains_it(tmp_path):
     assert "inner_loss_1" in train_logs(trainer)[0]
 
 
-def test_4bit_base_with_outer_lora(tmp_path):
-    pytest.importorskip("bitsandbytes")
-    if not torch.cuda.is_available():
-        pytest.skip("bitsandbytes 4-bit layers need CUDA")
+def test_4bit_base_with_outer_lora_trains_only_the_lora_weights(tmp_path):
+    """The paper's recipe: an NF4 4-bit base (bitsandbytes runs it on CPU too), an outer PEFT LoRA and
+    float32 fast weights on the quantised linears."""
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 
     tiny_llada().save_pretrained(tmp_path / "base")
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
-    base = LLaDAModelLM.from_pretrained(tmp_path / "base", quantization_config=quantization, device_map={"": 0})
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    device = {"": 0} if torch.cuda.is_available() else None
+    base = LLaDAModelLM.from_pretrained(tmp_path / "base", quantization_config=quantization, device_map=device)
     lora = OuterLoRAConfig(rank=4, alpha=8.0, dropout=0.0)
-    peft_model = apply_outer_lora(prepare_model_for_kbit_training(base), lora)
-    wrapper = MemoryWrapper(base_model_of(peft_model), lora_recipe())
+    peft_model = apply_outer_lora(prepare_model_for_kbit_training(base, use_gradient_checkpointing=False), lora)
+    config = lora_recipe().model_copy(update={"outer": OuterConfig(lr=5e-2, warmup_ratio=0.0, lr_schedule="constant")})
+    wrapper = MemoryWrapper(peft_model, config)
     assert all(type(m).__name__ == "Linear4bit" for m in wrapper.memory.targets.values())
-    frozen = {name: p.detach().clone() for name, p in peft_model.named_parameters() if not p.requires_grad}
-    batch = {"input_ids": torch.stack([e["input_ids"] for e in examples(2)]).cuda()}
-    assert wrapper.step(batch)["outer_loss"] > 0
+    # bitsandbytes repacks 4-bit storage on CPU at the first inference call, so the base is compared by
+    # what it computes: every quantised linear on a fixed probe input, and every other frozen tensor.
+    frozen = {name: p.detach().clone() for name, p in peft_model.named_parameters()
+              if not p.requires_grad and p.dtype.is_floating_point}
+    probes = quantised_outputs(peft_model)
+    # Rows of one repeated token: a masked token is predictable from any visible one, so 20 steps show it.
+    data = [{"input_ids": torch.arange(10, 18)[:, None].repeat(1, 12).to(wrapper.device)}]
+    before = wrapper.eval_loss(data)
+
+    prepared = wrapper.prepare(data[0])
+    anchor = wrapper.outer.sample_anchor(prepared.x0, prepared.maskable, wrapper.generator)
+    wrapper.inner.run(prepared.x0, prepared.maskable, anchor, None, generator=wrapper.generator)
+    assert all(v.dtype == torch.float32 for v in wrapper.memory.values), "fast weights are float32 on a 4-bit base"
+    assert any(bool(v.abs().sum() > 0) for n, v in zip(wrapper.memory.names, wrapper.memory.values) if "lora_B" in n)
+    assert all(p.grad is None for p in peft_model.parameters()), "the inner loop wrote no parameter gradient"
+    wrapper.memory.clear()
+
+    history = wrapper.fit(data, max_steps=20, progress=False)
+    assert all(math.isfinite(v) for v in history.outer_loss)
     assert all(torch.equal(p, frozen[name]) for name, p in peft_model.named_parameters() if name in frozen)
+    for name, output in quantised_outputs(peft_model).items():
+        torch.testing.assert_close(output, probes[name], rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    changed = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert changed and all("lora_" in n for n in changed)
+    assert wrapper.eval_loss(data) < 0.9 * before
+    trainer = MemDLMTrainer(peft_model, arguments(tmp_path, config, 2), train_dataset=examples(4))
+    trainer.train()
+    assert "inner_loss_1" in train_logs(trainer)[0]
+
+
+@torch.no_grad()
+def quantised_outputs(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each 4-bit linear's output on a fixed probe input (the function its frozen weights compute)."""
+    generator = torch.Generator().manual_seed(0)
+    outputs = {}
+    for name, module in model.named_modules():
+        if type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes"):
+            probe = torch.randn(3, module.in_features, generator=generator).to(module.weight.device)
+            outputs[name] = module(probe).float()
+    return outputs
