@@ -232,24 +232,32 @@ def resolve_targets(
 ) -> dict[str, nn.Module]:
     """Full module path -> module for every block-relative pattern in the given blocks.
 
-    With ``strict`` a pattern that matches nothing in a block raises, listing the available linears.
+    With ``strict`` a pattern that matches nothing in any of the blocks raises, listing the available
+    linears. (A pattern may match in some blocks only: the dense first layers of an MoE model have no
+    experts, the MoE layers no dense MLP.)
     """
     blocks = backbone.blocks(model)
     block_paths = {id(m): n for n, m in model.named_modules()}
     found: dict[str, nn.Module] = {}
+    matched: set[str] = set()
     for index in block_indices:
         block = blocks[index]
         prefix = block_paths[id(block)]
         linears = _linear_modules(block)
         for pattern in patterns:
             hits = [n for n in linears if fnmatch.fnmatchcase(n, pattern) and n.count(".") == pattern.count(".")]
-            if not hits and strict:
-                raise ValueError(
-                    f"target module {pattern!r} not found in block {index} ({prefix}); available linear "
-                    f"modules: {sorted(linears)}. Fix MemoryConfig.targets or the adapter's target names."
-                )
+            matched.update([pattern] if hits else [])
             for name in hits:
                 found[f"{prefix}.{name}"] = linears[name]
+    missing = [p for p in patterns if p not in matched]
+    if missing and strict and block_indices:
+        first = block_indices[0]
+        available = sorted(_linear_modules(blocks[first]))
+        raise ValueError(
+            f"target module {missing[0]!r} not found in blocks {block_indices[0]}..{block_indices[-1]} "
+            f"({block_paths[id(blocks[first])]} ...); available linear modules of block {first}: {available}. "
+            "Fix MemoryConfig.targets or the adapter's target names."
+        )
     return found
 
 

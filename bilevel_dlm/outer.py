@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from .config import OuterConfig
 from .forward import ModelView
@@ -76,6 +76,25 @@ class OuterLoop:
         return weighted_mean(ce, weights, select.rows, batch, per_sample=False, denominator=one), one * batch
 
 
+def warmup_schedule(kind: str, warmup: int, total: int | None):
+    """The learning-rate factor per step: linear warmup over ``warmup`` steps, then ``cosine`` (half a
+    cosine to 0 at ``total``), ``linear`` (to 0 at ``total``) or ``constant`` decay. The formulas are
+    transformers' ``get_*_schedule_with_warmup``, so MemDLMTrainer's schedules match fit's; they are
+    written here because importing transformers' optimisation module also imports PEFT and bitsandbytes."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        if kind == "constant" or total is None:
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "cosine":
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+        return max(0.0, 1.0 - progress)
+
+    return factor
+
+
 def build_outer_optimizer(
     params: Iterable[nn.Parameter], config: OuterConfig, max_steps: int | None
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
@@ -85,13 +104,6 @@ def build_outer_optimizer(
     if not params:
         raise ValueError("the outer optimizer got no trainable parameters (all requires_grad=False)")
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-    if max_steps is None:
-        return optimizer, get_constant_schedule_with_warmup(optimizer, 0)
-    warmup = int(config.warmup_ratio * max_steps)
-    if config.lr_schedule == "cosine":
-        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, max_steps)
-    elif config.lr_schedule == "linear":
-        scheduler = get_linear_schedule_with_warmup(optimizer, warmup, max_steps)
-    else:
-        scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
-    return optimizer, scheduler
+    warmup = 0 if max_steps is None else int(config.warmup_ratio * max_steps)
+    factor = warmup_schedule(config.lr_schedule, warmup, max_steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

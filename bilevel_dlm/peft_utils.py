@@ -9,6 +9,8 @@ layer to its ``base_layer``), so memory and outer LoRA add up instead of wrappin
 
 from __future__ import annotations
 
+import sys
+
 from torch import nn
 
 from .config import OuterLoRAConfig
@@ -17,12 +19,10 @@ __all__ = ["apply_outer_lora", "base_model_of", "is_peft_model", "with_requested
 
 
 def is_peft_model(model: nn.Module) -> bool:
-    """Whether ``model`` is a PEFT wrapper (False when PEFT is not installed)."""
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)
+    """Whether ``model`` is a PEFT wrapper. A model can only be one once PEFT was imported, so PEFT (and
+    the bitsandbytes it imports, with its start-up warnings) is not imported here."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def base_model_of(model: nn.Module) -> nn.Module:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["PrefixReplay", "frozen"]
+__all__ = ["PrefixReplay", "frozen", "random_state", "same_random_state"]
 
 
 @contextmanager
@@ -49,12 +49,17 @@ def _detached(value: Any, known: dict[int, torch.Tensor], add: bool) -> Any:
     return value
 
 
-def _random_state(device: torch.device) -> list[torch.Tensor]:
+def random_state(device: torch.device) -> list[torch.Tensor]:
     """The host and (for an accelerator) the device's default generator state; host-side reads only."""
     states = [torch.random.get_rng_state()]
     if device.type != "cpu":
         states.append(torch.get_device_module(device.type).get_rng_state(device))
     return states
+
+
+def same_random_state(before: list[torch.Tensor], after: list[torch.Tensor]) -> bool:
+    """True when no random number was drawn from the default generators in between."""
+    return all(torch.equal(a, b) for a, b in zip(before, after))
 
 
 class _Recorded(nn.Module):
@@ -103,7 +108,7 @@ class PrefixReplay:
         seen = [False] * self.n
         parameters = next(self.blocks.parameters(), None)
         device = parameters.device if parameters is not None else torch.device("cpu")
-        start = _random_state(device)
+        start = random_state(device)
         exact = [True]
         above, frozen_above = ExitStack(), [False]
 
@@ -113,7 +118,7 @@ class PrefixReplay:
                     return
                 seen[index], outputs[index] = True, output
                 if index == self.n - 1:
-                    exact[0] = all(torch.equal(a, b) for a, b in zip(start, _random_state(device)))
+                    exact[0] = same_random_state(start, random_state(device))
             return hook
 
         known: dict[int, torch.Tensor] = {}

@@ -30,7 +30,7 @@ from .noise import Anchor
 from .optim import build_inner_optimizer
 from .outer import OuterLoop, build_outer_optimizer
 from .peft_utils import base_model_of, is_peft_model, with_requested_outer_lora
-from .prefix import PrefixReplay
+from .prefix import PrefixReplay, random_state, same_random_state
 from .rng import RowSharedRandom, leading_padding
 from .sampling import Sampler, SampleOutput, default_sampler
 from .training import History, fit, train_step
@@ -318,20 +318,20 @@ class MemoryWrapper:
         masked = random_subset(maskable, counts, source)
         anchor = Anchor(t=masked_fraction(masked, maskable), masked=masked,
                         input_ids=torch.where(masked, self.mask_token_id, x0))
-        if self.backbone.adapt_in_train_mode:
-            active = [n for n, m in self.model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
-            if active:
-                raise ValueError(
-                    f"{type(self.backbone).__name__} adapts in train() mode, but dropout is active in "
-                    f"{active[:3]}: set the model's dropout probabilities to 0 for inference-time memory"
-                )
         was_training = self.model.training
         self.model.train(self.backbone.adapt_in_train_mode)
+        before = random_state(self.device)  # adaptation itself draws from its own generators only
         try:
             with torch.enable_grad():
                 loop.run(x0, maskable, anchor, attention_mask, generator=source, weighting=settings.weighting)
         finally:
             self.model.train(was_training)
+        if not same_random_state(before, random_state(self.device)):
+            raise ValueError(
+                f"{type(self.backbone).__name__} adapts in train() mode and the model drew random numbers while "
+                "adapting (dropout is active), which would make the memory random: set the model's dropout "
+                "probabilities (config attention/embedding/residual dropout) to 0 for inference-time memory"
+            )
         self.prompt_memory = memory
         return memory
 

@@ -12,13 +12,13 @@ from typing import Any
 
 from torch import nn
 
-from . import dream, llada, llada_moe, mdlm
+from . import dream, llada, llada2, llada_moe, mdlm
 
-__all__ = ["dream", "llada", "llada_moe", "mdlm", "TINY_FAMILIES", "tiny_model", "model_class_for", "load_pretrained"]
+__all__ = ["dream", "llada", "llada2", "llada_moe", "mdlm", "TINY_FAMILIES", "tiny_model", "model_class_for", "load_pretrained"]
 
-_FAMILIES = (dream, llada, llada_moe, mdlm)
+_FAMILIES = (dream, llada, llada2, llada_moe, mdlm)
 
-TINY_FAMILIES = ("llada", "dream", "llada_moe", "mdlm")
+TINY_FAMILIES = ("llada", "dream", "llada_moe", "mdlm", "llada2")
 
 
 def tiny_model(family: str, tokenizer: Any, *, width: int = 64, layers: int = 4, max_length: int = 512) -> nn.Module:
@@ -38,6 +38,10 @@ def tiny_model(family: str, tokenizer: Any, *, width: int = 64, layers: int = 4,
         return llada_moe.LLaDAMoEModelLM(llada_moe.tiny_config(
             **vocab, **special, hidden_size=width, num_hidden_layers=layers, intermediate_size=width,
             max_position_embeddings=max(256, max_length)))
+    if family == "llada2":
+        return llada2.LLaDA2MoeModelLM(llada2.tiny_config(
+            **vocab, **special, hidden_size=width, num_hidden_layers=layers, intermediate_size=4 * width,
+            moe_intermediate_size=width, max_position_embeddings=max(256, max_length)))
     if family == "mdlm":
         return mdlm.MDLM(mdlm.tiny_config(**vocab, hidden_dim=width, n_blocks=layers, model_length=max(64, max_length)))
     raise ValueError(f"unknown tiny model family {family!r}; choose one of {TINY_FAMILIES}")

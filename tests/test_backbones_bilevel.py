@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bilevel_dlm import MemDLMConfig, MemoryConfig, MemoryParams, MemoryWrapper, OuterConfig
-from bilevel_dlm.integrations import dream, llada, llada_moe, mdlm
+from bilevel_dlm.integrations import dream, llada, llada2, llada_moe, mdlm
 from bilevel_dlm.noise import Anchor, LinearSchedule, keyed_anchor
 
 MASK = 127  # every tiny config uses the last id of a 128-token vocabulary as the mask
@@ -80,6 +80,13 @@ FAMILIES = {
         ffn=lambda model: tuple(f"mlp.{name}" for name in GLU),
         attention=tuple(f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")),
         bos=DREAM_BOS,
+    ),
+    "llada2": Family(
+        build=_seeded(lambda: llada2.LLaDA2MoeModelLM(llada2.tiny_config(num_hidden_layers=N_BLOCKS))),
+        blocks_path="model.layers",
+        ffn=lambda model: tuple(f"mlp.experts.{e}.{name}" for e in range(model.config.num_experts) for name in GLU)
+        + tuple(f"mlp.shared_experts.{name}" for name in GLU),
+        attention=("attention.query_key_value", "attention.dense"),
     ),
     "mdlm": Family(
         build=lambda seed: mdlm.build_tiny_model(seed=seed, n_blocks=N_BLOCKS),
@@ -144,16 +151,20 @@ def single_thread():
 
 
 # ----- training ---------------------------------------------------------------------------------------
+FIT_STEPS = {"llada2": 40}  # its q/k-normed attention starts flatter and needs more steps for the same drop
+
+
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_fit_lowers_the_outer_loss(name: str) -> None:
     family = FAMILIES[name]
     wrapper = MemoryWrapper(family.build(0), recipe())
     data = [make_batch(family.bos)]
     before = wrapper.eval_loss(data, memory="off")
-    history = wrapper.fit(data, max_steps=20, progress=False)
+    steps = FIT_STEPS.get(name, 20)
+    history = wrapper.fit(data, max_steps=steps, progress=False)
     after = wrapper.eval_loss(data, memory="off")
     losses = history.outer_loss
-    assert len(losses) == 20 and all(math.isfinite(x) for x in losses)
+    assert len(losses) == steps and all(math.isfinite(x) for x in losses)
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < 0.9 * first, f"{name}: outer loss {first:.3f} -> {last:.3f}"
     # Same anchors before and after (eval_loss draws them from a fixed seed): a noise-free comparison.

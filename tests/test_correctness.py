@@ -195,6 +195,7 @@ DROPOUT = {
     "llada_moe": dict(attention_dropout=0.1),
     "llada_moe_shared": dict(attention_dropout=0.1),
     "mdlm": dict(dropout=0.1),
+    "llada2": dict(attention_dropout=0.1),
 }
 
 
@@ -348,7 +349,8 @@ def test_the_recorded_anchor_stage_keeps_the_graph_of_the_prefix_only(name: str)
     assert len(hidden_states) == 3  # pre-anchor stage, anchor stage, outer pass
     # The prefix's graph is kept in the recorded block outputs; the rest of the anchor stage records none.
     assert not _parameters_in_graph(hidden_states[1]) & (upper | prefix), "the anchor stage recorded theta's graph"
-    assert prefix | upper <= _parameters_in_graph(hidden_states[2]), "the outer pass (with replay) must reach theta"
+    routed = {id(p) for name, p in model.named_parameters() if ".experts." in name}  # may get no token
+    assert (prefix | upper) - routed <= _parameters_in_graph(hidden_states[2]), "the outer pass must reach theta"
 
 
 # ----- 11. host syncs ------------------------------------------------------------------------------------
@@ -383,7 +385,7 @@ def test_host_syncs_per_step_stay_within_the_budget(name: str) -> None:
             loss.backward()
     finally:
         handle.remove()
-    moe_layers = sum(1 for m in model.modules() if type(m).__name__ == "LLaDAMoESparseMoeBlock")
+    moe_layers = sum(1 for m in model.modules() if type(m).__name__.endswith("SparseMoeBlock"))
     replayed = wrapper.memory.first_block if moe_layers else 0  # the outer pass replays the prefix layers
     budget = wrapper.config.inner.steps + 1 + moe_layers * len(forwards) - replayed
     assert preparing.count == 1

@@ -29,7 +29,7 @@ from toy import ToyDLM, toy_batch
 
 PAD = 1
 FACTORS = {
-    "family": ("llada", "llada_moe", "llada_moe_shared", "dream", "mdlm"),
+    "family": ("llada", "llada_moe", "llada_moe_shared", "dream", "mdlm", "llada2"),
     "loss": INNER_LOSSES,
     "trajectory": ("anchor_consistent", "pre_only", "anchor_only", "progressive"),
     "mode": ("first_order", "unrolled"),

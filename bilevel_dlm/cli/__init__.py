@@ -22,7 +22,7 @@ __all__ = ["main", "build_parser", "CLIError", "TASK_NAMES", "FAMILY_NAMES"]
 # The choices of --tasks and --tiny (checked against bilevel_dlm.tasks.TASKS and
 # bilevel_dlm.integrations.TINY_FAMILIES by the tests), spelled out so parsing imports nothing heavy.
 TASK_NAMES = ("mv", "vt", "cwe", "babi")
-FAMILY_NAMES = ("llada", "dream", "llada_moe", "mdlm")
+FAMILY_NAMES = ("llada", "dream", "llada_moe", "mdlm", "llada2")
 
 DESCRIPTION = "bilevel-dlm: bilevel (MemDLM) training, evaluation and generation for masked diffusion LMs."
 

@@ -13,12 +13,14 @@ from typing import Any
 
 from ..backbone import Backbone
 from .base import GenerationRun, Sampler, SampleOutput
+from .block import BlockDiffusionSampler
 from .dream import DreamSampler
 from .llada import LLaDASampler
 from .mdlm import MDLMSampler
 
 __all__ = [
     "SAMPLERS",
+    "BlockDiffusionSampler",
     "DreamSampler",
     "GenerationRun",
     "LLaDASampler",
@@ -29,7 +31,8 @@ __all__ = [
     "make_sampler",
 ]
 
-SAMPLERS: dict[str, type[Sampler]] = {"llada": LLaDASampler, "dream": DreamSampler, "mdlm": MDLMSampler}
+SAMPLERS: dict[str, type[Sampler]] = {"llada": LLaDASampler, "dream": DreamSampler, "mdlm": MDLMSampler,
+                                      "block_diffusion": BlockDiffusionSampler}
 
 
 def make_sampler(name: str, **settings: Any) -> Sampler:

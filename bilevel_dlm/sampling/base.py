@@ -47,17 +47,20 @@ class GenerationRun:
         *,
         unconditional: torch.Tensor | None = None,
         cfg_scale: float = 0.0,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Aligned logits [B, L, V] of the canvas, forbidden tokens (the mask first) at -inf.
 
         With ``unconditional`` (the canvas with its prompt masked) a second forward gives u and the result
         is classifier-free guided: ``u + (cfg_scale + 1) (c - u)``. The two passes are separate forwards so
-        that per-sample memory, bound for a batch of B rows, applies to both.
+        that per-sample memory, bound for a batch of B rows, applies to both. ``attention_mask`` replaces
+        the canvas's padding mask for this call (a sampler's own attention pattern).
         """
-        logits = self.view.logits(canvas, self.attention_mask, mask_ratio)
+        attention = self.attention_mask if attention_mask is None else attention_mask
+        logits = self.view.logits(canvas, attention, mask_ratio)
         self.model_calls += 1
         if unconditional is not None:
-            plain = self.view.logits(unconditional, self.attention_mask, mask_ratio)
+            plain = self.view.logits(unconditional, attention, mask_ratio)
             self.model_calls += 1
             logits = plain + (cfg_scale + 1) * (logits - plain)
         return logits.index_fill(-1, torch.tensor(self.forbidden, device=logits.device), float("-inf"))
