@@ -13,44 +13,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from bilevel_dlm import InnerConfig, MemDLMConfig, MemoryWrapper, OuterConfig
 from bilevel_dlm.integrations.llada import LLaDAModelLM, tiny_config
 from bilevel_dlm.prefix import PrefixReplay
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Peak bytes of tensor storages alive at once, counting every tensor an op creates."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-        self.seen: set[int] = set()
-
-    def _track(self, tensor: torch.Tensor) -> None:
-        storage = tensor.untyped_storage()
-        key = storage.data_ptr()
-        if key in self.seen or storage.nbytes() == 0:
-            return
-        self.seen.add(key)
-        self.live += storage.nbytes()
-        self.peak = max(self.peak, self.live)
-        weakref.finalize(storage, self._release, key, storage.nbytes())
-
-    def _release(self, key: int, nbytes: int) -> None:
-        self.seen.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for value in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(value, torch.Tensor):
-                self._track(value)
-        return out
+from bilevel_dlm.diagnostics import LiveTensorBytes
 
 
 def build(args: argparse.Namespace, mode: str, share_prefix: bool = True) -> MemoryWrapper:

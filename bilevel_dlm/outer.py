@@ -66,14 +66,22 @@ class OuterLoop:
         batch = x0.shape[0]
         weight = self.schedule.weight(anchor.t) if self.config.weighting == "elbo" else torch.ones_like(anchor.t)
         weights = weight[select.rows]
-        per_row_count = maskable.sum(1)
         one = torch.ones((), device=x0.device)
-        if self.config.normalization == "token":
-            return weighted_mean(ce, weights, select.rows, batch, per_sample=False, denominator=one), per_row_count.sum()
         if self.config.normalization == "sequence":
-            per_sequence = weighted_mean(ce, weights, select.rows, batch, per_sample=True, denominator=per_row_count)
-            return per_sequence, (per_row_count > 0).sum()
-        return weighted_mean(ce, weights, select.rows, batch, per_sample=False, denominator=one), one * batch
+            numerator = weighted_mean(ce, weights, select.rows, batch, per_sample=True, denominator=maskable.sum(1))
+        else:
+            numerator = weighted_mean(ce, weights, select.rows, batch, per_sample=False, denominator=one)
+        return numerator, self.denominator(maskable)
+
+    def denominator(self, maskable: torch.Tensor) -> torch.Tensor:
+        """The normaliser of a batch: its maskable tokens (``token``), its sequences with a maskable
+        token (``sequence``) or its samples (``batch``). Summed over micro-batches and processes, it is
+        the normaliser of their union."""
+        if self.config.normalization == "token":
+            return maskable.sum()
+        if self.config.normalization == "sequence":
+            return maskable.any(1).sum()
+        return torch.tensor(maskable.shape[0], device=maskable.device)
 
 
 def warmup_schedule(kind: str, warmup: int, total: int | None):

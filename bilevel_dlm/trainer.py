@@ -38,7 +38,7 @@ from .training import SKIPS_WITHOUT_AN_EPOCH, skip_nonfinite
 from .trajectory import TrajectorySimulator
 from .wrapper import MemoryWrapper
 
-__all__ = ["MemDLMTrainingArguments", "MemDLMTrainer", "ddp_forward", "outer_normalizer"]
+__all__ = ["MemDLMTrainingArguments", "MemDLMTrainer", "NonFiniteGuard", "ddp_forward"]
 
 # OuterConfig.lr_schedule -> the Trainer's lr_scheduler_type with the same warmup + decay.
 _LR_SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
@@ -131,16 +131,6 @@ def ddp_forward(module: nn.Module) -> Iterator[Callable[[torch.Tensor], torch.Te
     yield module._post_forward
 
 
-def outer_normalizer(batch: PreparedBatch, normalization: str) -> torch.Tensor:
-    """The denominator of ``OuterLoop.loss`` on this batch: its maskable tokens (``token``), its sequences
-    with a maskable token (``sequence``) or its samples (``batch``)."""
-    if normalization == "token":
-        return batch.maskable.sum()
-    if normalization == "sequence":
-        return batch.maskable.any(1).sum()
-    return torch.tensor(batch.x0.shape[0], device=batch.x0.device)
-
-
 class NonFiniteGuard(TrainerCallback):
     """Skips an optimizer step whose (all-reduced) gradient is not finite, as ``MemoryWrapper.step`` does:
     every gradient is dropped, so AdamW leaves the weights as they are; ``memdlm.max_nonfinite_steps`` such
@@ -176,15 +166,16 @@ class MemDLMTrainer(Trainer):
         data_collator: default right-pads examples (``bilevel_dlm.data.pad_collate``).
         **kwargs: the Trainer's (train_dataset, eval_dataset, processing_class, callbacks, ...).
 
-    Normalisation: each micro-batch's outer loss is normalised by its own normaliser (as in
-    ``MemoryWrapper.step``). Under DDP with ``args.average_tokens_across_devices`` (the default) each rank
-    weights it by ``n_local * world_size / n_global`` (:func:`outer_normalizer`, summed over the ranks), so
-    DDP's average of the ranks' gradients is the gradient of the loss normalised over the global batch.
-    Gradient accumulation averages the micro-batches' losses. A micro-batch without maskable tokens
+    Normalisation is global over an optimizer step: a micro-batch's outer loss is weighted by
+    ``n_mb * world_size / N``, N the normaliser (``OuterLoop.denominator``: maskable tokens, sequences or
+    samples) summed over the step's micro-batches and ranks, so accumulating 2 micro-batches of 4 gives
+    the gradient of one batch of 8 with the same anchors and memories, and DDP's average of the ranks'
+    gradients is that of the global batch. ``average_tokens_across_devices=False`` normalises per rank
+    (over its micro-batches) and lets DDP average the ranks. A micro-batch without maskable tokens
     contributes a zero gradient and is counted in the logged ``skipped_batches``.
     """
 
-    loss_is_scaled_for_ga = False  # compute_loss is per micro-batch: the Trainer divides by accumulation steps
+    loss_is_scaled_for_ga = True  # compute_loss already divides by the step's normaliser
 
     def __init__(
         self,
@@ -251,7 +242,7 @@ class MemDLMTrainer(Trainer):
                 f"launch); the model is wrapped in {type(model).__name__}, which it does not support"
             )
         batch = self.memdlm.prepare(inputs)
-        share = self._share_of_global_batch(batch)
+        share = self._share_of_step(batch)
         with ddp_forward(model) as finish:
             if not batch.has_maskable:
                 self._count_skipped_batch()
@@ -280,15 +271,24 @@ class MemDLMTrainer(Trainer):
                 "token: every label is -100 or every position is padding. Labels mark the response; -100 only the prompt."
             )
 
-    def _share_of_global_batch(self, batch: PreparedBatch) -> torch.Tensor | float:
-        """``n_local * world_size / n_global`` (one all-reduce), or 1 on one process or when the ranks'
-        losses are to be averaged as they are (``average_tokens_across_devices=False``)."""
-        world = self.accelerator.num_processes
-        if world == 1 or not self.args.average_tokens_across_devices:
-            return 1.0
-        local = outer_normalizer(batch, self.memdlm.config.outer.normalization).float()
-        total = self.accelerator.reduce(local, reduction="sum")
-        return local * world / total.clamp_min(1.0)
+    def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device):
+        """The Trainer's micro-batches of one optimizer step, plus their normaliser summed over the step's
+        micro-batches (and, with ``average_tokens_across_devices``, over the ranks: one all-reduce)."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        outer = self.memdlm.outer
+        local = sum((outer.denominator(self.memdlm.prepare(b).maskable).float() for b in batch_samples),
+                    torch.zeros((), device=device))
+        global_ = self.accelerator.num_processes > 1 and self.args.average_tokens_across_devices
+        self._step_normaliser = self.accelerator.reduce(local, reduction="sum") if global_ else local
+        return batch_samples, num_items_in_batch
+
+    def _share_of_step(self, batch: PreparedBatch) -> torch.Tensor:
+        """This micro-batch's share ``n_mb * world / N_step`` (world = 1 without token averaging), so that
+        the summed micro-batch gradients, averaged by DDP over the ranks, are the gradient of the loss
+        normalised over every micro-batch of the step on every rank."""
+        world = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        local = self.memdlm.outer.denominator(batch.maskable).float()
+        return local * world / self._step_normaliser.clamp_min(1.0)
 
     # ----- logging and evaluation ----------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

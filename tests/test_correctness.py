@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 from bilevel_dlm import InnerConfig, MemDLMConfig, MemoryConfig, MemoryWrapper, TrajectoryConfig
-from bilevel_dlm.integrations import mdlm
+from bilevel_dlm.integrations import llada, mdlm
 from bilevel_dlm.losses import token_loss
 from bilevel_dlm.sampling import LLaDASampler
 from bilevel_dlm.noise import Anchor
 from bilevel_dlm.trajectory import masked_fraction
-from sync_counter import HostSyncCounter
+from bilevel_dlm.diagnostics import HostSyncCounter, LiveTensorBytes
 from test_backbones_bilevel import FAMILIES, MASK, make_batch, recipe, snapshot
 from test_option_matrix import PAD, one_step
 
@@ -398,3 +398,46 @@ def test_host_syncs_per_step_stay_within_the_budget(name: str) -> None:
 def _optimizer_reads(wrapper: MemoryWrapper) -> int:
     """AdamW reads its (host-side) step counter once per parameter on CPU; no device sync on a GPU."""
     return len(wrapper.trainable_parameters())
+
+
+# ----- mixed precision -------------------------------------------------------------------------------------
+BF16_TOLERANCE = 0.1  # norm-relative; bf16 keeps ~3 significant digits and MoE routing can flip an expert
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_bf16_base_adapts_float32_fast_weights_close_to_a_float32_run(name: str) -> None:
+    prompts = make_batch(FAMILIES[name].bos, n=2)["input_ids"]
+    states = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        wrapper = MemoryWrapper(FAMILIES[name].build(0).to(dtype), recipe())
+        states[dtype] = wrapper.adapt(prompts, seed=1).state()
+    wrapper.memory.reset(generator=torch.Generator().manual_seed(0))
+    batch = wrapper.prepare(make_batch(FAMILIES[name].bos))
+    anchor = wrapper.outer.sample_anchor(batch.x0, batch.maskable, wrapper.generator)
+    result = wrapper.inner.run(batch.x0, batch.maskable, anchor, None, generator=wrapper.generator)
+    assert torch.isfinite(result.losses).all() and (result.grad_norms > 0).all()
+    assert all(v.dtype == torch.float32 for v in wrapper.memory.values), "fast weights stay float32 on bf16"
+    assert math.isfinite(wrapper.step(make_batch(FAMILIES[name].bos))["outer_loss"])
+    for key, value in states[torch.float32].items():
+        bf16 = states[torch.bfloat16][key]
+        assert bf16.dtype == torch.float32
+        error = float((bf16 - value).norm() / value.norm().clamp_min(1e-12))
+        assert error <= BF16_TOLERANCE, f"{key}: {error:.3f}"
+
+
+# ----- long sequences --------------------------------------------------------------------------------------
+LONG_STEP_PEAK_MIB = 64  # measured 40.4 MiB (benchmarks/long_sequence.py, 4096 tokens, d_model 64, 4 blocks)
+
+
+def test_one_step_at_4096_tokens_with_checkpointing_stays_within_its_memory_figure() -> None:
+    torch.manual_seed(0)
+    model = llada.LLaDAModelLM(llada.tiny_config(max_sequence_length=4096))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    wrapper = MemoryWrapper(model, MemDLMConfig())
+    ids = torch.randint(2, 127, (1, 4096), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :1024] = -100
+    with LiveTensorBytes() as tracker:
+        metrics = wrapper.step({"input_ids": ids, "labels": labels})
+    assert math.isfinite(metrics["outer_loss"]) and metrics["inner_grad_norm_1"] > 0
+    assert tracker.peak / 2**20 < LONG_STEP_PEAK_MIB, f"peak {tracker.peak / 2**20:.1f} MiB"

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from bilevel_dlm import (AnchorConsistent, InnerConfig, InnerLoop, MemDLMConfig, MemoryConfig, MemoryParams,
                          MemoryWrapper, MetaSGD, ModelView, OuterConfig, OuterLoop, Stage, TrajectorySimulator)
 from bilevel_dlm.trajectory import masked_fraction
-from sync_counter import HostSyncCounter
+from bilevel_dlm.diagnostics import HostSyncCounter
 from toy import MASK_ID, ToyBackbone, ToyDLM, toy_batch
 
 TARGETS = ("ff_proj", "up_proj", "ff_out")

@@ -304,3 +304,36 @@ def quantised_outputs(model: nn.Module) -> dict[str, torch.Tensor]:
             probe = torch.randn(3, module.in_features, generator=generator).to(module.weight.device)
             outputs[name] = module(probe).float()
     return outputs
+
+
+class _GradientProbe(TrainerCallback):
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.gradients = [p.grad.clone() for p in model.parameters()]
+
+
+def test_gradient_accumulation_normalises_over_every_micro_batch_of_the_step(tmp_path):
+    """2 accumulated micro-batches of 4 give the gradient of one loss over all 8 rows (same anchors and
+    memories), normalised by the step's total maskable tokens, not the mean of two normalised losses."""
+    rows = [{**row, "labels": row["labels"].masked_fill(torch.arange(12) < prompt, -100)}
+            for row, prompt in zip(examples(8, prompt=0), (1, 1, 1, 1, 9, 9, 9, 9))]  # 11 vs 3 maskable
+    config = recipe(warmup_ratio=0.0, lr_schedule="constant")
+    probe = _GradientProbe()
+    trainer = MemDLMTrainer(tiny_llada(), arguments(tmp_path, config, 1, per_device_train_batch_size=4,
+                                                    gradient_accumulation_steps=2, max_grad_norm=0.0),
+                            train_dataset=rows, callbacks=[probe])
+    trainer.train()
+
+    model = tiny_llada()
+    wrapper = MemoryWrapper(model, config)
+    numerators, denominators = [], []
+    for chunk in (rows[:4], rows[4:]):
+        batch = wrapper.prepare(pad_collate(chunk, wrapper.pad_token_id()))
+        with wrapper.bilevel_context():
+            loss, _, _ = wrapper.compute_loss(batch)
+            denominator = wrapper.outer.denominator(batch.maskable)
+            (loss * denominator / 56).backward()  # 4 * 11 + 4 * 3 maskable tokens in the step
+        numerators.append(float(loss))
+        denominators.append(int(denominator))
+    assert denominators == [44, 12]
+    for expected, got in zip((p.grad for p in model.parameters()), probe.gradients):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)

@@ -1,19 +1,27 @@
-"""Counts the operations that make the host wait for the device (a host sync on an accelerator).
+"""Diagnostics for the two costs that matter beyond time: host syncs and peak tensor memory.
 
-Two kinds are seen: reads of tensor data by Python (``.item()``, ``.tolist()``, ``bool(t)``,
-``int(t)``, ``float(t)``, ``.numpy()``), through a TorchFunctionMode, and operators whose output shape
-depends on the data (``nonzero``, ``masked_select``, boolean-mask indexing, ``bincount``, ``unique``,
-``repeat_interleave`` with tensor repeats), through a TorchDispatchMode. On a CPU-only machine nothing
-actually waits, but the same code on a GPU would, so the count is the number of syncs it would cost.
+:class:`HostSyncCounter` counts the operations that make the host wait for the device: reads of tensor
+data by Python (``.item()``, ``.tolist()``, ``bool(t)``, ``int(t)``, ``float(t)``, ``.numpy()``), through
+a TorchFunctionMode, and operators whose output shape depends on the data (``nonzero``,
+``masked_select``, boolean-mask indexing, ``bincount``, ``unique``, ``repeat_interleave`` with tensor
+repeats), through a TorchDispatchMode. On a CPU-only machine nothing actually waits, but the same code
+on a GPU would, so the count is the number of syncs it would cost there.
+
+:class:`LiveTensorBytes` tracks the peak bytes of tensor storages alive at once (every tensor an op
+returns; a kernel's internal scratch buffers are not seen), for memory measurements on CPU, where
+there is no allocator peak to read.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["HostSyncCounter", "LiveTensorBytes"]
 
 _HOST_READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy"}
 _DATA_DEPENDENT = {
@@ -79,3 +87,33 @@ class HostSyncCounter:
     def __exit__(self, *exc) -> None:
         for mode in reversed(self._modes):
             mode.__exit__(*exc)
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of tensor storages alive at once, counting every tensor an op creates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen: set[int] = set()
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key in self.seen or storage.nbytes() == 0:
+            return
+        self.seen.add(key)
+        self.live += storage.nbytes()
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._release, key, storage.nbytes())
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self.seen.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(value, torch.Tensor):
+                self._track(value)
+        return out
