@@ -131,6 +131,19 @@ def ddp_forward(module: nn.Module) -> Iterator[Callable[[torch.Tensor], torch.Te
     yield module._post_forward
 
 
+def _supported_wrapper(model: nn.Module, unwrapped: nn.Module) -> bool:
+    """The unwrapped module itself (one device, or FSDP2), DDP, or a DeepSpeed engine below ZeRO-3.
+
+    The bilevel step runs on the unwrapped module; DDP's reducer is prepared by :func:`ddp_forward`, and
+    ZeRO-1/2 partition gradients in backward hooks on the parameters, which the outer backward fires as
+    usual (the inner loop asks autograd for the fast weights' gradients only)."""
+    if model is unwrapped or isinstance(model, DistributedDataParallel):
+        return True
+    if type(model).__name__ == "DeepSpeedEngine":
+        return getattr(model, "module", None) is unwrapped and model.zero_optimization_stage() < 3
+    return False
+
+
 class NonFiniteGuard(TrainerCallback):
     """Skips an optimizer step whose (all-reduced) gradient is not finite, as ``MemoryWrapper.step`` does:
     every gradient is dropped, so AdamW leaves the weights as they are; ``memdlm.max_nonfinite_steps`` such
@@ -236,10 +249,12 @@ class MemDLMTrainer(Trainer):
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """MemDLM's loss on a micro-batch: anchor, inner adaptation of this rank's memory, outer MDLM loss
         with the adapted memory bound; run as the DDP forward under DDP and weighted by this rank's share."""
-        if model is not self.model and not isinstance(model, DistributedDataParallel):
+        if not _supported_wrapper(model, self.model):
             raise NotImplementedError(
-                f"MemDLMTrainer runs on one device or under DistributedDataParallel (torchrun / accelerate "
-                f"launch); the model is wrapped in {type(model).__name__}, which it does not support"
+                f"MemDLMTrainer runs on one device, under DistributedDataParallel, FSDP2 (fully_shard, which "
+                f"shards in place) or DeepSpeed ZeRO-1/2; the model is wrapped in {type(model).__name__}, which it "
+                "does not support (FSDP1 and ZeRO-3 gather parameters in forward hooks that the bilevel step, run "
+                "on the unwrapped module, would bypass)"
             )
         batch = self.memdlm.prepare(inputs)
         share = self._share_of_step(batch)

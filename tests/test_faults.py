@@ -408,3 +408,34 @@ def test_the_trainer_example_trains_any_family(tmp_path) -> None:
                              "--save_strategy", "no", "--disable_tqdm", "true"],
                             capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_the_trainer_example_trains_a_4bit_base_through_the_recipes_outer_lora(tmp_path) -> None:
+    from bilevel_dlm.integrations import tiny_model
+    from bilevel_dlm.tasks import build_tokenizer
+
+    tiny_model("llada", build_tokenizer()).save_pretrained(tmp_path / "model")
+    with (tmp_path / "train.jsonl").open("w") as lines:
+        for row in examples(4):
+            lines.write(json.dumps({k: v.tolist() for k, v in row.items()}) + "\n")
+    MemDLMConfig(outer=OuterConfig(lora={"apply": True, "rank": 4, "alpha": 8.0, "dropout": 0.0}),
+                 memory=MemoryConfig(rank=4)).to_yaml(tmp_path / "recipe.yaml")
+    example = Path(__file__).parents[1] / "examples" / "memdlm_trainer.py"
+    command = [sys.executable, str(example), "--model", str(tmp_path / "model"), "--train_file", str(tmp_path / "train.jsonl"),
+               "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--per_device_train_batch_size", "2",
+               "--use_cpu", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true",
+               "--memdlm", str(tmp_path / "recipe.yaml"), "--load_in_4bit"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_the_accelerate_configs_load() -> None:
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    folder = Path(__file__).parents[1] / "examples" / "accelerate"
+    kinds = {"ddp": "MULTI_GPU", "fsdp2": "FSDP", "zero2": "DEEPSPEED"}
+    for name, kind in kinds.items():
+        config = ClusterConfig.from_yaml_file(str(folder / f"{name}.yaml"))
+        assert config.distributed_type.name == kind and config.num_processes == 8
+    assert ClusterConfig.from_yaml_file(str(folder / "fsdp2.yaml")).fsdp_config["fsdp_version"] == 2
+    assert ClusterConfig.from_yaml_file(str(folder / "zero2.yaml")).deepspeed_config["zero_stage"] == 2
