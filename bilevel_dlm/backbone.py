@@ -114,6 +114,11 @@ class Backbone:
         """Attention projections of a block."""
         return self.attention_targets
 
+    def ignores_time(self, model: nn.Module) -> bool:
+        """True when the forward does not depend on ``mask_ratio`` (so a sampler may reuse predictions
+        while the canvas is unchanged)."""
+        return True
+
     def reports_routed_tokens(self, model: nn.Module) -> bool:
         """True when the model declares the routed tokens of every call of a token-mixing target
         (:func:`bilevel_dlm.routing.routed_tokens`), so that per-sample memory can sit on them."""

@@ -78,9 +78,14 @@ class ModelView:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         mask_ratio: torch.Tensor | None = None,
+        columns: slice | None = None,
     ) -> torch.Tensor:
-        """Aligned logits [B, L, V] at every position (samplers, evaluation)."""
-        return self.head(self.hidden(input_ids, attention_mask, mask_ratio), input_ids)
+        """Aligned logits [B, L, V] at every position, or [B, n, V] at ``columns`` only (samplers: the head,
+        often the largest layer, runs on the positions that can be revealed, not on the prompt)."""
+        hidden = self.hidden(input_ids, attention_mask, mask_ratio)
+        if columns is not None:
+            hidden, input_ids = hidden[:, columns], input_ids[:, columns]
+        return self.head(hidden, input_ids)
 
     def logits_at(
         self,

@@ -14,7 +14,7 @@ from bilevel_dlm.config import MemoryConfig
 from bilevel_dlm.forward import ModelView
 from bilevel_dlm.integrations import dream, llada, mdlm
 from bilevel_dlm.memory import MemoryParams
-from bilevel_dlm.sampling import DreamSampler, LLaDASampler, MDLMSampler, default_sampler, make_sampler
+from bilevel_dlm.sampling import BlockDiffusionSampler, DreamSampler, LLaDASampler, MDLMSampler, default_sampler, make_sampler
 
 MASK = 127  # the mask id of every tiny config
 PAD = 1
@@ -320,3 +320,51 @@ def test_registry_and_backbone_defaults():
         out = sampler.sample(view, prompts(1, 3), max_new_tokens=4)  # defaults: one step per new token
         assert out.sequences.shape == (1, 7) and not (out.sequences == MASK).any()
         assert out.model_calls >= (4 if kind is not MDLMSampler else 1)
+
+
+def test_the_mdlm_sampler_default_is_exact_for_a_time_conditioned_model():
+    """p_x0 depends on t when the model is time-conditioned, so the default recomputes every step."""
+    from bilevel_dlm.integrations.mdlm import MDLMBackbone, build_tiny_model
+
+    model = build_tiny_model(std=0.5, time_conditioning=True)
+    view = ModelView(MDLMBackbone(), model, MASK)
+    prompt, steps = prompts(2, 4), 30
+    default = MDLMSampler(steps=steps).sample(view, prompt, max_new_tokens=6, generator=seeded(5))
+    plain = MDLMSampler(steps=steps, use_cache=False).sample(view, prompt, max_new_tokens=6, generator=seeded(5))
+    cached = MDLMSampler(steps=steps, use_cache=True).sample(view, prompt, max_new_tokens=6, generator=seeded(5))
+    assert torch.equal(default.sequences, plain.sequences) and default.model_calls == plain.model_calls >= steps
+    assert cached.model_calls < plain.model_calls, "forcing the cache skips forwards (inexactly here)"
+
+
+def _llada2_view() -> ModelView:
+    from bilevel_dlm.integrations.llada2 import LLaDA2Backbone, LLaDA2MoeModelLM, tiny_config
+
+    torch.manual_seed(0)
+    return ModelView(LLaDA2Backbone(), LLaDA2MoeModelLM(tiny_config()).eval(), MASK)
+
+
+@pytest.mark.parametrize("make_view, sampler", [
+    (llada_view, LLaDASampler(block_length=4)),
+    (llada_view, LLaDASampler(block_length=4, cfg_scale=1.0)),
+    (dream_view, DreamSampler()),
+    (mdlm_view, MDLMSampler(steps=10)),
+    (_llada2_view, BlockDiffusionSampler(block_length=4, steps=2, threshold=0.5)),
+])
+def test_logits_only_where_needed_gives_the_tokens_of_the_full_head(make_view, sampler):
+    """The head runs on the positions that can be revealed; the plain path (full_logits) on all of them."""
+    view = make_view()
+    prompt = prompts(2, 6)
+    rows = []
+    handle = view.backbone.output_head(view.model).register_forward_pre_hook(
+        lambda _m, args: rows.append(args[0].shape[:-1].numel()) if args[0].dim() == 3 else None)
+    outputs = []
+    try:
+        for full in (False, True):
+            rows.clear()
+            plain = sampler.model_copy(update={"full_logits": full})
+            outputs.append((plain.sample(view, prompt, max_new_tokens=8, generator=seeded(2)).sequences, sum(rows)))
+    finally:
+        handle.remove()
+    (needed, needed_rows), (everything, all_rows) = outputs
+    assert torch.equal(needed, everything)
+    assert needed_rows < all_rows

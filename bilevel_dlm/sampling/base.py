@@ -39,6 +39,7 @@ class GenerationRun:
     forbidden: tuple[int, ...]
     history: list[torch.Tensor] | None = None
     model_calls: int = 0
+    full_logits: bool = False
 
     def logits(
         self,
@@ -48,8 +49,10 @@ class GenerationRun:
         unconditional: torch.Tensor | None = None,
         cfg_scale: float = 0.0,
         attention_mask: torch.Tensor | None = None,
+        columns: slice | None = None,
     ) -> torch.Tensor:
-        """Aligned logits [B, L, V] of the canvas, forbidden tokens (the mask first) at -inf.
+        """Aligned logits [B, L, V] of the canvas (or [B, n, V] at ``columns``, unless the sampler's
+        ``full_logits``), forbidden tokens (the mask first) at -inf.
 
         With ``unconditional`` (the canvas with its prompt masked) a second forward gives u and the result
         is classifier-free guided: ``u + (cfg_scale + 1) (c - u)``. The two passes are separate forwards so
@@ -57,13 +60,15 @@ class GenerationRun:
         the canvas's padding mask for this call (a sampler's own attention pattern).
         """
         attention = self.attention_mask if attention_mask is None else attention_mask
-        logits = self.view.logits(canvas, attention, mask_ratio)
+        wanted = None if self.full_logits else columns
+        logits = self.view.logits(canvas, attention, mask_ratio, wanted)
         self.model_calls += 1
         if unconditional is not None:
-            plain = self.view.logits(unconditional, attention, mask_ratio)
+            plain = self.view.logits(unconditional, attention, mask_ratio, wanted)
             self.model_calls += 1
             logits = plain + (cfg_scale + 1) * (logits - plain)
-        return logits.index_fill(-1, torch.tensor(self.forbidden, device=logits.device), float("-inf"))
+        logits = logits.index_fill(-1, torch.tensor(self.forbidden, device=logits.device), float("-inf"))
+        return logits[:, columns] if self.full_logits and columns is not None else logits
 
     def uniform(
         self, shape: torch.Size | tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float32
@@ -87,6 +92,8 @@ class Sampler(BaseModel):
 
     steps: int | None = Field(None, gt=0, description="denoising steps; None = one step per new token")
     suppress_tokens: tuple[int, ...] = Field((), description="token ids never generated (e.g. EOS)")
+    full_logits: bool = Field(False, description="apply the head at every position (the plain path), not only "
+                                                  "where tokens can be revealed")
 
     @torch.no_grad()
     def sample(
@@ -119,7 +126,8 @@ class Sampler(BaseModel):
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask, torch.ones_like(new, dtype=attention_mask.dtype)], dim=1)
         forbidden = (view.mask_token_id, *self.suppress_tokens)
-        run = GenerationRun(view, attention_mask, generator, forbidden, [] if return_history else None)
+        run = GenerationRun(view, attention_mask, generator, forbidden, [] if return_history else None,
+                            full_logits=self.full_logits)
         sequences = self._generate(run, canvas, prompt_length, self.steps or max_new_tokens)
         return SampleOutput(sequences, run.history, run.model_calls)
 

@@ -52,17 +52,20 @@ class BlockDiffusionSampler(Sampler):
         blocks = int((block_ids[:, -1] - first_block).max()) + 1
         for offset in range(blocks):
             current = new & (block_ids == (first_block + offset)[:, None])
-            counts = even_split((current & (canvas == mask_id)).sum(1), per_block)
+            columns = current.any(0).nonzero()[:, 0]  # the span of the rows' current blocks: logits there only
+            span = slice(int(columns[0]), int(columns[-1]) + 1)
+            current = current[:, span]
+            counts = even_split((current & (canvas[:, span] == mask_id)).sum(1), per_block)
             for step in range(per_block):
-                masked = current & (canvas == mask_id)
+                masked = current & (canvas[:, span] == mask_id)
                 if not bool(masked.any()):
                     break
-                proposal, confidence = self._propose(run, run.logits(canvas, attention_mask=attention))
+                proposal, confidence = self._propose(run, run.logits(canvas, attention_mask=attention, columns=span))
                 confidence = confidence.masked_fill(~masked, -1.0)
                 above = masked & (confidence > self.threshold)
                 enough = above.sum(1) >= counts[:, step]
                 reveal = torch.where(enough[:, None], above, top_per_row(confidence, counts[:, step]) & masked)
-                canvas = torch.where(reveal, proposal, canvas)
+                canvas[:, span] = torch.where(reveal, proposal, canvas[:, span])
                 run.record(canvas)
         return canvas
 

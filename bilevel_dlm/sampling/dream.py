@@ -36,7 +36,7 @@ class DreamSampler(Sampler):
             fraction = 1.0 - times[step + 1] / times[step] if step < steps - 1 else 1.0
             current = canvas[:, prompt_length:]
             masked = current == mask_id
-            tokens, confidence = self._propose(run, run.logits(canvas)[:, prompt_length:])
+            tokens, confidence = self._propose(run, run.logits(canvas, columns=slice(prompt_length, None)))
             if self.alg == "origin":
                 reveal = masked & (run.uniform(masked.shape, masked.device, torch.float64) < fraction)
             else:

@@ -43,7 +43,7 @@ class LLaDASampler(Sampler):
             block = slice(start, start + block_length)
             counts = even_split((canvas[:, block] == mask_id).sum(1), steps // blocks)
             for step in range(steps // blocks):
-                logits = self._logits(run, canvas, prompt_length)[:, block]
+                logits = self._logits(run, canvas, prompt_length, block)
                 proposal, confidence = self._propose(run, logits)
                 current = canvas[:, block]
                 confidence = confidence.masked_fill(current != mask_id, float("-inf"))
@@ -52,12 +52,13 @@ class LLaDASampler(Sampler):
                 run.record(canvas)
         return canvas
 
-    def _logits(self, run: GenerationRun, canvas: torch.Tensor, prompt_length: int) -> torch.Tensor:
+    def _logits(self, run: GenerationRun, canvas: torch.Tensor, prompt_length: int, block: slice) -> torch.Tensor:
+        """Logits of the current block only [B, block_length, V] (optionally classifier-free guided)."""
         if self.cfg_scale == 0:
-            return run.logits(canvas)
+            return run.logits(canvas, columns=block)
         unconditional = canvas.clone()
         unconditional[:, :prompt_length] = run.view.mask_token_id
-        return run.logits(canvas, unconditional=unconditional, cfg_scale=self.cfg_scale)
+        return run.logits(canvas, unconditional=unconditional, cfg_scale=self.cfg_scale, columns=block)
 
     def _propose(self, run: GenerationRun, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Proposed tokens [B, N] (Gumbel-max in float64 at ``temperature``) and their confidence [B, N]."""

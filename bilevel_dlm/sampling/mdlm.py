@@ -20,16 +20,18 @@ __all__ = ["MDLMSampler"]
 
 
 class MDLMSampler(Sampler):
-    """``use_cache`` is exact for models that ignore t (MDLM's release has ``time_conditioning=False``);
-    turn it off for time-conditioned models, whose p_x0 changes with t."""
+    """``use_cache`` reuses p_x0 while the canvas is unchanged. That is exact only for a model that ignores
+    t (MDLM's release has ``time_conditioning=False``), so the default (None) caches exactly then, as the
+    reference sampler does, and recomputes every step for a time-conditioned model."""
 
     eps: float = Field(1e-5, gt=0.0, lt=1.0, description="final time of the schedule")
-    use_cache: bool = True
+    use_cache: bool | None = Field(None, description="None: cache only when the model ignores t (exact)")
 
     def _generate(self, run: GenerationRun, canvas: torch.Tensor, prompt_length: int, steps: int) -> torch.Tensor:
         times = torch.linspace(1.0, self.eps, steps + 1, dtype=torch.float64).tolist()
         mask_id = run.view.mask_token_id
         log_p_x0 = None
+        use_cache = run.view.backbone.ignores_time(run.view.model) if self.use_cache is None else self.use_cache
         for step in range(steps):
             t, s = times[step], times[step + 1]
             if log_p_x0 is None:
@@ -39,7 +41,7 @@ class MDLMSampler(Sampler):
             proposal = (weights + run.gumbel(weights.shape, weights.device)).argmax(-1)
             current = canvas[:, prompt_length:]
             updated = torch.where(current == mask_id, proposal, current)
-            if not self.use_cache or not torch.equal(updated, current):
+            if not use_cache or not torch.equal(updated, current):
                 log_p_x0 = None
             canvas[:, prompt_length:] = updated
             run.record(canvas)
@@ -55,4 +57,4 @@ class MDLMSampler(Sampler):
     def _log_p_x0(run: GenerationRun, canvas: torch.Tensor, prompt_length: int, t: float) -> torch.Tensor:
         """SUBS log-probabilities [B, N, V] of the new positions at time t."""
         ratio = torch.full((canvas.shape[0],), t, device=canvas.device)
-        return run.logits(canvas, ratio)[:, prompt_length:]
+        return run.logits(canvas, ratio, columns=slice(prompt_length, None))

@@ -61,5 +61,9 @@ class MDLMBackbone(Backbone):
             t = mask_ratio.to(device=input_ids.device, dtype=torch.float32)
         return model(input_ids=input_ids, timesteps=loglinear_sigma(t), **self.attention_kwargs(model, attention_mask))
 
+    def ignores_time(self, model: nn.Module) -> bool:
+        """The release zeroes sigma unless ``time_conditioning`` is set."""
+        return not getattr(model.config, "time_conditioning", False)
+
     def finalize_logits(self, logits: torch.Tensor, input_ids: torch.Tensor, mask_token_id: int) -> torch.Tensor:
         return subs_log_probs(logits, input_ids, mask_token_id)

@@ -1,0 +1,1 @@
+"""The offline long-context tasks for lm-eval (YAMLs and their loader)."""
