@@ -195,6 +195,19 @@ class MemoryParams:
                     handle.remove()
                 self._handles = []
 
+    @contextmanager
+    def suspended(self) -> Iterator[None]:
+        """While active, a bound memory adds nothing (its hooks are off); bound again on exit."""
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+        try:
+            yield
+        finally:
+            if self._bind_depth:
+                self._handles = [module.register_forward_hook(self._hook(index, path))
+                                 for index, (path, module) in enumerate(self.targets.items())]
+
     def _hook(self, index: int, path: str):
         lora = self.config.kind == "lora"
         offset = index * len(self._parts())

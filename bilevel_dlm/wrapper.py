@@ -341,7 +341,7 @@ class MemoryWrapper:
         attention_mask: torch.Tensor | None = None,
         *,
         max_new_tokens: int,
-        adapt: bool = True,
+        adapt: bool | str = True,
         sampler: Sampler | None = None,
         seed: int | None = None,
         return_history: bool = False,
@@ -349,26 +349,40 @@ class MemoryWrapper:
     ) -> torch.Tensor | SampleOutput:
         """Generate after each prompt of ``input_ids`` [B, P] (left-padded when lengths differ).
 
-        With ``adapt`` each prompt first gets its own memory (:meth:`adapt`), bound while sampling; with
-        ``adapt=False`` this is exactly the plain sampler. The sampler is the backbone's default built
-        from ``sampler_settings`` unless one is given. Returns the sequences [B, P + max_new_tokens], or
-        the full :class:`SampleOutput` (per-step canvases) with ``return_history``.
+        ``adapt``: ``True`` / ``"prompt"`` gives each prompt its own memory (:meth:`adapt`), bound while
+        sampling; ``"blocks"`` also re-adapts it after every committed block on the prompt plus the tokens
+        committed so far (memory while decoding; block samplers only); ``False`` is exactly the plain
+        sampler. The sampler is the backbone's default built from ``sampler_settings`` unless one is given.
+        Returns the sequences [B, P + max_new_tokens], or the full :class:`SampleOutput` with ``return_history``.
         """
         if sampler is not None and sampler_settings:
             raise ValueError(f"pass either sampler= or sampler settings, not both (got {sorted(sampler_settings)})")
+        if adapt not in (True, False, "prompt", "blocks"):
+            raise ValueError(f"adapt must be True, False, 'prompt' or 'blocks', got {adapt!r}")
         sampler = sampler or default_sampler(self.backbone, **sampler_settings)
         self.prepare({"input_ids": input_ids, "attention_mask": attention_mask}, where="generate")  # validation
         seed = self.config.seed if seed is None else seed
+        input_ids = input_ids.to(self.device)
+        attention_mask = None if attention_mask is None else attention_mask.to(self.device)
         was_training = self.model.training
-        memory = self.adapt(input_ids, attention_mask, seed=seed).bind() if adapt else nullcontext()
+        memory = self.adapt(input_ids, attention_mask, seed=seed) if adapt else None
+
+        def refresh(canvas: torch.Tensor, end: int) -> None:
+            """Re-adapt on the prompt and the committed tokens (masks and padding hidden)."""
+            committed = canvas[:, :end] != self.mask_token_id
+            if attention_mask is not None:
+                committed[:, : attention_mask.shape[1]] &= attention_mask.bool()
+            with memory.suspended():
+                memory.set(self.adapt(canvas[:, :end], committed.long(), seed=seed).values)
+            self.prompt_memory = memory
+
         self.model.eval()
         try:
-            with memory:
-                output = sampler.sample(self.view, input_ids.to(self.device),
-                                        None if attention_mask is None else attention_mask.to(self.device),
-                                        max_new_tokens=max_new_tokens,
+            with memory.bind() if memory is not None else nullcontext():
+                output = sampler.sample(self.view, input_ids, attention_mask, max_new_tokens=max_new_tokens,
                                         generator=torch.Generator(self.device).manual_seed(seed),
-                                        return_history=return_history)
+                                        return_history=return_history,
+                                        on_block_end=refresh if adapt == "blocks" else None)
         finally:
             self.model.train(was_training)
         return output if return_history else output.sequences

@@ -40,3 +40,31 @@ def test_without_adaptation_it_is_the_plain_sampler():
     assert torch.equal(ours, plain.sequences)
     history = w.generate(ids, max_new_tokens=6, adapt=False, return_history=True)
     assert len(history.history) == 6 and torch.equal(history.sequences, w.generate(ids, max_new_tokens=6, adapt=False))
+
+
+def test_memory_while_decoding_re_adapts_on_the_committed_blocks():
+    w = wrapper()
+    ids = prompts()
+    one_block = dict(max_new_tokens=6, seed=3, block_length=6)
+    assert torch.equal(w.generate(ids, adapt="blocks", **one_block), w.generate(ids, adapt="prompt", **one_block)), \
+        "with one block there is nothing to refresh"
+    two_blocks = dict(max_new_tokens=6, seed=3, block_length=3)
+    out = w.generate(ids, adapt="blocks", **two_blocks)
+    refreshed = w.prompt_memory.state()
+    expected = w.adapt(out[:, :13], seed=3).state()  # the prompt and the first committed block
+    assert all(torch.equal(refreshed[k], expected[k]) for k in expected)
+    prompt_only = w.adapt(ids, seed=3).state()
+    assert any(not torch.equal(refreshed[k], prompt_only[k]) for k in expected)
+    for row in range(3):
+        assert torch.equal(out[row], w.generate(ids[row:row + 1], adapt="blocks", **two_blocks)[0])
+
+
+def test_memory_while_decoding_needs_a_block_sampler():
+    import pytest
+
+    from bilevel_dlm.sampling import DreamSampler
+
+    with pytest.raises(ValueError, match="does not decode in blocks"):
+        wrapper().generate(prompts(), max_new_tokens=4, adapt="blocks", sampler=DreamSampler())
+    with pytest.raises(ValueError, match="adapt must be"):
+        wrapper().generate(prompts(), max_new_tokens=4, adapt="always")

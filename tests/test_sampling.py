@@ -368,3 +368,28 @@ def test_logits_only_where_needed_gives_the_tokens_of_the_full_head(make_view, s
     (needed, needed_rows), (everything, all_rows) = outputs
     assert torch.equal(needed, everything)
     assert needed_rows < all_rows
+
+
+def test_threshold_decoding_bounds_and_batch_equality():
+    view, prompt = llada_view(), prompts(3, 5)
+    base = LLaDASampler(block_length=4)
+    plain = base.sample(view, prompt, max_new_tokens=8, return_history=True)
+    never = base.model_copy(update={"threshold": 1.0}).sample(view, prompt, max_new_tokens=8)
+    assert torch.equal(never.sequences, plain.sequences) and never.model_calls == plain.model_calls == 8
+    eager = base.model_copy(update={"threshold": 1e-9}).sample(view, prompt, max_new_tokens=8)
+    assert eager.model_calls == 2, "every masked token is above the threshold: one step per block"
+    middle = base.model_copy(update={"threshold": 0.02}).sample(view, prompt, max_new_tokens=8, return_history=True)
+    assert 2 <= middle.model_calls <= 8 and not bool((middle.sequences == MASK).any())
+    for row in range(3):  # rows reveal different counts per step, each exactly as alone
+        alone = base.model_copy(update={"threshold": 0.02}).sample(view, prompt[row:row + 1], max_new_tokens=8)
+        assert torch.equal(alone.sequences[0], middle.sequences[row])
+
+
+def test_dream_threshold_decoding_needs_a_probability_confidence():
+    with pytest.raises(ValueError, match="threshold decoding"):
+        DreamSampler(alg="entropy", threshold=0.9)
+    view, prompt = dream_view(), prompts(2, 5)
+    eager = DreamSampler(alg="maskgit_plus", threshold=1e-9, steps=8).sample(view, prompt, max_new_tokens=8)
+    assert eager.model_calls == 1 and not bool((eager.sequences == MASK).any())
+    never = DreamSampler(alg="maskgit_plus", threshold=1.0, steps=8).sample(view, prompt, max_new_tokens=8)
+    assert torch.equal(never.sequences, DreamSampler(alg="maskgit_plus", steps=8).sample(view, prompt, max_new_tokens=8).sequences)

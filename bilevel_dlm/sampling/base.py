@@ -9,14 +9,16 @@ bound by the caller (``with memory.bind(): sampler.sample(...)``) apply to every
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..forward import ModelView
 
-__all__ = ["Sampler", "SampleOutput", "GenerationRun", "even_split", "top_per_row"]
+__all__ = ["Sampler", "SampleOutput", "GenerationRun", "even_split", "top_per_row", "reveal_confident"]
 
 
 @dataclass
@@ -40,6 +42,12 @@ class GenerationRun:
     history: list[torch.Tensor] | None = None
     model_calls: int = 0
     full_logits: bool = False
+    on_block_end: Callable[[torch.Tensor, int], None] | None = None
+
+    def block_done(self, canvas: torch.Tensor, end: int) -> None:
+        """Tell the caller that every new token before column ``end`` is committed (memory refresh)."""
+        if self.on_block_end is not None:
+            self.on_block_end(canvas, end)
 
     def logits(
         self,
@@ -90,6 +98,9 @@ class Sampler(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    # Samplers that commit the new tokens block by block call GenerationRun.block_done after each block.
+    decodes_in_blocks: ClassVar[bool] = False
+
     steps: int | None = Field(None, gt=0, description="denoising steps; None = one step per new token")
     suppress_tokens: tuple[int, ...] = Field((), description="token ids never generated (e.g. EOS)")
     full_logits: bool = Field(False, description="apply the head at every position (the plain path), not only "
@@ -105,6 +116,7 @@ class Sampler(BaseModel):
         max_new_tokens: int,
         generator: torch.Generator | None = None,
         return_history: bool = False,
+        on_block_end: Callable[[torch.Tensor, int], None] | None = None,
     ) -> SampleOutput:
         """Generate ``max_new_tokens`` tokens after each prompt of ``input_ids`` [B, P].
 
@@ -126,8 +138,11 @@ class Sampler(BaseModel):
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask, torch.ones_like(new, dtype=attention_mask.dtype)], dim=1)
         forbidden = (view.mask_token_id, *self.suppress_tokens)
+        if on_block_end is not None and not self.decodes_in_blocks:
+            raise ValueError(f"{type(self).__name__} does not decode in blocks, so it has no block ends to report; "
+                             "use a block sampler (llada, block_diffusion) for memory refreshed while decoding")
         run = GenerationRun(view, attention_mask, generator, forbidden, [] if return_history else None,
-                            full_logits=self.full_logits)
+                            full_logits=self.full_logits, on_block_end=on_block_end)
         sequences = self._generate(run, canvas, prompt_length, self.steps or max_new_tokens)
         return SampleOutput(sequences, run.history, run.model_calls)
 
@@ -148,3 +163,19 @@ def top_per_row(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
     ranks = torch.empty_like(order).scatter_(-1, order, positions)
     return ranks < counts[:, None]
+
+
+def reveal_confident(confidence: torch.Tensor, masked: torch.Tensor, minimum: torch.Tensor,
+                     threshold: float | None) -> torch.Tensor:
+    """Bool [B, N] of the masked positions to reveal in one step.
+
+    Without ``threshold``: the ``minimum[b]`` most confident masked positions of each row. With it:
+    every masked position whose confidence exceeds ``threshold`` when a row has at least ``minimum[b]``
+    of them, otherwise that row's ``minimum[b]`` most confident (confidence-threshold parallel decoding).
+    """
+    confidence = confidence.masked_fill(~masked, float("-inf"))
+    scheduled = top_per_row(confidence, minimum) & masked
+    if threshold is None:
+        return scheduled
+    above = masked & (confidence > threshold)
+    return torch.where((above.sum(1) >= minimum)[:, None], above, scheduled)

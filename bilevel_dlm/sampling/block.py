@@ -15,10 +15,12 @@ backbone adapter must accept one (the LLaDA2 adapter does). Rows are decoded exa
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from pydantic import Field
 
-from .base import GenerationRun, Sampler, even_split, top_per_row
+from .base import GenerationRun, Sampler, even_split, reveal_confident
 
 __all__ = ["BlockDiffusionSampler", "block_causal_mask"]
 
@@ -34,6 +36,8 @@ def block_causal_mask(block_ids: torch.Tensor, real: torch.Tensor) -> torch.Tens
 class BlockDiffusionSampler(Sampler):
     """``steps`` is the number of denoising steps per block (None: one per token of the block); a step
     with nothing left to reveal is skipped."""
+
+    decodes_in_blocks: ClassVar[bool] = True
 
     block_length: int = Field(32, gt=0, description="tokens per block (LLaDA2 releases: 32)")
     threshold: float = Field(0.95, gt=0.0, le=1.0, description="reveal every masked token above this confidence")
@@ -61,12 +65,11 @@ class BlockDiffusionSampler(Sampler):
                 if not bool(masked.any()):
                     break
                 proposal, confidence = self._propose(run, run.logits(canvas, attention_mask=attention, columns=span))
-                confidence = confidence.masked_fill(~masked, -1.0)
-                above = masked & (confidence > self.threshold)
-                enough = above.sum(1) >= counts[:, step]
-                reveal = torch.where(enough[:, None], above, top_per_row(confidence, counts[:, step]) & masked)
+                reveal = reveal_confident(confidence, masked, counts[:, step], self.threshold)
                 canvas[:, span] = torch.where(reveal, proposal, canvas[:, span])
                 run.record(canvas)
+            if offset < blocks - 1:
+                run.block_done(canvas, span.stop)
         return canvas
 
     def _propose(self, run: GenerationRun, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

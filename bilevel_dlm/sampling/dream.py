@@ -5,6 +5,8 @@ still-masked positions, everything at the last step. ``origin`` picks those posi
 confidence algorithms pick the most confident ones (or sample them from ``softmax(confidence / alg_temp)``):
 ``maskgit_plus`` the probability of the drawn token, ``topk_margin`` top-1 minus top-2 probability,
 ``entropy`` the negative entropy. Each reveal is exact per row, so a batch decodes like its rows alone.
+With ``threshold`` (maskgit_plus / topk_margin) a step also reveals every masked position above that
+confidence, and decoding ends once nothing is masked.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from .base import GenerationRun, Sampler, top_per_row
+from .base import GenerationRun, Sampler, reveal_confident
 
 __all__ = ["DreamSampler"]
 
@@ -28,6 +30,15 @@ class DreamSampler(Sampler):
     top_k: int | None = Field(None, gt=0, description="keep the k most likely tokens; None = off")
     alg_temp: float = Field(0.0, ge=0.0, description="> 0: sample positions from softmax(confidence / alg_temp)")
     eps: float = Field(1e-3, gt=0.0, lt=1.0, description="final time of the schedule")
+    threshold: float | None = Field(None, gt=0.0, le=1.0, description="maskgit_plus / topk_margin: reveal every "
+                                    "masked token above this confidence (at least the step's count)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DreamSampler":
+        if self.threshold is not None and (self.alg not in ("maskgit_plus", "topk_margin") or self.alg_temp > 0):
+            raise ValueError("threshold decoding needs a confidence in [0, 1] compared as it is: alg='maskgit_plus' "
+                             "or 'topk_margin' with alg_temp=0")
+        return self
 
     def _generate(self, run: GenerationRun, canvas: torch.Tensor, prompt_length: int, steps: int) -> torch.Tensor:
         times = torch.linspace(1.0, self.eps, steps + 1, dtype=torch.float64).tolist()
@@ -36,15 +47,17 @@ class DreamSampler(Sampler):
             fraction = 1.0 - times[step + 1] / times[step] if step < steps - 1 else 1.0
             current = canvas[:, prompt_length:]
             masked = current == mask_id
+            if self.threshold is not None and not bool(masked.any()):
+                break  # threshold decoding revealed everything early
             tokens, confidence = self._propose(run, run.logits(canvas, columns=slice(prompt_length, None)))
             if self.alg == "origin":
                 reveal = masked & (run.uniform(masked.shape, masked.device, torch.float64) < fraction)
             else:
                 counts = (masked.sum(1) * fraction).floor().long()
-                scores = confidence.double().masked_fill(~masked, float("-inf"))
+                scores = confidence.double()
                 if self.alg_temp > 0:  # Gumbel-top-k: positions drawn without replacement from the softmax
-                    scores = scores / self.alg_temp + run.gumbel(scores.shape, scores.device)
-                reveal = top_per_row(scores, counts)
+                    scores = scores.masked_fill(~masked, float("-inf")) / self.alg_temp + run.gumbel(scores.shape, scores.device)
+                reveal = reveal_confident(scores, masked, counts, self.threshold)
             canvas[:, prompt_length:] = torch.where(reveal, tokens, current)
             run.record(canvas)
         return canvas

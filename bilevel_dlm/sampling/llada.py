@@ -1,18 +1,20 @@
 """LLaDA's semi-autoregressive low-confidence remasking sampler (the reference ``generate``).
 
-The new tokens are split into blocks filled left to right. Within a block every step predicts all
-positions, then reveals the most confident masked positions of the block; a revealed token is never
-masked again. The block's mask count is split evenly over its steps (remainder to the first steps).
+The new tokens are split into blocks filled left to right. Within a block every step predicts the
+block's positions, then reveals the most confident masked positions of the block; a revealed token is
+never masked again. The block's mask count is split evenly over its steps (remainder to the first
+steps). With ``threshold`` (Fast-dLLM's parallel decoding) a step reveals every masked position above
+that confidence, at least its share, and a block that is full early ends early.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
 
-from .base import GenerationRun, Sampler, even_split, top_per_row
+from .base import GenerationRun, Sampler, even_split, reveal_confident
 
 __all__ = ["LLaDASampler"]
 
@@ -20,10 +22,14 @@ __all__ = ["LLaDASampler"]
 class LLaDASampler(Sampler):
     """Block-wise confidence-ordered unmasking, optionally with Gumbel sampling and classifier-free guidance."""
 
+    decodes_in_blocks: ClassVar[bool] = True
+
     block_length: int | None = Field(None, gt=0, description="tokens per block; None = one block")
     temperature: float = Field(0.0, ge=0.0, description="Gumbel-max sampling temperature; 0 = argmax")
     remasking: Literal["low_confidence", "random"] = "low_confidence"
     cfg_scale: float = Field(0.0, ge=0.0, description="classifier-free guidance scale; 0 = off")
+    threshold: float | None = Field(None, gt=0.0, le=1.0, description="reveal every masked token of the block "
+                                    "above this confidence (at least the step's share); None = the share only")
 
     def _generate(self, run: GenerationRun, canvas: torch.Tensor, prompt_length: int, steps: int) -> torch.Tensor:
         new_tokens = canvas.shape[1] - prompt_length
@@ -43,13 +49,15 @@ class LLaDASampler(Sampler):
             block = slice(start, start + block_length)
             counts = even_split((canvas[:, block] == mask_id).sum(1), steps // blocks)
             for step in range(steps // blocks):
-                logits = self._logits(run, canvas, prompt_length, block)
-                proposal, confidence = self._propose(run, logits)
                 current = canvas[:, block]
-                confidence = confidence.masked_fill(current != mask_id, float("-inf"))
-                reveal = top_per_row(confidence, counts[:, step])
+                if self.threshold is not None and not bool((current == mask_id).any()):
+                    break  # threshold decoding filled the block early
+                proposal, confidence = self._propose(run, self._logits(run, canvas, prompt_length, block))
+                reveal = reveal_confident(confidence, current == mask_id, counts[:, step], self.threshold)
                 canvas[:, block] = torch.where(reveal, proposal, current)
                 run.record(canvas)
+            if block.stop < canvas.shape[1]:
+                run.block_done(canvas, block.stop)
         return canvas
 
     def _logits(self, run: GenerationRun, canvas: torch.Tensor, prompt_length: int, block: slice) -> torch.Tensor:
