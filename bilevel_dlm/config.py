@@ -65,6 +65,9 @@ class InnerConfig(_Strict):
     loss: Literal["ce", "kl", "reverse_kl", "hidden_mse", "hidden_cosine"] = "ce"
     weighting: Literal["inverse_t", "uniform"] = "inverse_t"
     backend: Literal["torchopt", "higher"] = "torchopt"
+    meta_init: Literal["none", "fomaml", "reptile", "maml"] = Field(
+        "none", description="start from a fresh draw (none) or a meta-learned phi_0 (bilevel_dlm.meta_init)")
+    reptile_rate: float = Field(0.1, gt=0.0, le=1.0, description="Reptile's step toward the adapted fast weights")
 
     @model_validator(mode="after")
     def _check(self) -> "InnerConfig":
@@ -75,6 +78,14 @@ class InnerConfig(_Strict):
             )
         if self.backend == "higher" and self.optimizer == "metasgd":
             raise ValueError("backend='higher' supports optimizer 'sgd' or 'adam'; use backend='torchopt' for metasgd")
+        if self.meta_init == "maml" and self.mode != "unrolled":
+            raise ValueError("meta_init='maml' differentiates through the inner updates: it needs mode='unrolled' "
+                             "(use 'fomaml' or 'reptile' for first-order training)")
+        if self.meta_init in ("fomaml", "reptile") and self.mode != "first_order":
+            raise ValueError(f"meta_init={self.meta_init!r} is a first-order rule; use mode='first_order' "
+                             "(or meta_init='maml' with mode='unrolled')")
+        if self.meta_init != "none" and self.backend != "torchopt":
+            raise ValueError("a meta-learned initialisation needs backend='torchopt'")
         return self
 
 
@@ -110,12 +121,16 @@ class OuterLoRAConfig(_Strict):
 class OuterConfig(_Strict):
     """The MDLM objective at the anchor and the optimizer of the base weights theta."""
 
+    objective: Literal["mdlm", "cart"] = Field("mdlm", description="the outer loss (bilevel_dlm.outer.OBJECTIVES)")
+    cart_p: float = Field(0.3, gt=0.0, le=1.0, description="CART's geometric parameter (objective='cart')")
     schedule: Literal["linear", "cosine"] = "linear"
     t_eps: float = Field(1e-3, gt=0.0, lt=1.0)
     weighting: Literal["elbo", "uniform"] = Field("elbo", description="'elbo': w(t) = -alpha'(t) / (1 - alpha(t))")
     normalization: Literal["token", "sequence", "batch"] = "token"
     lr: float = Field(2e-5, ge=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
+    meta_lr: float | None = Field(None, gt=0.0, description="AdamW rate of the inner method's meta-parameters "
+                                  "(MetaSGD rates, a meta-learned phi_0; no weight decay); None = lr")
     betas: Annotated[tuple[float, float], Field(strict=False)] = (0.9, 0.999)
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)

@@ -19,10 +19,12 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torchopt.base import GradientTransformation
 
-from .config import InnerConfig
+from .config import AdaptConfig, InnerConfig
 from .forward import ModelView
+from .contracts import InnerMethod
 from .losses import token_loss, weighted_mean
 from .memory import MemoryParams
+from .meta_init import MetaInit
 from .noise import Anchor
 from .optim import MetaSGD, build_inner_optimizer, per_tensor_clip
 from .prefix import PrefixReplay, frozen
@@ -110,7 +112,7 @@ class _HigherStepper:
         return tuple(new_values), tuple(seen)
 
 
-class InnerLoop:
+class InnerLoop(InnerMethod):
     """Runs the K inner stages on a batch and leaves the adapted fast weights in ``memory``.
 
     Args:
@@ -118,8 +120,14 @@ class InnerLoop:
         memory: the fast weights to adapt (reset at the start of every :meth:`run`).
         simulator: builds the stages from the anchor (default: ``AnchorConsistent()``).
         optimizer: a torchopt GradientTransformation or a :class:`MetaSGD` (default: from config).
-        config: steps, mode, loss, weighting, backend.
+        config: steps, mode, loss, weighting, backend, meta_init.
+        initial: a meta-learned initialisation to start from (default: built from ``config.meta_init``;
+            pass the training loop's own to adapt from the same phi_0).
+        seed: seeds the first draw of a meta-learned initialisation built from the config.
     """
+
+    shares_anchor_prefix = True  # the anchor stage sees exactly the outer input x_t
+    name = "MemDLM"
 
     def __init__(
         self,
@@ -128,6 +136,8 @@ class InnerLoop:
         simulator: TrajectorySimulator | None = None,
         optimizer: GradientTransformation | MetaSGD | None = None,
         config: InnerConfig | None = None,
+        initial: MetaInit | None = None,
+        seed: int = 0,
     ) -> None:
         self.view = view
         self.memory = memory
@@ -136,15 +146,43 @@ class InnerLoop:
         self.optimizer = optimizer if optimizer is not None else build_inner_optimizer(self.config, memory.names)
         if self.config.backend == "higher" and optimizer is not None:
             raise ValueError("backend='higher' builds its optimizer from the config; do not pass optimizer=")
+        if initial is None and self.config.meta_init != "none":
+            initial = MetaInit(memory, self.config.meta_init, self.config.reptile_rate, seed)
+        self.initial = initial
         self.base_params = [p for p in view.model.parameters() if p.requires_grad]
 
     @property
     def unrolled(self) -> bool:
         return self.config.mode == "unrolled"
 
+    @property
+    def adapts(self) -> bool:
+        return self.config.steps > 0
+
+    def for_prompts(self, memory: MemoryParams, settings: AdaptConfig) -> "InnerLoop":
+        """First order, ``settings.steps`` stages, the same trajectory, optimizer (rebuilt at ``settings.lr``
+        when set) and meta-learned initialisation."""
+        # The initialisation is shared (passed below), not trained here: meta_init "none" in the copy.
+        config = self.config.model_copy(update={"steps": settings.steps, "mode": "first_order", "meta_init": "none"})
+        optimizer = None if config.backend == "higher" else self.optimizer
+        if settings.lr is not None:  # the adaptation's own rate: the configured optimizer at that lr
+            config = config.model_copy(update={"lr": settings.lr})
+            optimizer = None if config.backend == "higher" else build_inner_optimizer(config, memory.names)
+        return InnerLoop(self.view, memory, self.simulator, optimizer, config, initial=self.initial)
+
     def meta_parameters(self) -> list[nn.Parameter]:
-        """Parameters the outer optimizer must train besides the model (MetaSGD rates)."""
-        return list(self.optimizer.parameters()) if isinstance(self.optimizer, nn.Module) else []
+        """Parameters of the inner loop itself: MetaSGD rates, and phi_0 of a meta-learned initialisation
+        (Reptile's phi_0 does not require grad: it is updated after the step, not by the optimizer)."""
+        rates = list(self.optimizer.parameters()) if isinstance(self.optimizer, nn.Module) else []
+        return rates + (list(self.initial.values) if self.initial is not None else [])
+
+    def after_backward(self) -> None:
+        if self.initial is not None:
+            self.initial.after_backward(self.memory)
+
+    def after_step(self, stepped: bool) -> None:
+        if self.initial is not None:
+            self.initial.after_step(stepped)
 
     def _stepper(self):
         if self.config.backend == "higher":
@@ -172,7 +210,8 @@ class InnerLoop:
             self.memory.clear()
             empty = torch.zeros(0, device=x0.device)
             return InnerResult(empty, empty)
-        self.memory.reset(batch_size=x0.shape[0], generator=generator)
+        initial = None if self.initial is None else self.initial.initial(differentiable=self.unrolled)
+        self.memory.reset(batch_size=x0.shape[0], generator=generator, initial=initial)
         stages = self.simulator(x0, maskable, anchor, self.config.steps, self.view.mask_token_id, generator)
         teachers = self.simulator.teacher_inputs(stages, x0) if self.config.loss != "ce" else [None] * len(stages)
         weighting = weighting or self.config.weighting
@@ -197,8 +236,9 @@ class InnerLoop:
                 self.memory.set(values)
                 losses.append(loss.detach())
                 norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
-        if not self.unrolled:
-            self.memory.set(tuple(v.detach() for v in values))  # first order: phi_K is a constant
+        if not self.unrolled:  # first order: phi_K is a constant (a leaf when FOMAML needs its outer gradient)
+            leaf = self.config.meta_init == "fomaml"
+            self.memory.set(tuple(v.detach().requires_grad_(leaf) for v in values))
         return InnerResult(torch.stack(losses), torch.stack(norms).detach())
 
     def _stage_context(self, stage: Stage, prefix: PrefixReplay | None) -> AbstractContextManager:

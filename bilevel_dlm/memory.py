@@ -26,6 +26,7 @@ from torch import nn
 
 from .backbone import Backbone, detect_backbone, resolve_targets
 from .config import MemoryConfig
+from .contracts import FastWeights
 from .rng import RandomSource, as_torch_generator
 from .routing import current_routed_tokens
 
@@ -37,7 +38,7 @@ def first_memory_block(n_blocks: int, layer_fraction: float) -> int:
     return min(int(n_blocks * (1.0 - layer_fraction)), n_blocks - 1)
 
 
-class MemoryParams:
+class MemoryParams(FastWeights):
     """Fast weights for the target linears of a model's last blocks.
 
     Args:
@@ -75,6 +76,7 @@ class MemoryParams:
             f"{path}.{part}" for path in self.targets for part in self._parts()
         )
         self.device = next(model.parameters()).device
+        self._model = model
         self._values: tuple[torch.Tensor, ...] = ()
         self.batch_size: int | None = None
         self._bind_depth = 0
@@ -111,6 +113,10 @@ class MemoryParams:
         d_in, d_out, r = module.in_features, module.out_features, self.config.rank
         return ((r, d_in), (d_out, r)) if self.config.kind == "lora" else ((d_out, d_in),)
 
+    def spawn(self, per_sample: bool) -> "MemoryParams":
+        """An empty memory with this one's targets, form and dtype (per-prompt memory for ``adapt``)."""
+        return MemoryParams(self._model, self.config, backbone=self.backbone, per_sample=per_sample, dtype=self.dtype)
+
     # ----- state -------------------------------------------------------------------------------
     @property
     def values(self) -> tuple[torch.Tensor, ...]:
@@ -118,15 +124,29 @@ class MemoryParams:
             raise RuntimeError("memory is empty: call reset() before binding or reading the fast weights")
         return self._values
 
-    def reset(self, batch_size: int | None = None, generator: RandomSource = None) -> None:
-        """Fresh fast weights: A ~ kaiming_uniform(a=sqrt(5)), B = 0 (delta W = 0); full delta = 0.
+    def reset(self, batch_size: int | None = None, generator: RandomSource = None,
+              initial: Sequence[torch.Tensor] | None = None) -> None:
+        """Fresh fast weights: A ~ kaiming_uniform(a=sqrt(5)), B = 0 (delta W = 0); full delta = 0; or
+        copies of ``initial`` (one unbatched tensor per name, e.g. a meta-learned initialisation; their
+        autograd graph is kept, so an unrolled inner loop differentiates through them).
 
-        Per-sample memory starts every row from the same draw, so a batch adapts exactly like each
+        Per-sample memory starts every row from the same values, so a batch adapts exactly like each
         of its rows would alone. Old tensors (and any graph hanging on them) are dropped.
         """
         if self.per_sample and batch_size is None:
             raise ValueError("per-sample memory needs reset(batch_size=...)")
         self.batch_size = batch_size if self.per_sample else None
+        if initial is None:
+            initial = self.initial_values(generator)
+        elif len(initial) != len(self.names):
+            raise ValueError(f"initial has {len(initial)} tensors, the memory {len(self.names)}")
+        values = [value.to(self.device, self.dtype) for value in initial]
+        if self.per_sample:
+            values = [value.expand(batch_size, *value.shape).clone() for value in values]
+        self._values = tuple(value if value.requires_grad else value.clone() for value in values)
+
+    def initial_values(self, generator: RandomSource = None) -> tuple[torch.Tensor, ...]:
+        """One fresh draw of the unbatched tensors (kaiming-uniform A, zero B / zero full delta)."""
         generator = as_torch_generator(generator, self.device)
         values = []
         for module in self.targets.values():
@@ -136,10 +156,8 @@ class MemoryParams:
                     value = (torch.rand(shape, generator=generator, device=self.device, dtype=self.dtype) * 2 - 1) * bound
                 else:
                     value = torch.zeros(shape, device=self.device, dtype=self.dtype)
-                if self.per_sample:
-                    value = value.expand(batch_size, *shape).clone()
                 values.append(value)
-        self._values = tuple(values)
+        return tuple(values)
 
     def clear(self) -> None:
         """Drop the fast weights (and every graph hanging on them)."""
@@ -152,10 +170,6 @@ class MemoryParams:
         if len(values) != len(self.names):
             raise ValueError(f"expected {len(self.names)} fast-weight tensors, got {len(values)}")
         self._values = values
-
-    def state(self) -> dict[str, torch.Tensor]:
-        """Name -> detached copy of every fast-weight tensor."""
-        return {name: value.detach().clone() for name, value in zip(self.names, self.values)}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         """Inverse of :meth:`state`; names must match exactly."""

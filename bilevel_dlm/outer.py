@@ -1,4 +1,9 @@
-"""OuterLoop: the MDLM objective at the anchor (with whatever memory is bound) and theta's optimizer."""
+"""Outer objectives (the MDLM loss, and Dream's CART-weighted variant) and theta's optimizer.
+
+The objective is computed at the anchor with whatever memory is bound. ``make_objective`` picks the
+one named by ``OuterConfig.objective`` from :data:`OBJECTIVES`; any :class:`~bilevel_dlm.contracts.
+OuterObjective` plugs into ``MemoryWrapper(outer=...)``.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +15,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import OuterConfig
+from .contracts import OuterObjective
 from .forward import ModelView
 from .losses import weighted_mean
 from .noise import Anchor, keyed_anchor, make_schedule, sample_anchor
 from .selection import Selection
 from .trajectory import masked_fraction
 
-__all__ = ["OuterLoop", "build_outer_optimizer"]
+__all__ = ["OuterLoop", "CARTObjective", "OBJECTIVES", "make_objective", "build_outer_optimizer", "warmup_schedule"]
 
 
-class OuterLoop:
+class OuterLoop(OuterObjective):
     """Masked diffusion loss: sum over masked positions of w(t) CE(logits(x_t), x0), normalised by
 
     ``token``: the number of maskable tokens in the batch; ``sequence``: each sample's maskable count,
@@ -38,17 +44,6 @@ class OuterLoop:
         """An anchor drawn from each example's own content (:func:`bilevel_dlm.noise.keyed_anchor`)."""
         return keyed_anchor(x0, maskable, attention_mask, self.schedule, self.view.mask_token_id, self.config.t_eps, seed)
 
-    def loss(
-        self,
-        x0: torch.Tensor,
-        maskable: torch.Tensor,
-        anchor: Anchor,
-        attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The normalised loss of the batch (``numerator / denominator`` of :meth:`loss_terms`)."""
-        numerator, denominator = self.loss_terms(x0, maskable, anchor, attention_mask)
-        return numerator / denominator.clamp_min(1)
-
     def loss_terms(
         self,
         x0: torch.Tensor,
@@ -64,14 +59,19 @@ class OuterLoop:
         logits, _ = self.view.logits_at(select, anchor.input_ids, attention_mask, masked_fraction(anchor.masked, maskable))
         ce = F.cross_entropy(logits, select.take(x0), reduction="none")
         batch = x0.shape[0]
-        weight = self.schedule.weight(anchor.t) if self.config.weighting == "elbo" else torch.ones_like(anchor.t)
-        weights = weight[select.rows]
+        weights = self.token_weights(anchor, select)
         one = torch.ones((), device=x0.device)
         if self.config.normalization == "sequence":
             numerator = weighted_mean(ce, weights, select.rows, batch, per_sample=True, denominator=maskable.sum(1))
         else:
             numerator = weighted_mean(ce, weights, select.rows, batch, per_sample=False, denominator=one)
         return numerator, self.denominator(maskable)
+
+    def token_weights(self, anchor: Anchor, select: Selection) -> torch.Tensor:
+        """Weight [N] of each selected (masked) position: w(t) = -alpha'(t) / (1 - alpha(t)) of its
+        sequence (``elbo``), or 1 (``uniform``)."""
+        weight = self.schedule.weight(anchor.t) if self.config.weighting == "elbo" else torch.ones_like(anchor.t)
+        return weight[select.rows]
 
     def denominator(self, maskable: torch.Tensor) -> torch.Tensor:
         """The normaliser of a batch: its maskable tokens (``token``), its sequences with a maskable
@@ -103,15 +103,48 @@ def warmup_schedule(kind: str, warmup: int, total: int | None):
     return factor
 
 
+class CARTObjective(OuterLoop):
+    """The MDLM loss with Dream's CART weights (context-adaptive token-level rescheduling, Dream SFT).
+
+    A masked position i is weighted by how much clean context surrounds it instead of by 1/t:
+    ``w_i = 0.5 * sum_{j unmasked, j != i} p (1 - p)^(|i - j| - 1)``, a geometric kernel in the distance to
+    each unmasked token (p = ``OuterConfig.cart_p``, 0.3 in the reference SFT). Normalisation as configured.
+    """
+
+    def token_weights(self, anchor: Anchor, select: Selection) -> torch.Tensor:
+        length = anchor.masked.shape[1]
+        position = torch.arange(length, device=anchor.masked.device)
+        distance = (position[None, :] - position[:, None]).abs()
+        p = self.config.cart_p
+        kernel = 0.5 * p * (1 - p) ** (distance - 1).clamp_min(0).double()
+        kernel = kernel.masked_fill(distance == 0, 0.0).float()  # [L, L]
+        weights = (~anchor.masked).float() @ kernel  # [B, L]: sum over unmasked j of kernel(i, j)
+        return select.take(weights)
+
+
+OBJECTIVES: dict[str, type[OuterObjective]] = {"mdlm": OuterLoop, "cart": CARTObjective}
+
+
+def make_objective(view: ModelView, config: OuterConfig) -> OuterObjective:
+    """The outer objective named by ``config.objective``."""
+    return OBJECTIVES[config.objective](view, config)
+
+
 def build_outer_optimizer(
-    params: Iterable[nn.Parameter], config: OuterConfig, max_steps: int | None
+    params: Iterable[nn.Parameter], config: OuterConfig, max_steps: int | None,
+    meta_parameters: Iterable[nn.Parameter] = (),
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW on theta (plus any meta-parameters) with the configured warmup + decay schedule over
-    ``max_steps``; without a horizon (``None``) the learning rate stays constant."""
+    """AdamW on theta with the configured warmup + decay schedule over ``max_steps`` (``None``: the
+    learning rate stays constant); the inner method's meta-parameters form a second group at
+    ``config.meta_lr`` (default ``config.lr``) without weight decay, under the same schedule."""
     params = [p for p in params if p.requires_grad]
-    if not params:
+    meta = [p for p in meta_parameters if p.requires_grad]
+    if not params and not meta:
         raise ValueError("the outer optimizer got no trainable parameters (all requires_grad=False)")
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    groups = [{"params": params}] if params else []
+    if meta:
+        groups.append({"params": meta, "lr": config.meta_lr or config.lr, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     warmup = 0 if max_steps is None else int(config.warmup_ratio * max_steps)
     factor = warmup_schedule(config.lr_schedule, warmup, max_steps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

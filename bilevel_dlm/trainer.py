@@ -216,8 +216,8 @@ class MemDLMTrainer(Trainer):
                                     inner_optimizer=inner_optimizer)
         if self.memdlm.inner.meta_parameters():
             raise NotImplementedError(
-                "the inner optimizer has meta-parameters (MetaSGD rates) outside the model, which the Trainer's "
-                "optimizer and DDP would not see; train them with MemoryWrapper.fit or use optimizer 'sgd'/'adam'"
+                "the inner method has meta-parameters (MetaSGD rates, a meta-learned initialisation) outside the model, which the Trainer's "
+                "optimizer and DDP would not see; train them with MemoryWrapper.fit, or use optimizer 'sgd'/'adam' and meta_init 'none'"
             )
         # Each rank draws its own anchors and trajectories; a single process draws exactly what fit() draws.
         self.memdlm.generator.manual_seed(args.memdlm.seed + args.process_index)

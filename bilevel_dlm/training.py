@@ -41,8 +41,8 @@ class History:
     """What ``fit`` measured: one entry per optimizer step, evaluations at ``eval_steps``.
 
     ``nonfinite_steps`` lists the steps that were attempted with a non-finite loss or gradient and
-    skipped (the step was then retried on the next batch); ``variant`` is "MemDLM", or "MDLM" for
-    zero inner steps (the plain baseline).
+    skipped (the step was then retried on the next batch); ``variant`` is the inner method's ``name``
+    ("MemDLM"), or "MDLM" for an inner method that adapts nothing (the plain baseline).
     """
 
     steps: list[int] = field(default_factory=list)
@@ -59,7 +59,7 @@ class History:
 
 
 def variant_name(wrapper: "MemoryWrapper") -> str:
-    return "MDLM" if wrapper.config.inner.steps == 0 else "MemDLM"
+    return wrapper.inner.name if wrapper.inner.adapts else "MDLM"
 
 
 def train_step(wrapper: "MemoryWrapper", batch: Mapping[str, Any]) -> dict[str, float]:
@@ -74,6 +74,7 @@ def train_step(wrapper: "MemoryWrapper", batch: Mapping[str, Any]) -> dict[str, 
     with wrapper.bilevel_context():
         loss, inner, _ = wrapper.compute_loss(prepared)
         loss.backward()
+    wrapper.inner.after_backward()
     wrapper.memory.clear()
     theta = [p for p in wrapper.trainable_parameters() if p.grad is not None]
     max_norm = wrapper.config.outer.max_grad_norm
@@ -93,6 +94,7 @@ def train_step(wrapper: "MemoryWrapper", batch: Mapping[str, Any]) -> dict[str, 
     else:
         skip_nonfinite(wrapper, metrics)
         metrics["nonfinite"] = 1.0
+    wrapper.inner.after_step(stepped="nonfinite" not in metrics)
     wrapper.optimizer.zero_grad(set_to_none=True)
     return metrics
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -22,13 +22,13 @@ from .backbone import Backbone, detect_backbone, get_backbone
 from .checkpoint import (CONFIG, HISTORY, MODEL_DIR, TOKENIZER_DIR, TRAINING_STATE, atomic_directory_write,
                          import_model_class, load_weights, model_class_path, read_meta, resolve_checkpoint, write_meta)
 from .config import MemDLMConfig
+from .contracts import FastWeights, InnerMethod, OuterObjective
 from .data import PreparedBatch, iterate_batches, leading_real_tokens, prepare_batch
 from .forward import ModelView
 from .inner import InnerLoop, InnerResult
 from .memory import MemoryParams
 from .noise import Anchor
-from .optim import build_inner_optimizer
-from .outer import OuterLoop, build_outer_optimizer
+from .outer import build_outer_optimizer, make_objective
 from .peft_utils import base_model_of, is_peft_model, with_requested_outer_lora
 from .prefix import PrefixReplay, random_state, same_random_state
 from .rng import RowSharedRandom, leading_padding
@@ -51,6 +51,10 @@ class MemoryWrapper:
         mask_token_id: explicit mask token id (overrides model and tokenizer).
         simulator: a custom trajectory simulator (default: from ``config.trajectory``).
         inner_optimizer: a torchopt GradientTransformation or MetaSGD (default: from ``config.inner``).
+        inner: another inner method (an :class:`~bilevel_dlm.contracts.InnerMethod`, or a callable building
+            one from this wrapper's ``(view, memory)``); default: MemDLM's :class:`InnerLoop` from the config.
+        outer: another outer objective (an :class:`~bilevel_dlm.contracts.OuterObjective`, or a callable
+            building one from the view); default: ``config.outer.objective``.
     """
 
     def __init__(
@@ -63,6 +67,8 @@ class MemoryWrapper:
         mask_token_id: int | None = None,
         simulator: TrajectorySimulator | None = None,
         inner_optimizer: Any = None,
+        inner: InnerMethod | Callable[[ModelView, MemoryParams], InnerMethod] | None = None,
+        outer: OuterObjective | Callable[[ModelView], OuterObjective] | None = None,
     ) -> None:
         self.config = config or MemDLMConfig()
         model = with_requested_outer_lora(model, self.config.outer.lora)
@@ -75,17 +81,24 @@ class MemoryWrapper:
         self.backbone = backbone or detect_backbone(model)
         self.view = ModelView(self.backbone, model, self._resolve_mask_id(mask_token_id))
         self.vocab_size, self.max_length = self.backbone.vocab_size(model), self.backbone.max_length(model)
-        trajectory = self.config.trajectory
-        self.simulator = simulator or make_simulator(
-            trajectory.kind, trajectory.s_pre, trajectory.stage1_targets,
-            trajectory.progressive_start, trajectory.progressive_end,
-        )
         self.memory = MemoryParams(model, self.config.memory, backbone=self.backbone)
-        if inner_optimizer is not None and self.config.adapt.lr is not None:
-            raise ValueError("adapt.lr rebuilds the inner optimizer from the config at that rate, so it cannot "
-                             "apply to an inner_optimizer object; leave adapt.lr unset or pass no inner_optimizer")
-        self.inner = InnerLoop(self.view, self.memory, self.simulator, inner_optimizer, self.config.inner)
-        self.outer = OuterLoop(self.view, self.config.outer)
+        if inner is None:
+            inner = self._default_inner(simulator, inner_optimizer)
+        elif simulator is not None or inner_optimizer is not None:
+            raise ValueError("simulator= and inner_optimizer= configure the default inner loop (InnerLoop); with "
+                             "inner=..., give them to your inner method instead")
+        elif not isinstance(inner, InnerMethod):
+            inner = inner(self.view, self.memory)
+        if not isinstance(inner, InnerMethod):
+            raise TypeError(f"inner must be an InnerMethod or build one from (view, memory), got {type(inner).__name__}")
+        self.inner, self.memory = inner, inner.memory
+        if outer is None:
+            outer = make_objective(self.view, self.config.outer)
+        elif not isinstance(outer, OuterObjective):
+            outer = outer(self.view)
+        if not isinstance(outer, OuterObjective):
+            raise TypeError(f"outer must be an OuterObjective or build one from (view), got {type(outer).__name__}")
+        self.outer = outer
         self.device = next(model.parameters()).device
         self.generator = torch.Generator(self.device).manual_seed(self.config.seed)
         self.optimizer: torch.optim.Optimizer | None = None
@@ -96,12 +109,22 @@ class MemoryWrapper:
         self.updates = 0
         self.nonfinite_run = 0
         self.last_finite: tuple[int, dict[str, float]] | None = None
-        self.prompt_memory: MemoryParams | None = None
+        self.prompt_memory: FastWeights | None = None
         # Reuse the anchor stage's pass through the blocks below the first fast weight in the outer
         # pass (bilevel_dlm.prefix); off only to measure what it saves.
         self.share_prefix = True
 
     # ----- set-up ------------------------------------------------------------------------------
+    def _default_inner(self, simulator: TrajectorySimulator | None, inner_optimizer: Any) -> InnerLoop:
+        """MemDLM's inner loop from the config (the simulator and optimizer objects replace theirs)."""
+        if inner_optimizer is not None and self.config.adapt.lr is not None:
+            raise ValueError("adapt.lr rebuilds the inner optimizer from the config at that rate, so it cannot "
+                             "apply to an inner_optimizer object; leave adapt.lr unset or pass no inner_optimizer")
+        trajectory = self.config.trajectory
+        simulator = simulator or make_simulator(trajectory.kind, trajectory.s_pre, trajectory.stage1_targets,
+                                                trajectory.progressive_start, trajectory.progressive_end)
+        return InnerLoop(self.view, self.memory, simulator, inner_optimizer, self.config.inner, seed=self.config.seed)
+
     def _resolve_mask_id(self, explicit: int | None) -> int:
         for candidate in (explicit, self.backbone.mask_token_id(self.model),
                           getattr(self.tokenizer, "mask_token_id", None)):
@@ -117,13 +140,15 @@ class MemoryWrapper:
         return self.view.mask_token_id
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """theta (the model's trainable parameters) plus meta-parameters of the inner optimizer."""
+        """theta (the model's trainable parameters) plus the inner method's meta-parameters."""
         return [p for p in self.model.parameters() if p.requires_grad] + self.inner.meta_parameters()
 
     def configure_optimizers(self, max_steps: int | None) -> None:
         """Build AdamW and the learning-rate schedule for ``max_steps`` outer steps (``None``: constant
         learning rate, what :meth:`step` uses when called before any ``fit``)."""
-        self.optimizer, self.scheduler = build_outer_optimizer(self.trainable_parameters(), self.config.outer, max_steps)
+        theta = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer, self.scheduler = build_outer_optimizer(theta, self.config.outer, max_steps,
+                                                               self.inner.meta_parameters())
 
     def prepare(self, batch: Mapping[str, Any], where: str = "batch") -> PreparedBatch:
         """Validate a batch against this model (vocabulary, maximum length) and derive its maskable positions."""
@@ -137,7 +162,7 @@ class MemoryWrapper:
         second derivative) across a :meth:`compute_loss` and its backward: gradient checkpointing
         recomputes forwards during backward, and they must run exactly as the first time."""
         kernel = sdpa_kernel(SDPBackend.MATH) if self.inner.unrolled else nullcontext()
-        memory = self.memory.bind() if self.config.inner.steps else nullcontext()  # steps 0: plain MDLM
+        memory = self.memory.bind() if self.inner.adapts else nullcontext()
         with memory, kernel:
             yield
 
@@ -150,7 +175,8 @@ class MemoryWrapper:
         x0, maskable, attention = batch.x0, batch.maskable, batch.model_attention_mask
         anchor = self.outer.sample_anchor(x0, maskable, self.generator)
         first = self.memory.first_block
-        prefix = PrefixReplay(self.backbone.blocks(self.model), first) if first > 0 and self.share_prefix else None
+        shared = first > 0 and self.share_prefix and self.inner.shares_anchor_prefix
+        prefix = PrefixReplay(self.backbone.blocks(self.model), first) if shared else None
         inner = self.inner.run(x0, maskable, anchor, attention, generator=self.generator, prefix=prefix)
         replay = prefix.replay() if prefix is not None and prefix.recorded else nullcontext()
         with self.bilevel_context(), replay:
@@ -257,9 +283,15 @@ class MemoryWrapper:
             warnings.warn(f"the checkpoint's random state was saved on {state.get('generator_device')}; "
                           f"re-seeding the {self.device.type} generator from config.seed", stacklevel=3)
         self.skipped_batches = state["skipped_batches"]
+        ours, saved = self.inner.meta_parameters(), state["meta_parameters"]
+        if [tuple(p.shape) for p in ours] != [tuple(p.shape) for p in saved]:
+            raise ValueError(
+                f"the checkpoint holds {len(saved)} inner meta-parameters of shapes {[tuple(p.shape) for p in saved]}, "
+                f"this wrapper's inner method has {len(ours)} of shapes {[tuple(p.shape) for p in ours]}: build the "
+                "wrapper with the inner method and config the checkpoint was trained with")
         with torch.no_grad():
-            for param, saved in zip(self.inner.meta_parameters(), state["meta_parameters"]):
-                param.copy_(saved)
+            for param, value in zip(ours, saved):
+                param.copy_(value)
         if self.optimizer is not None and "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -288,7 +320,7 @@ class MemoryWrapper:
         attention_mask: torch.Tensor | None = None,
         *,
         seed: int | None = None,
-    ) -> MemoryParams:
+    ) -> FastWeights:
         """Per-sample memory adapted on each prompt alone (MEMDLM.md section 5); base weights untouched.
 
         Every attended prompt token is maskable; the anchor masks ``adapt.anchor_ratio`` of them, and
@@ -301,19 +333,14 @@ class MemoryWrapper:
         return self._adapt(batch.x0, batch.maskable, batch.model_attention_mask, seed)
 
     def _adapt(self, x0: torch.Tensor, maskable: torch.Tensor, attention_mask: torch.Tensor | None,
-               seed: int | None = None) -> MemoryParams:
+               seed: int | None = None) -> FastWeights:
         settings = self.config.adapt
         offsets = None if attention_mask is None else leading_padding(attention_mask)
         source = RowSharedRandom(self.config.seed if seed is None else seed, offsets)
         # One prompt needs no batch dimension (and MoE experts, which mix the tokens of a batch, accept it).
         per_sample = x0.shape[0] > 1
-        memory = MemoryParams(self.model, self.config.memory, backbone=self.backbone, per_sample=per_sample)
-        inner_config = self.config.inner.model_copy(update={"steps": settings.steps, "mode": "first_order"})
-        optimizer = None if inner_config.backend == "higher" else self.inner.optimizer
-        if settings.lr is not None:  # the adaptation's own rate: the configured optimizer at that lr
-            inner_config = inner_config.model_copy(update={"lr": settings.lr})
-            optimizer = None if inner_config.backend == "higher" else build_inner_optimizer(inner_config, memory.names)
-        loop = InnerLoop(self.view, memory, self.simulator, optimizer, inner_config)
+        memory = self.memory.spawn(per_sample)
+        loop = self.inner.for_prompts(memory, settings)
         counts = torch.floor(maskable.sum(1) * settings.anchor_ratio).long().clamp_min(1)
         masked = random_subset(maskable, counts, source)
         anchor = Anchor(t=masked_fraction(masked, maskable), masked=masked,

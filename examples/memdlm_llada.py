@@ -18,9 +18,10 @@ with the adaptation learning rate chosen on a validation split (the sweep is rep
 (measured after adapting on the same batch) is never used as evidence. Writes results.json, results.csv
 and four PNGs to --output.
 
-    python examples/memdlm_llada.py                    # the default budget: 3 seeds, 379 s measured on 2 cores
+    python examples/memdlm_llada.py                    # the default budget: 3 seeds, 331 s measured on 2 cores
     python examples/memdlm_llada.py --budget quick     # a smoke run (CI)
     python examples/memdlm_llada.py --budget long      # 10x the steps, harder recall (sized for ~1 hour; not run)
+    python examples/memdlm_llada.py --arms meta-init   # fresh fast weights against a meta-learned phi_0
 """
 
 from __future__ import annotations
@@ -66,11 +67,19 @@ BUDGETS = {
     "long": Budget(seeds=3, steps=4000, eval_every=250, train_examples=32768, eval_examples=256, position_pairs=8,
                    mqar_pairs=4, mqar_queries=4),
 }
-ARMS = {  # name: (inner steps, learning-rate factor, fraction of blocks with fast weights)
-    "MDLM": (0, 1.0, 0.1),
-    "MDLM (2x lr)": (0, 2.0, 0.1),
-    "MemDLM (last block)": (2, 1.0, 0.1),
-    "MemDLM (all blocks)": (2, 1.0, 1.0),
+ARMS = {  # name: (inner steps, lr factor, fraction of blocks with fast weights, meta_init, meta-lr factor)
+    "MDLM": (0, 1.0, 0.1, "none", 1.0),
+    "MDLM (2x lr)": (0, 2.0, 0.1, "none", 1.0),
+    "MemDLM (last block)": (2, 1.0, 0.1, "none", 1.0),
+    "MemDLM (all blocks)": (2, 1.0, 1.0, "none", 1.0),
+    "MemDLM (FOMAML init)": (2, 1.0, 0.1, "fomaml", 1.0),
+    "MemDLM (FOMAML init, meta lr / 20)": (2, 1.0, 0.1, "fomaml", 0.05),
+    "MemDLM (Reptile init)": (2, 1.0, 0.1, "reptile", 1.0),
+}
+ARM_SETS = {  # --arms: the arms a run trains (MDLM, the reference of every comparison, is in each)
+    "default": ("MDLM", "MDLM (2x lr)", "MemDLM (last block)", "MemDLM (all blocks)"),
+    "meta-init": ("MDLM", "MemDLM (last block)", "MemDLM (FOMAML init)", "MemDLM (FOMAML init, meta lr / 20)",
+                  "MemDLM (Reptile init)"),
 }
 ADAPT_LRS = (0.001, 0.003, 0.01, 0.03, 0.1)  # 0.1 is the preset's inner rate
 TASK_NAMES = ("position", "mqar")
@@ -79,6 +88,8 @@ TASK_NAMES = ("position", "mqar")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="default")
+    parser.add_argument("--arms", choices=sorted(ARM_SETS), default="default",
+                        help="'meta-init': the preset's fresh fast weights against a meta-learned phi_0 (FOMAML, Reptile)")
     parser.add_argument("--output", default="outputs/memdlm_llada", help="folder for the table, plots and JSON")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backbone", choices=TINY_FAMILIES, default="llada", help="family of the tiny model")
@@ -114,10 +125,12 @@ def datasets(budget: Budget) -> dict[str, dict[str, list]]:
 
 # ----- one arm, one seed ---------------------------------------------------------------------------------
 def recipe(arm: str, args: argparse.Namespace, seed: int, adapt_lr: float | None = None) -> MemDLMConfig:
-    inner_steps, lr_factor, fraction = ARMS[arm]
-    return MemDLMConfig(inner=InnerConfig(steps=inner_steps), memory=MemoryConfig(layer_fraction=fraction),
-                        outer=OuterConfig(lr=args.lr * lr_factor, warmup_ratio=0.05), adapt=AdaptConfig(lr=adapt_lr),
-                        seed=seed)
+    inner_steps, lr_factor, fraction, meta_init, meta_lr_factor = ARMS[arm]
+    lr = args.lr * lr_factor
+    return MemDLMConfig(inner=InnerConfig(steps=inner_steps, meta_init=meta_init),
+                        memory=MemoryConfig(layer_fraction=fraction),
+                        outer=OuterConfig(lr=lr, meta_lr=lr * meta_lr_factor, warmup_ratio=0.05),
+                        adapt=AdaptConfig(lr=adapt_lr), seed=seed)
 
 
 def accuracies(wrapper: MemoryWrapper, tokenizer, examples: dict[str, list], adapt: bool, seed: int) -> dict:
@@ -151,10 +164,11 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, budget: Budget) -> di
               "eval_loss": [initial, *history.eval_loss], "step_seconds": statistics.median(history.step_seconds),
               "loss_off": {task: wrapper.eval_loss(rows["test"][task], batch_size=64) for task in TASK_NAMES},
               "accuracy_off": accuracies(wrapper, tokenizer, data["test"], adapt=False, seed=seed)}
-    # The adaptation rate is chosen on the validation split; memory off competes too (rate 0).
+    # The adaptation rate is chosen on the validation split; memory off competes too (rate 0). The sweep's
+    # wrappers share the trained inner method (a meta-learned phi_0 is where adaptation starts).
     sweep = {"0": wrapper.eval_loss([r for t in TASK_NAMES for r in rows["validation"][t]], batch_size=64)}
     for lr in ADAPT_LRS:
-        adapted = MemoryWrapper(model, recipe(arm, args, seed, adapt_lr=lr), tokenizer=tokenizer)
+        adapted = MemoryWrapper(model, recipe(arm, args, seed, adapt_lr=lr), tokenizer=tokenizer, inner=wrapper.inner)
         sweep[str(lr)] = adapted.eval_loss([r for t in TASK_NAMES for r in rows["validation"][t]], memory="prompt",
                                            batch_size=64)
     chosen = min(sweep, key=sweep.get)
@@ -162,7 +176,8 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, budget: Budget) -> di
     if chosen == "0":
         result["loss_prompt"], result["accuracy_prompt"] = result["loss_off"], result["accuracy_off"]
     else:
-        adapted = MemoryWrapper(model, recipe(arm, args, seed, adapt_lr=float(chosen)), tokenizer=tokenizer)
+        adapted = MemoryWrapper(model, recipe(arm, args, seed, adapt_lr=float(chosen)), tokenizer=tokenizer,
+                                inner=wrapper.inner)
         result["loss_prompt"] = {task: adapted.eval_loss(rows["test"][task], memory="prompt", batch_size=64)
                                  for task in TASK_NAMES}
         result["accuracy_prompt"] = accuracies(adapted, tokenizer, data["test"], adapt=True, seed=seed)
@@ -170,7 +185,7 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, budget: Budget) -> di
 
 
 def run_seed(seed: int, args: argparse.Namespace, budget: Budget) -> list[dict]:
-    return [run_arm(arm, seed, args, budget) for arm in ARMS]
+    return [run_arm(arm, seed, args, budget) for arm in ARM_SETS[args.arms]]
 
 
 # ----- aggregation -------------------------------------------------------------------------------------
@@ -199,8 +214,13 @@ def compare(name: str, value: dict, reference: dict, lower_is_better: bool = Tru
     return f"{name}: no difference from MDLM beyond the seed spread"
 
 
+def runs_by_arm(results: list[dict]) -> dict[str, list[dict]]:
+    """arm -> its runs, in the order the arms ran."""
+    return {arm: [r for r in results if r["arm"] == arm] for arm in dict.fromkeys(r["arm"] for r in results)}
+
+
 def summarise(results: list[dict]) -> dict:
-    by_arm = {arm: [r for r in results if r["arm"] == arm] for arm in ARMS}
+    by_arm = runs_by_arm(results)
     equal_time = min(max(r["eval_seconds"]) for r in results)  # the time every arm's runs reached
     base_step = statistics.fmean(r["step_seconds"] for r in by_arm["MDLM"])
     summary = {}
@@ -287,7 +307,7 @@ def plot(output: Path, results: list[dict], summary: dict, budget: Budget) -> li
     import matplotlib.pyplot as plt
 
     claims, paths = summary["claims"], []
-    by_arm = {arm: [r for r in results if r["arm"] == arm] for arm in ARMS}
+    by_arm = runs_by_arm(results)
     for axis, key, label in (("steps", "eval_steps", "training step"), ("time", "eval_seconds", "training time (s)")):
         fig, ax = plt.subplots(figsize=(7.5, 4.5))
         for arm, runs in by_arm.items():
@@ -306,7 +326,7 @@ def plot(output: Path, results: list[dict], summary: dict, budget: Budget) -> li
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, (task, metric, chance) in zip(axes, (("position", "exact_match", None),
                                                  ("mqar", "token_accuracy", 1 / budget.mqar_pairs))):
-        for i, arm in enumerate(ARMS):
+        for i, arm in enumerate(by_arm):
             for j, mode in enumerate(("off", "prompt")):
                 value = summary["arms"][arm][f"{task}_{metric}_{mode}"]
                 ax.bar(i + 0.4 * j, value["mean"], 0.38, color=f"C{i}", alpha=1.0 if mode == "off" else 0.5,
@@ -314,7 +334,7 @@ def plot(output: Path, results: list[dict], summary: dict, budget: Budget) -> li
                        label=f"memory {mode}" if i == 0 else None)
         if chance is not None:
             ax.axhline(chance, color="grey", ls="--", lw=1, label="chance (pick one of the pairs' values)")
-        ax.set_xticks([i + 0.2 for i in range(len(ARMS))], list(ARMS), rotation=15, fontsize=8)
+        ax.set_xticks([i + 0.2 for i in range(len(by_arm))], list(by_arm), rotation=15, fontsize=8)
         ax.set(ylim=(0, 1), ylabel=metric.replace("_", " "), title=f"{task}: {metric.replace('_', ' ')} by decoding")
         ax.legend(fontsize=8)
     paths.append(output / "accuracy.png")
@@ -343,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     seeds = list(range(budget.seeds))
     workers = min(len(seeds), args.workers or os.cpu_count() or 1)
-    print(f"{args.budget} budget: {len(ARMS)} arms x {len(seeds)} seeds x {budget.steps} steps, {workers} worker(s)")
+    print(f"{args.budget} budget: {len(ARM_SETS[args.arms])} arms x {len(seeds)} seeds x {budget.steps} steps, {workers} worker(s)")
     if workers > 1:
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
             results = [r for seed_results in pool.map(run_seed, seeds, [args] * len(seeds), [budget] * len(seeds))
@@ -354,7 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = write_table(output, summary)
     plots = plot(output, results, summary, budget)
     record = {"budget": args.budget, "budget_settings": asdict(budget),
-              "arguments": vars(args), "arms": {arm: list(spec) for arm, spec in ARMS.items()},
+              "arguments": vars(args), "arms": {arm: list(ARMS[arm]) for arm in ARM_SETS[args.arms]},
               "adaptation_rates": list(ADAPT_LRS), "seeds": seeds, "runs": results, **summary,
               "machine": {"cpus": os.cpu_count(), "torch_threads_per_worker": 1, "workers": workers,
                           "platform": platform.platform(), "torch": torch.__version__},

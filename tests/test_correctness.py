@@ -11,16 +11,13 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from bilevel_dlm import InnerConfig, MemDLMConfig, MemoryConfig, MemoryWrapper, TrajectoryConfig
 from bilevel_dlm.integrations import llada, mdlm
 from bilevel_dlm.losses import token_loss
 from bilevel_dlm.sampling import LLaDASampler
-from bilevel_dlm.noise import Anchor
-from bilevel_dlm.trajectory import masked_fraction
 from bilevel_dlm.diagnostics import HostSyncCounter, LiveTensorBytes
-from test_backbones_bilevel import FAMILIES, MASK, make_batch, recipe, snapshot
+from test_backbones_bilevel import FAMILIES, make_batch, recipe
 from test_option_matrix import PAD, one_step
 
 ALL = sorted(FAMILIES)

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import math
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -14,19 +11,13 @@ import torch
 
 from bilevel_dlm import MemoryParams, detect_backbone, registered_backbones
 from bilevel_dlm.forward import ModelView
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "custom_backbone.py"
+from examples_loader import example_module
 
 
 @pytest.fixture(scope="module")
 def example() -> ModuleType:
-    """The example script imported as a module (registered in sys.modules, as its dataclass needs)."""
-    spec = importlib.util.spec_from_file_location("custom_backbone_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with example_module("custom_backbone.py") as module:
+        yield module
 
 
 @pytest.fixture(autouse=True, scope="module")

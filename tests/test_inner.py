@@ -1,14 +1,13 @@
 """InnerLoop: hand-written reference, first-order semantics, unrolled gradients, host syncs."""
 
 import copy
-import math
 
 import higher
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bilevel_dlm import (AnchorConsistent, InnerConfig, InnerLoop, MemDLMConfig, MemoryConfig, MemoryParams,
+from bilevel_dlm import (InnerConfig, InnerLoop, MemDLMConfig, MemoryConfig, MemoryParams,
                          MemoryWrapper, MetaSGD, ModelView, OuterConfig, OuterLoop, Stage, TrajectorySimulator)
 from bilevel_dlm.trajectory import masked_fraction
 from bilevel_dlm.diagnostics import HostSyncCounter

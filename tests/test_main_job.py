@@ -1,11 +1,8 @@
 """The main job's quick budget end to end: its outputs are consistent with each other; evaluation helpers."""
 
 import csv
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,17 +10,13 @@ import torch
 from bilevel_dlm.evaluation import decode_answers, encode_prompts
 from bilevel_dlm.tasks import build_tokenizer, token_accuracy
 from bilevel_dlm.tasks.recall import make_recall_dataset, recall_tokenizer
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "memdlm_llada.py"
+from examples_loader import example_module
 
 
 @pytest.fixture(scope="module")
 def job():
-    spec = importlib.util.spec_from_file_location("memdlm_llada", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    with example_module("memdlm_llada.py") as module:
+        yield module
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +36,11 @@ def test_the_quick_run_writes_every_output(quick_run) -> None:
 def test_table_json_and_csv_agree_and_record_every_seed(job, quick_run) -> None:
     output, record = quick_run
     saved = json.loads((output / "results.json").read_text())
-    assert saved["seeds"] == [0, 1] and set(saved["arms"]) == set(job.ARMS)
-    assert sorted((r["arm"], r["seed"]) for r in saved["runs"]) == sorted((a, s) for a in job.ARMS for s in (0, 1))
+    assert saved["seeds"] == [0, 1] and set(saved["arms"]) == set(job.ARM_SETS["default"])
+    assert sorted((r["arm"], r["seed"]) for r in saved["runs"]) == sorted((a, s) for a in job.ARM_SETS["default"] for s in (0, 1))
     with open(output / "results.csv") as handle:
         rows = list(csv.reader(handle))
-    assert [row[0] for row in rows[1:]] == list(job.ARMS), "one table row per arm"
+    assert [row[0] for row in rows[1:]] == list(job.ARM_SETS["default"]), "one table row per arm"
     header = rows[0]
     for row in rows[1:]:
         arm = saved["arms"][row[0]]

@@ -1,12 +1,14 @@
 """One bilevel step under every combination of the options a user can switch.
 
 Factors: backbone family x inner loss x trajectory x {first_order, unrolled} x {shared, per-sample
-memory} x {no, right, left padding} x {activation checkpointing off, on}. For each combination:
+memory} x {no, right, left padding} x {activation checkpointing off, on} x {MDLM, CART outer objective}
+x {fresh, meta-learned fast-weight initialisation (FOMAML in first-order mode, MAML unrolled)}. For each
+combination:
 
 - every inner loss and the outer loss are finite;
 - every inner stage moves the fast weights (gradient norm > 0);
-- prefix sharing gives the same outer loss and the same gradient of every theta tensor as recomputing
-  the prefix (float64 models and fast weights, relative 1e-10);
+- prefix sharing gives the same outer loss and the same gradient of every theta tensor (and of phi_0) as
+  recomputing the prefix (float64 models and fast weights, relative 1e-10);
 - ``adapt`` on the prompts (same padding layout) leaves every base weight bitwise unchanged and moves
   the fast weights.
 
@@ -22,7 +24,8 @@ import math
 import pytest
 import torch
 
-from bilevel_dlm import AdaptConfig, InnerConfig, MemDLMConfig, MemoryConfig, MemoryWrapper, TrajectoryConfig
+from bilevel_dlm import (AdaptConfig, InnerConfig, MemDLMConfig, MemoryConfig, MemoryWrapper, OuterConfig,
+                         TrajectoryConfig)
 from bilevel_dlm.losses import INNER_LOSSES
 from test_backbones_bilevel import FAMILIES, bitwise_equal, make_batch, snapshot
 from toy import ToyDLM, toy_batch
@@ -36,6 +39,8 @@ FACTORS = {
     "memory": ("shared", "per_sample"),
     "padding": ("none", "right", "left"),
     "checkpointing": ("off", "on"),
+    "objective": ("mdlm", "cart"),
+    "init": ("fresh", "meta"),
 }
 LENGTH, PROMPT, REAL_LENGTHS = 12, 4, (12, 9, 7)
 GRADIENT_TOLERANCE = {"first_order": 1e-10, "unrolled": 1e-6}
@@ -59,7 +64,7 @@ def all_pairs(factors: dict[str, tuple]) -> list[tuple]:
 
 
 PAIRWISE = all_pairs(FACTORS)
-SHARING = [(f, l, t, "first_order", "shared", "none", "off")
+SHARING = [(f, l, t, "first_order", "shared", "none", "off", "mdlm", "fresh")
            for f in FACTORS["family"] for l in FACTORS["loss"] for t in FACTORS["trajectory"]]
 DEFAULT = sorted(set(PAIRWISE) | set(SHARING))
 REST = [row for row in itertools.product(*FACTORS.values()) if row not in set(DEFAULT)]
@@ -93,11 +98,13 @@ def prompts(batch: dict, padding: str) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def recipe(loss: str, trajectory: str, mode: str, memory: str) -> MemDLMConfig:
+def recipe(loss: str, trajectory: str, mode: str, memory: str, objective: str = "mdlm", init: str = "fresh") -> MemDLMConfig:
+    meta_init = "none" if init == "fresh" else {"first_order": "fomaml", "unrolled": "maml"}[mode]
     return MemDLMConfig(
         memory=MemoryConfig(rank=4, layer_fraction=0.5, dtype="float64", per_sample=memory == "per_sample"),
-        inner=InnerConfig(loss=loss, mode=mode, lr=0.5),
+        inner=InnerConfig(loss=loss, mode=mode, lr=0.5, meta_init=meta_init),
         trajectory=TrajectoryConfig(kind=trajectory),
+        outer=OuterConfig(objective=objective),
     )
 
 
@@ -111,12 +118,16 @@ def one_step(family: str, config: MemDLMConfig, batch: dict, checkpointing: str,
     with wrapper.bilevel_context():
         loss, inner, _ = wrapper.compute_loss(wrapper.prepare(batch))
         loss.backward()
+    wrapper.inner.after_backward()  # FOMAML's phi_0 gradient
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    grads.update({f"phi_0.{i}": p.grad.clone() for i, p in enumerate(wrapper.inner.meta_parameters())
+                  if p.grad is not None})  # None: an MoE expert that received no token
     return wrapper, loss.detach(), inner, grads
 
 
-def check(family: str, loss: str, trajectory: str, mode: str, memory: str, padding: str, checkpointing: str) -> None:
-    config = recipe(loss, trajectory, mode, memory)
+def check(family: str, loss: str, trajectory: str, mode: str, memory: str, padding: str, checkpointing: str,
+          objective: str, init: str) -> None:
+    config = recipe(loss, trajectory, mode, memory, objective, init)
     batch = padded(make_batch(FAMILIES[family].bos, n=len(REAL_LENGTHS), length=LENGTH, prompt=PROMPT, seed=1), padding)
     wrapper, shared_loss, inner, shared_grads = one_step(family, config, batch, checkpointing, share=True)
     _, plain_loss, plain_inner, plain_grads = one_step(family, config, batch, checkpointing, share=False)

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bilevel_dlm import CosineSchedule, LinearSchedule, ModelView, OuterConfig, OuterLoop
+from bilevel_dlm import CARTObjective, CosineSchedule, LinearSchedule, ModelView, OuterConfig, OuterLoop
+from bilevel_dlm.outer import make_objective
 from toy import MASK_ID, ToyBackbone, ToyDLM, toy_batch
 
 
@@ -61,3 +62,30 @@ def test_anchor_masks_maskable_tokens_at_rate_mask_prob():
     assert (rate - anchor.t).abs().mean() < 0.06  # binomial noise with 40 draws per row
     assert torch.corrcoef(torch.stack([rate, anchor.t]))[0, 1] > 0.95
     assert torch.equal(anchor.input_ids, torch.where(anchor.masked, MASK_ID, x0))
+
+
+@pytest.mark.parametrize("p", [0.3, 0.8])
+def test_cart_loss_equals_an_explicit_loop_over_the_geometric_context_weights(p):
+    """w_i = 0.5 sum_{j unmasked} p (1 - p)^(|i - j| - 1) for each masked i, token-normalised (Dream's CART)."""
+    model = ToyDLM()
+    view = ModelView(ToyBackbone(), model, MASK_ID)
+    outer = CARTObjective(view, OuterConfig(objective="cart", cart_p=p))
+    raw = toy_batch(3, 12, prompt=3, seed=2)
+    x0, maskable = raw["input_ids"], raw["labels"] != -100
+    anchor = outer.sample_anchor(x0, maskable, torch.Generator().manual_seed(4))
+    logits = model(anchor.input_ids)
+    total = 0.0
+    for b in range(3):
+        for i in range(12):
+            if anchor.masked[b, i]:
+                weight = sum(0.5 * p * (1 - p) ** (abs(i - j) - 1) for j in range(12) if not anchor.masked[b, j])
+                total += weight * F.cross_entropy(logits[b, i], x0[b, i]).item()
+    expected = total / maskable.sum().item()
+    assert outer.loss(x0, maskable, anchor).item() == pytest.approx(expected, rel=1e-5)
+    assert not math.isclose(expected, OuterLoop(view).loss(x0, maskable, anchor).item(), rel_tol=1e-3)
+
+
+def test_the_config_picks_the_objective():
+    view = ModelView(ToyBackbone(), ToyDLM(), MASK_ID)
+    assert type(make_objective(view, OuterConfig(objective="cart"))) is CARTObjective
+    assert type(make_objective(view, OuterConfig())) is OuterLoop

@@ -26,3 +26,23 @@ def test_readme_swapping_example_runs():
     assert namespace["config"].inner.optimizer == "adam" and namespace["config"].trajectory.kind == "progressive"
     metrics = namespace["wrapper"].step({"input_ids": torch.randint(2, 127, (4, 16))})
     assert len([k for k in metrics if k.startswith("inner_loss_")]) == 2
+
+
+def test_readme_plugging_example_runs():
+    import torch
+
+    from bilevel_dlm import CARTObjective
+    from bilevel_dlm.integrations.llada import LLaDAModelLM, tiny_config
+
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    plug = next(b for b in blocks if "meta_init=" in b)
+    namespace: dict = {"model": LLaDAModelLM(tiny_config())}
+    exec(compile(plug, "README.md", "exec"), namespace)
+    wrapper = namespace["wrapper"]
+    assert isinstance(wrapper.outer, CARTObjective) and wrapper.inner.initial.method == "fomaml"
+    before = [p.detach().clone() for p in wrapper.inner.initial.values]
+    wrapper.step({"input_ids": torch.randint(2, 127, (4, 16))})
+    assert any(not torch.equal(a, b) for a, b in zip(wrapper.inner.initial.values, before))  # phi_0 trained
+    for name in ("reptile", "maml", "cart"):
+        MemoryWrapper = namespace["MemoryWrapper"]
+        MemoryWrapper(LLaDAModelLM(tiny_config()), namespace[name])

@@ -288,7 +288,12 @@ def test_4bit_base_with_outer_lora_trains_only_the_lora_weights(tmp_path):
         torch.testing.assert_close(output, probes[name], rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")
     changed = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert changed and all("lora_" in n for n in changed)
-    assert wrapper.eval_loss(data) < 0.9 * before
+    # It learns as the same recipe on the unquantised base does (NF4 rounding aside): lower than before,
+    # and within 10% of the float run's eval loss after the same 20 steps.
+    reference = MemoryWrapper(apply_outer_lora(LLaDAModelLM.from_pretrained(tmp_path / "base"), lora), config)
+    reference.fit(data, max_steps=20, progress=False)
+    after, float_after = wrapper.eval_loss(data), reference.eval_loss(data)
+    assert after < before - 0.1 and abs(after - float_after) <= 0.1 * float_after, (before, after, float_after)
     trainer = MemDLMTrainer(peft_model, arguments(tmp_path, config, 2), train_dataset=examples(4))
     trainer.train()
     assert "inner_loss_1" in train_logs(trainer)[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from ..checkpoint import META
 from ..config import MemDLMConfig
 from ..integrations import load_pretrained
-from ..tasks import build_tokenizer, encode_example, make_dataset
+from ..tasks import encode_example, make_dataset
 from ..tasks.tokenizer import IGNORE_INDEX
 from ..wrapper import MemoryWrapper
 from . import CLIError
