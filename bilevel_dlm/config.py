@@ -84,6 +84,8 @@ class InnerConfig(_Strict):
         if self.meta_init in ("fomaml", "reptile") and self.mode != "first_order":
             raise ValueError(f"meta_init={self.meta_init!r} is a first-order rule; use mode='first_order' "
                              "(or meta_init='maml' with mode='unrolled')")
+        if self.meta_init != "none" and self.steps == 0:
+            raise ValueError("meta_init needs inner steps > 0: with steps=0 there is no adaptation to start from phi_0")
         if self.meta_init != "none" and self.backend != "torchopt":
             raise ValueError("a meta-learned initialisation needs backend='torchopt'")
         return self
@@ -130,12 +132,19 @@ class OuterConfig(_Strict):
     lr: float = Field(2e-5, ge=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     meta_lr: float | None = Field(None, gt=0.0, description="AdamW rate of the inner method's meta-parameters "
-                                  "(MetaSGD rates, a meta-learned phi_0; no weight decay); None = lr")
+                                  "(MetaSGD rates, FOMAML / MAML phi_0; no weight decay); None = lr")
     betas: Annotated[tuple[float, float], Field(strict=False)] = (0.9, 0.999)
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     lora: OuterLoRAConfig = OuterLoRAConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "OuterConfig":
+        if self.objective == "cart" and self.weighting != "elbo":
+            raise ValueError("objective='cart' weights each token by its clean context instead of by t, so "
+                             "weighting='uniform' would be ignored; leave weighting='elbo' with CART")
+        return self
 
 
 class AdaptConfig(_Strict):

@@ -13,8 +13,8 @@ At inference, ``MemoryWrapper.adapt`` runs ``inner.for_prompts(memory.spawn(per_
 the prompts.
 
 Guarantees around them: the memory is reset by the inner method and dropped after the step; if
-``inner.unrolled`` is false, the adapted memory is a constant for the outer gradient, else the outer
-gradient flows through the adaptation; the blocks below the memory are recorded by the inner method and
+``inner.unrolled`` is false, the outer gradient of theta does not flow through the adaptation (the
+adapted memory may still carry a graph to the method's own meta-parameters), else it does; the blocks below the memory are recorded by the inner method and
 replayed in the outer pass only when ``inner.shares_anchor_prefix`` says an inner stage saw exactly the
 outer input (and the recording drew no random numbers); the outer loss is normalised by
 ``outer.denominator`` summed over micro-batches and processes (``loss_terms``).

@@ -121,8 +121,9 @@ class InnerLoop(InnerMethod):
         simulator: builds the stages from the anchor (default: ``AnchorConsistent()``).
         optimizer: a torchopt GradientTransformation or a :class:`MetaSGD` (default: from config).
         config: steps, mode, loss, weighting, backend, meta_init.
-        initial: a meta-learned initialisation to start from (default: built from ``config.meta_init``;
-            pass the training loop's own to adapt from the same phi_0).
+        initial: a meta-learned initialisation to start from (default: built from ``config.meta_init``).
+            It is trained by ``config.meta_init``'s rule, which must be its own; with meta_init ``none``
+            it is a fixed start (what ``for_prompts`` passes to adapt from the trained phi_0).
         seed: seeds the first draw of a meta-learned initialisation built from the config.
     """
 
@@ -148,7 +149,13 @@ class InnerLoop(InnerMethod):
             raise ValueError("backend='higher' builds its optimizer from the config; do not pass optimizer=")
         if initial is None and self.config.meta_init != "none":
             initial = MetaInit(memory, self.config.meta_init, self.config.reptile_rate, seed)
+        elif initial is not None and self.config.meta_init not in ("none", initial.method):
+            raise ValueError(f"initial= trains phi_0 by {initial.method!r} but config.meta_init is "
+                             f"{self.config.meta_init!r}: make them agree, or set meta_init='none' to start from "
+                             "phi_0 without training it (as adapt does)")
         self.initial = initial
+        #: phi_0 is trained here (config.meta_init names its rule), or only started from (meta_init 'none').
+        self.trains_initial = initial is not None and self.config.meta_init != "none"
         self.base_params = [p for p in view.model.parameters() if p.requires_grad]
 
     @property
@@ -174,14 +181,14 @@ class InnerLoop(InnerMethod):
         """Parameters of the inner loop itself: MetaSGD rates, and phi_0 of a meta-learned initialisation
         (Reptile's phi_0 does not require grad: it is updated after the step, not by the optimizer)."""
         rates = list(self.optimizer.parameters()) if isinstance(self.optimizer, nn.Module) else []
-        return rates + (list(self.initial.values) if self.initial is not None else [])
+        return rates + (list(self.initial.values) if self.trains_initial else [])
 
     def after_backward(self) -> None:
-        if self.initial is not None:
+        if self.trains_initial:
             self.initial.after_backward(self.memory)
 
     def after_step(self, stepped: bool) -> None:
-        if self.initial is not None:
+        if self.trains_initial:
             self.initial.after_step(stepped)
 
     def _stepper(self):
@@ -210,7 +217,7 @@ class InnerLoop(InnerMethod):
             self.memory.clear()
             empty = torch.zeros(0, device=x0.device)
             return InnerResult(empty, empty)
-        initial = None if self.initial is None else self.initial.initial(differentiable=self.unrolled)
+        initial = None if self.initial is None else self.initial.initial(differentiable=self.trains_initial and self.unrolled)
         self.memory.reset(batch_size=x0.shape[0], generator=generator, initial=initial)
         stages = self.simulator(x0, maskable, anchor, self.config.steps, self.view.mask_token_id, generator)
         teachers = self.simulator.teacher_inputs(stages, x0) if self.config.loss != "ce" else [None] * len(stages)

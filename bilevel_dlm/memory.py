@@ -138,12 +138,17 @@ class MemoryParams(FastWeights):
         self.batch_size = batch_size if self.per_sample else None
         if initial is None:
             initial = self.initial_values(generator)
-        elif len(initial) != len(self.names):
-            raise ValueError(f"initial has {len(initial)} tensors, the memory {len(self.names)}")
+        elif [tuple(v.shape) for v in initial] != list(self._value_shapes()):
+            raise ValueError(f"initial must be {len(self.names)} unbatched tensors of shapes {list(self._value_shapes())}, "
+                             f"got {[tuple(v.shape) for v in initial]}")
         values = [value.to(self.device, self.dtype) for value in initial]
         if self.per_sample:
             values = [value.expand(batch_size, *value.shape).clone() for value in values]
         self._values = tuple(value if value.requires_grad else value.clone() for value in values)
+
+    def _value_shapes(self) -> Iterator[tuple[int, ...]]:
+        for module in self.targets.values():
+            yield from self._shapes(module)
 
     def initial_values(self, generator: RandomSource = None) -> tuple[torch.Tensor, ...]:
         """One fresh draw of the unbatched tensors (kaiming-uniform A, zero B / zero full delta)."""

@@ -59,7 +59,7 @@ class OuterLoop(OuterObjective):
         logits, _ = self.view.logits_at(select, anchor.input_ids, attention_mask, masked_fraction(anchor.masked, maskable))
         ce = F.cross_entropy(logits, select.take(x0), reduction="none")
         batch = x0.shape[0]
-        weights = self.token_weights(anchor, select)
+        weights = self.token_weights(anchor, select, attention_mask)
         one = torch.ones((), device=x0.device)
         if self.config.normalization == "sequence":
             numerator = weighted_mean(ce, weights, select.rows, batch, per_sample=True, denominator=maskable.sum(1))
@@ -67,7 +67,7 @@ class OuterLoop(OuterObjective):
             numerator = weighted_mean(ce, weights, select.rows, batch, per_sample=False, denominator=one)
         return numerator, self.denominator(maskable)
 
-    def token_weights(self, anchor: Anchor, select: Selection) -> torch.Tensor:
+    def token_weights(self, anchor: Anchor, select: Selection, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Weight [N] of each selected (masked) position: w(t) = -alpha'(t) / (1 - alpha(t)) of its
         sequence (``elbo``), or 1 (``uniform``)."""
         weight = self.schedule.weight(anchor.t) if self.config.weighting == "elbo" else torch.ones_like(anchor.t)
@@ -108,17 +108,19 @@ class CARTObjective(OuterLoop):
 
     A masked position i is weighted by how much clean context surrounds it instead of by 1/t:
     ``w_i = 0.5 * sum_{j unmasked, j != i} p (1 - p)^(|i - j| - 1)``, a geometric kernel in the distance to
-    each unmasked token (p = ``OuterConfig.cart_p``, 0.3 in the reference SFT). Normalisation as configured.
+    each unmasked, attended token (p = ``OuterConfig.cart_p``, 0.3 in the reference SFT; padding is no
+    context). The weights replace the ELBO's, so ``weighting`` must stay ``elbo``; normalisation as configured.
     """
 
-    def token_weights(self, anchor: Anchor, select: Selection) -> torch.Tensor:
+    def token_weights(self, anchor: Anchor, select: Selection, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         length = anchor.masked.shape[1]
         position = torch.arange(length, device=anchor.masked.device)
         distance = (position[None, :] - position[:, None]).abs()
         p = self.config.cart_p
         kernel = 0.5 * p * (1 - p) ** (distance - 1).clamp_min(0).double()
         kernel = kernel.masked_fill(distance == 0, 0.0).float()  # [L, L]
-        weights = (~anchor.masked).float() @ kernel  # [B, L]: sum over unmasked j of kernel(i, j)
+        context = ~anchor.masked if attention_mask is None else ~anchor.masked & attention_mask.bool()
+        weights = context.float() @ kernel  # [B, L]: sum over unmasked, attended j of kernel(i, j)
         return select.take(weights)
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
+from .contracts import InnerMethod
 from .data import iterate_batches
 
 if TYPE_CHECKING:
@@ -86,16 +87,19 @@ def train_step(wrapper: "MemoryWrapper", batch: Mapping[str, Any]) -> dict[str, 
     metrics = {"outer_loss": values[0], "grad_norm": values[-1]}
     metrics.update({f"inner_loss_{i}": values[1 + i] for i in range(k)})
     metrics.update({f"inner_grad_norm_{i}": values[1 + k + i] for i in range(k)})
-    if all(math.isfinite(v) for v in values):
-        wrapper.optimizer.step()
-        wrapper.scheduler.step()
-        wrapper.nonfinite_run, wrapper.last_finite = 0, (wrapper.updates + 1, metrics)
-        wrapper.updates += 1
-    else:
-        skip_nonfinite(wrapper, metrics)
-        metrics["nonfinite"] = 1.0
-    wrapper.inner.after_step(stepped="nonfinite" not in metrics)
-    wrapper.optimizer.zero_grad(set_to_none=True)
+    finite = all(math.isfinite(v) for v in values)
+    try:
+        if finite:
+            wrapper.optimizer.step()
+            wrapper.scheduler.step()
+            wrapper.nonfinite_run, wrapper.last_finite = 0, (wrapper.updates + 1, metrics)
+            wrapper.updates += 1
+        else:
+            skip_nonfinite(wrapper, metrics)
+            metrics["nonfinite"] = 1.0
+    finally:  # also when skip_nonfinite raises: no non-finite gradient or Reptile target outlives the step
+        wrapper.inner.after_step(stepped=finite)
+        wrapper.optimizer.zero_grad(set_to_none=True)
     return metrics
 
 
@@ -134,6 +138,10 @@ def fit(
     """Bilevel training for ``max_steps`` outer steps; see :meth:`MemoryWrapper.fit`."""
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    if eval_data is not None and eval_prompt_memory and type(wrapper.inner).for_prompts is InnerMethod.for_prompts:
+        raise NotImplementedError(
+            f"{type(wrapper.inner).__name__} does not define for_prompts, which prompt-memory evaluation needs: "
+            "implement it, or call fit(..., eval_prompt_memory=False)")
     if save_every and output_dir is None:
         raise ValueError("save_every needs output_dir=<folder for the checkpoints>")
     if save_every:

@@ -81,21 +81,21 @@ class MemoryWrapper:
         self.backbone = backbone or detect_backbone(model)
         self.view = ModelView(self.backbone, model, self._resolve_mask_id(mask_token_id))
         self.vocab_size, self.max_length = self.backbone.vocab_size(model), self.backbone.max_length(model)
-        self.memory = MemoryParams(model, self.config.memory, backbone=self.backbone)
-        if inner is None:
-            inner = self._default_inner(simulator, inner_optimizer)
-        elif simulator is not None or inner_optimizer is not None:
+        if inner is not None and (simulator is not None or inner_optimizer is not None):
             raise ValueError("simulator= and inner_optimizer= configure the default inner loop (InnerLoop); with "
                              "inner=..., give them to your inner method instead")
-        elif not isinstance(inner, InnerMethod):
-            inner = inner(self.view, self.memory)
+        if inner is not None and not isinstance(inner, InnerMethod) and not callable(inner):
+            raise TypeError(f"inner must be an InnerMethod or build one from (view, memory), got {type(inner).__name__}")
+        if not isinstance(inner, InnerMethod):  # the default loop and factories get config.memory's fast weights
+            self.memory = MemoryParams(model, self.config.memory, backbone=self.backbone)
+            inner = self._default_inner(simulator, inner_optimizer) if inner is None else inner(self.view, self.memory)
         if not isinstance(inner, InnerMethod):
             raise TypeError(f"inner must be an InnerMethod or build one from (view, memory), got {type(inner).__name__}")
         self.inner, self.memory = inner, inner.memory
         if outer is None:
             outer = make_objective(self.view, self.config.outer)
         elif not isinstance(outer, OuterObjective):
-            outer = outer(self.view)
+            outer = outer(self.view) if callable(outer) else outer
         if not isinstance(outer, OuterObjective):
             raise TypeError(f"outer must be an OuterObjective or build one from (view), got {type(outer).__name__}")
         self.outer = outer
@@ -167,10 +167,12 @@ class MemoryWrapper:
             yield
 
     def compute_loss(self, batch: PreparedBatch) -> tuple[torch.Tensor, InnerResult, Anchor]:
-        """The bilevel forward: anchor, inner adaptation, outer MDLM loss with the adapted memory bound.
+        """The bilevel forward: anchor, inner adaptation, outer loss with the adapted memory bound.
 
         The returned loss carries theta's graph. Call it and run the backward inside
-        :meth:`bilevel_context` (as :meth:`step` does).
+        :meth:`bilevel_context` (as :meth:`step` does); a loop of your own must then also call
+        ``inner.after_backward()`` and, after the optimizer step, ``inner.after_step(stepped)``, or a
+        meta-learned initialisation is never updated.
         """
         x0, maskable, attention = batch.x0, batch.maskable, batch.model_attention_mask
         anchor = self.outer.sample_anchor(x0, maskable, self.generator)
@@ -293,6 +295,13 @@ class MemoryWrapper:
             for param, value in zip(ours, saved):
                 param.copy_(value)
         if self.optimizer is not None and "optimizer" in state:
+            groups = len(state["optimizer"]["param_groups"])
+            if groups != len(self.optimizer.param_groups):
+                raise ValueError(
+                    f"the checkpoint's optimizer has {groups} parameter group(s), this wrapper's "
+                    f"{len(self.optimizer.param_groups)} (theta, then the inner meta-parameters): it was written "
+                    "for another inner method or by a bilevel_dlm release that kept meta-parameters in theta's "
+                    "group; resume with the same config, or load the weights with from_pretrained and train anew")
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
 
@@ -324,7 +333,8 @@ class MemoryWrapper:
         """Per-sample memory adapted on each prompt alone (MEMDLM.md section 5); base weights untouched.
 
         Every attended prompt token is maskable; the anchor masks ``adapt.anchor_ratio`` of them, and
-        the training trajectory and inner optimizer run ``adapt.steps`` times with uniform weights.
+        the inner method's ``for_prompts(memory, config.adapt)`` adapts on it (MemDLM's: the training
+        trajectory and inner optimizer, ``adapt.steps`` stages with uniform weights, from phi_0 if learned).
         Random draws are shared by the rows, independent of the batch and aligned on each row's first
         real token, so row b of a batch (left- or right-padded) is adapted exactly as it would be alone.
         Returns the memory (also kept as ``self.prompt_memory``); bind it with ``memory.bind()``.

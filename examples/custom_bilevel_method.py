@@ -3,7 +3,7 @@ and forgetting (TTT / Titans-style ideas), on MemDLM's LoRA fast weights and out
 
 ``LearnedRateTTT`` adapts the memory on the anchor's *visible* tokens only (it never sees the answers it
 is scored on): each of its steps hides a random half of them and takes a gradient step on reconstructing
-them, ``phi <- (1 - sigmoid(f)) phi - exp(log_lr_i) grad_i``. The per-tensor log-rates ``log_lr`` and the
+them (per-sample memory: each row on its own mean), ``phi <- (1 - sigmoid(f)) phi - exp(log_lr_i) grad_i``. The per-tensor log-rates ``log_lr`` and the
 forgetting logit ``f`` are meta-parameters: the inner gradients are constants (first order), but the
 rates and the decay stay in the graph, so the outer loss trains them with theta. Everything it needs is
 the :class:`~bilevel_dlm.InnerMethod` contract; ``MemoryWrapper(model, inner=...)`` does the rest (fit,
@@ -42,7 +42,7 @@ class LearnedRateTTT(InnerMethod):
 
     def for_prompts(self, memory, settings) -> LearnedRateTTT:
         method = LearnedRateTTT(self.view, memory, settings.steps, hide=self.hide)
-        method.log_lr, method.forget = self.log_lr, self.forget  # the trained rates, shared
+        method.log_lr, method.forget = self.log_lr.detach(), self.forget.detach()  # the trained rates
         return method
 
     def run(self, x0, maskable, anchor, attention_mask=None, *, generator=None, weighting=None, prefix=None):
@@ -55,7 +55,10 @@ class LearnedRateTTT(InnerMethod):
                 leaves = [v.detach().requires_grad_() for v in values]
                 self.memory.set(leaves)
                 logits = self.view.logits(torch.where(hidden, self.view.mask_token_id, anchor.input_ids), attention_mask)
-                loss = F.cross_entropy(logits[hidden], x0[hidden])
+                ce = F.cross_entropy(logits[hidden], x0[hidden], reduction="none")
+                if self.memory.per_sample:  # the sum of row means: each row adapts as it would alone
+                    ce = ce / hidden.sum(1)[hidden.nonzero()[:, 0]]
+                loss = ce.sum() if self.memory.per_sample else ce.mean()
                 grads = torch.autograd.grad(loss, leaves)
                 keep, rates = 1 - torch.sigmoid(self.forget), self.log_lr.exp()
                 values = [keep * v - rates[i] * g for i, (v, g) in enumerate(zip(values, grads))]

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from bilevel_dlm import (Anchor, FastWeights, InnerMethod, InnerResult, MemDLMConfig, MemoryWrapper, ModelView,
                          OuterConfig, OuterObjective)
-from toy import MASK_ID, ToyDLM
+from toy import MASK_ID, ToyBackbone, ToyDLM
 
 
 class ResidualBias(FastWeights):
@@ -223,3 +223,22 @@ def test_objects_for_the_default_inner_loop_are_refused_with_a_custom_one() -> N
     with pytest.raises(ValueError, match="configure the default inner loop"):
         MemoryWrapper(ToyDLM(n_blocks=2), simulator=AnchorConsistent(),
                       inner=lambda view, _: OneStepSGD(view, ResidualBias(view.model)))
+
+
+def test_a_finished_inner_method_brings_its_own_memory() -> None:
+    model = ToyDLM(n_blocks=2)
+    method = OneStepSGD(ModelView(ToyBackbone(), model, MASK_ID), ResidualBias(model))
+    wrapper = MemoryWrapper(model, inner=method, outer=HalfMasked)
+    assert wrapper.inner is method and wrapper.memory is method.memory
+
+
+def test_fit_refuses_prompt_memory_evaluation_without_for_prompts_before_training() -> None:
+    class NoPrompts(OneStepSGD):
+        for_prompts = InnerMethod.for_prompts
+
+    wrapper = MemoryWrapper(ToyDLM(n_blocks=2), inner=lambda view, _: NoPrompts(view, ResidualBias(view.model)),
+                            outer=HalfMasked)
+    before = [p.detach().clone() for p in wrapper.model.parameters()]
+    with pytest.raises(NotImplementedError, match="eval_prompt_memory=False"):
+        wrapper.fit(counting_data(8), eval_data=counting_data(4), max_steps=2, progress=False)
+    assert all(torch.equal(p, b) for p, b in zip(wrapper.model.parameters(), before))

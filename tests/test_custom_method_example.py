@@ -63,3 +63,15 @@ def test_the_meta_gradient_equals_finite_differences(example) -> None:
                 p.sub_(sign * eps * d)
     analytic = float(sum((g * d).sum() for g, d in zip(grads, direction)))
     assert analytic == pytest.approx((values[0] - values[1]) / (2 * eps), rel=1e-6)
+
+
+def test_prompt_memory_of_a_batch_row_equals_the_row_alone(example) -> None:
+    wrapper = MemoryWrapper(ToyDLM(n_blocks=3), MemDLMConfig(memory=MemoryConfig(rank=2, layer_fraction=0.5)),
+                            inner=lambda view, memory: example.LearnedRateTTT(view, memory))
+    prompts = toy_batch(3, 8)["input_ids"]
+    batched = wrapper.adapt(prompts).values
+    assert all(v.grad_fn is None for v in batched)  # no graph to the rates is kept
+    for row in range(3):
+        alone = wrapper.adapt(prompts[row:row + 1]).values
+        for b, a in zip(batched, alone):
+            torch.testing.assert_close(b[row], a, rtol=1e-5, atol=1e-6)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bilevel_dlm import AdaptConfig, InnerConfig, InnerLoop, MemDLMConfig, MemoryConfig, MemoryWrapper, OuterConfig
+from bilevel_dlm import (AdaptConfig, InnerConfig, InnerLoop, MemDLMConfig, MemoryConfig, MemoryWrapper, OuterConfig,
+                         TrainingDiverged)
 from bilevel_dlm.integrations.llada import LLaDAModelLM, tiny_config
 from toy import ToyDLM, toy_batch
 
@@ -187,3 +188,26 @@ def test_meta_parameters_step_at_their_own_rate_without_weight_decay() -> None:
     torch.testing.assert_close(steps.max(), torch.tensor(1e-5, dtype=steps.dtype), rtol=1e-3, atol=0)
     theta_step = (wrapper.model.lm_head.weight.detach() - theta_before * (1 - 1e-3 * 0.1)).abs().max()
     torch.testing.assert_close(theta_step, torch.tensor(1e-3, dtype=theta_step.dtype), rtol=1e-3, atol=0)
+
+
+def test_meta_init_needs_inner_steps() -> None:
+    with pytest.raises(ValueError, match="needs inner steps > 0"):
+        InnerConfig(meta_init="fomaml", steps=0)
+
+
+def test_an_initialisation_is_trained_by_its_own_rule_or_only_started_from() -> None:
+    wrapper = make("fomaml")
+    with pytest.raises(ValueError, match="make them agree"):
+        InnerLoop(wrapper.view, wrapper.memory, config=InnerConfig(meta_init="reptile"), initial=wrapper.inner.initial)
+    fixed = InnerLoop(wrapper.view, wrapper.memory, config=InnerConfig(), initial=wrapper.inner.initial)
+    assert fixed.meta_parameters() == [] and not fixed.trains_initial  # a fixed start (what adapt uses)
+
+
+def test_a_diverged_run_leaves_no_gradient_on_phi0() -> None:
+    wrapper = make("fomaml")
+    wrapper.config = wrapper.config.model_copy(update={"max_nonfinite_steps": 1})
+    with torch.no_grad():
+        wrapper.model.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(TrainingDiverged):
+        wrapper.step(toy_batch(3, 10))
+    assert all(p.grad is None for p in wrapper.inner.initial.values)

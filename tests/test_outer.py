@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bilevel_dlm import CARTObjective, CosineSchedule, LinearSchedule, ModelView, OuterConfig, OuterLoop
+from bilevel_dlm import Anchor, CARTObjective, CosineSchedule, LinearSchedule, ModelView, OuterConfig, OuterLoop
 from bilevel_dlm.outer import make_objective
 from toy import MASK_ID, ToyBackbone, ToyDLM, toy_batch
 
@@ -89,3 +89,24 @@ def test_the_config_picks_the_objective():
     view = ModelView(ToyBackbone(), ToyDLM(), MASK_ID)
     assert type(make_objective(view, OuterConfig(objective="cart"))) is CARTObjective
     assert type(make_objective(view, OuterConfig())) is OuterLoop
+
+
+def test_cart_weights_ignore_padding():
+    """Padding is no clean context: a right-padded row has the loss terms of the row alone."""
+    model = ToyDLM()
+    outer = CARTObjective(ModelView(ToyBackbone(), model, MASK_ID), OuterConfig(objective="cart"))
+    raw = toy_batch(1, 8, prompt=2, seed=3)
+    x0, maskable = raw["input_ids"], raw["labels"] != -100
+    masked = maskable & (torch.rand(x0.shape, generator=torch.Generator().manual_seed(1)) < 0.5)
+    anchor = Anchor(t=masked.sum(1) / maskable.sum(1), masked=masked, input_ids=torch.where(masked, MASK_ID, x0))
+    alone = outer.loss_terms(x0, maskable, anchor, torch.ones_like(x0))
+    pad = lambda t, value: torch.cat([t, torch.full((1, 4), value, dtype=t.dtype)], 1)  # noqa: E731
+    padded_anchor = Anchor(t=anchor.t, masked=pad(masked, False), input_ids=pad(anchor.input_ids, 0))
+    padded = outer.loss_terms(pad(x0, 0), pad(maskable, False), padded_anchor, pad(torch.ones_like(x0), 0))
+    torch.testing.assert_close(padded[0], alone[0], rtol=1e-6, atol=1e-7)
+    assert int(padded[1]) == int(alone[1])
+
+
+def test_cart_refuses_a_weighting_it_would_ignore():
+    with pytest.raises(ValueError, match="leave weighting='elbo' with CART"):
+        OuterConfig(objective="cart", weighting="uniform")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -193,7 +194,8 @@ def load_model_folder(path: Path) -> Source:
 def wrap(model: nn.Module, config: MemDLMConfig, device: torch.device, *, tokenizer: Any = None,
          backbone: str | None = None, saved: MemoryWrapper | None = None) -> MemoryWrapper:
     """A wrapper around ``model`` moved to ``device``. From a saved wrapper it keeps the backbone and
-    mask id, and the inner optimizer's meta-parameters when their shapes still match."""
+    mask id, and the inner method's meta-parameters (MetaSGD rates, phi_0) when their shapes still match;
+    otherwise it warns that they are not used."""
     model.to(device)
     with reported("setting up the wrapper"):
         wrapper = MemoryWrapper(model, config, tokenizer=tokenizer,
@@ -205,6 +207,10 @@ def wrap(model: nn.Module, config: MemDLMConfig, device: torch.device, *, tokeni
             with torch.no_grad():
                 for target, value in zip(new, old):
                     target.copy_(value)
+        elif old:
+            warnings.warn(f"the checkpoint's {len(old)} inner meta-parameters (MetaSGD rates, a meta-learned phi_0) "
+                          "do not fit this config's inner method and are not used: the inner method starts anew",
+                          stacklevel=2)
     return wrapper
 
 
