@@ -3,13 +3,17 @@
 1. Tokens per second of LLaDA's sampler at temperature 0 on one random tiny LLaDA: (a) the head on every
    position (``full_logits``, the plain path), (b) the head only on the block being decoded (default),
    (e) threshold parallel decoding (``threshold``), interleaved, as ratios against (a), for prompts of
-   256 / 1024 tokens and 64 / 256 new tokens. KV caching is not implemented, so there is no (c) / (d).
+   256 / 1024 tokens and 64 / 256 new tokens.
 2. The sampler's own overhead: sampler time / time of the bare model forwards it needs (goal <= 1.15).
 3. Batched ``adapt`` of 8 prompts / the same 8 prompts one at a time (goal <= 0.25).
 4. Memory while decoding on the main job's position-recall task: a MemDLM (preset) model trained briefly,
    exact match and time with no memory, prompt memory and memory refreshed after every block.
+5. KV caching: tokens/s of (b) the uncached sampler, (c) the prefix cache and (d) the dual cache
+   (refreshed once per block of 32), interleaved, as ratios against (b), with the share of generated
+   tokens equal to (b)'s; and exact match of the trained model of 4 with each.
 
-    python benchmarks/generation.py --threads 1
+    python benchmarks/generation.py --threads 1                    # every section
+    python benchmarks/generation.py --threads 1 --sections cache   # section 5 only
 """
 
 from __future__ import annotations
@@ -35,33 +39,41 @@ def timed(function) -> float:
     return time.perf_counter() - started
 
 
-def speed(args: argparse.Namespace) -> None:
+def random_llada(args: argparse.Namespace) -> MemoryWrapper:
     torch.manual_seed(0)
     model = LLaDAModelLM(tiny_config(d_model=args.d_model, n_layers=args.layers, vocab_size=args.vocab,
                                      embedding_size=args.vocab, mask_token_id=args.vocab - 1,
                                      max_sequence_length=4096)).eval()
-    wrapper = MemoryWrapper(model, MemDLMConfig())
+    return MemoryWrapper(model, MemDLMConfig())
+
+
+def interleaved(wrapper: MemoryWrapper, args: argparse.Namespace, variants: dict[str, dict]):
+    """For prompts of 256 / 1024 and 64 / 256 new tokens: (prompt, new, seconds per variant, last output
+    per variant), the variants' LLaDA samplers (blocks of 32) run in turn ``args.repeats`` times."""
+    for prompt_length in (256, 1024):
+        for new_tokens in (64, 256):
+            ids = torch.randint(2, args.vocab - 1, (args.batch, prompt_length), generator=torch.Generator().manual_seed(0))
+            times, outputs = {name: [] for name in variants}, {}
+            for _ in range(args.repeats):
+                for name, settings in variants.items():
+                    sampler = LLaDASampler(block_length=32, **settings)
+                    times[name].append(timed(lambda: outputs.update(
+                        {name: sampler.sample(wrapper.view, ids, max_new_tokens=new_tokens)})))
+            yield prompt_length, new_tokens, {name: statistics.median(t) for name, t in times.items()}, outputs
+
+
+def speed(args: argparse.Namespace) -> None:
+    wrapper = random_llada(args)
     variants = {"(a) head everywhere": dict(full_logits=True), "(b) head on the block": {},
                 "(e) threshold 0.9": dict(threshold=0.9)}
     print(f"1. tokens/s, LLaDA sampler at temperature 0, d_model {args.d_model}, {args.layers} blocks, "
           f"vocab {args.vocab}, batch {args.batch}, blocks of 32, one step per token (medians of {args.repeats})")
     print(f"{'prompt':>7s} {'new':>5s} " + " ".join(f"{name:>22s}" for name in variants) + "   steps (e)")
-    for prompt_length in (256, 1024):
-        for new_tokens in (64, 256):
-            ids = torch.randint(2, args.vocab - 1, (args.batch, prompt_length), generator=torch.Generator().manual_seed(0))
-            times = {name: [] for name in variants}
-            calls = {}
-            for _ in range(args.repeats):
-                for name, settings in variants.items():
-                    sampler = LLaDASampler(block_length=32, **settings)
-                    result = {}
-                    times[name].append(timed(lambda: result.update(out=sampler.sample(wrapper.view, ids, max_new_tokens=new_tokens))))
-                    calls[name] = result["out"].model_calls
-            base = statistics.median(times["(a) head everywhere"])
-            cells = [f"{args.batch * new_tokens / statistics.median(t):9.1f} ({base / statistics.median(t):4.2f}x)"
-                     for t in times.values()]
-            print(f"{prompt_length:7d} {new_tokens:5d} " + " ".join(f"{c:>22s}" for c in cells)
-                  + f"   {calls['(e) threshold 0.9']}/{new_tokens}")
+    for prompt_length, new_tokens, times, outputs in interleaved(wrapper, args, variants):
+        base = times["(a) head everywhere"]
+        cells = [f"{args.batch * new_tokens / t:9.1f} ({base / t:4.2f}x)" for t in times.values()]
+        print(f"{prompt_length:7d} {new_tokens:5d} " + " ".join(f"{c:>22s}" for c in cells)
+              + f"   {outputs['(e) threshold 0.9'].model_calls}/{new_tokens}")
 
     ids = torch.randint(2, args.vocab - 1, (args.batch, 256), generator=torch.Generator().manual_seed(1))
     sampler = LLaDASampler(block_length=32)
@@ -88,7 +100,8 @@ def speed(args: argparse.Namespace) -> None:
           "(goal <= 0.25)")
 
 
-def memory_while_decoding(args: argparse.Namespace) -> None:
+def trained_recall_model(args: argparse.Namespace, pairs: int = 6):
+    """A tiny LLaDA trained with the MemDLM preset on position recall; (wrapper, tokenizer, test, seconds)."""
     tokenizer = recall_tokenizer()
 
     def rows(examples):
@@ -98,13 +111,18 @@ def memory_while_decoding(args: argparse.Namespace) -> None:
             out.append(encode_example(tokenizer, e.prompt, e.answer, length))
         return out
 
-    pairs = 6
     train = rows(make_recall_dataset("position", 2048, 0, n_pairs=pairs))
     test = make_recall_dataset("position", 64, 2, n_pairs=pairs)
     torch.manual_seed(0)
     config = MemDLMConfig(memory=MemoryConfig(layer_fraction=0.1), outer=OuterConfig(lr=2e-3, warmup_ratio=0.05))
     wrapper = MemoryWrapper(tiny_model("llada", tokenizer, width=128, layers=2), config, tokenizer=tokenizer)
     trained = timed(lambda: wrapper.fit(train, max_steps=args.train_steps, batch_size=32, progress=False))
+    return wrapper, tokenizer, test, trained
+
+
+def memory_while_decoding(args: argparse.Namespace) -> None:
+    pairs = 6
+    wrapper, tokenizer, test, trained = trained_recall_model(args, pairs)
     print(f"4. memory while decoding: position recall ({pairs} values + EOS in 8 new tokens, 4 blocks of 2), MemDLM preset "
           f"trained {args.train_steps} steps ({trained:.0f} s), 64 test prompts")
     for adapt in (False, "prompt", "blocks"):
@@ -112,6 +130,32 @@ def memory_while_decoding(args: argparse.Namespace) -> None:
         seconds = timed(lambda: result.update(score=task_accuracy(wrapper, tokenizer, test, max_new_tokens=pairs + 2,
                                                                   adapt=adapt, batch_size=64, block_length=(pairs + 2) // 4)))
         print(f"   memory {str(adapt):7s}: exact match {result['score'][0]:.3f}, {seconds:.2f} s")
+
+
+def cached_decoding(args: argparse.Namespace) -> None:
+    wrapper = random_llada(args)
+    variants = {"(b) no cache": {}, "(c) prefix cache": dict(cache="prefix"), "(d) dual cache": dict(cache="dual")}
+    print(f"5. KV cache: tokens/s, LLaDA sampler at temperature 0, d_model {args.d_model}, {args.layers} blocks, "
+          f"vocab {args.vocab}, batch {args.batch}, blocks of 32, one step per token (medians of {args.repeats}); "
+          "[share of tokens equal to (b)'s]")
+    print(f"{'prompt':>7s} {'new':>5s} " + " ".join(f"{name:>28s}" for name in variants))
+    for prompt_length, new_tokens, times, outputs in interleaved(wrapper, args, variants):
+        base, plain = times["(b) no cache"], outputs["(b) no cache"].sequences
+        cells = [f"{args.batch * new_tokens / t:7.1f} ({base / t:4.2f}x) "
+                 f"[{float((outputs[name].sequences == plain)[:, prompt_length:].float().mean()):.2f}]"
+                 for name, t in times.items()]
+        print(f"{prompt_length:7d} {new_tokens:5d} " + " ".join(f"{c:>28s}" for c in cells))
+    pairs = 6
+    trained, tokenizer, test, seconds = trained_recall_model(args, pairs)
+    print(f"   position recall ({pairs} values + EOS in 8 new tokens, one block of 8, 8 steps), MemDLM preset "
+          f"trained {args.train_steps} steps ({seconds:.0f} s), 64 test prompts, memory off:")
+    for name, settings in variants.items():
+        score = task_accuracy(trained, tokenizer, test, max_new_tokens=pairs + 2, adapt=False, batch_size=64,
+                              block_length=pairs + 2, **settings)
+        print(f"   {name:18s}: exact match {score[0]:.3f}")
+
+
+SECTIONS = {"speed": speed, "memory": memory_while_decoding, "cache": cached_decoding}
 
 
 def main() -> None:
@@ -123,11 +167,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    parser.add_argument("--sections", nargs="+", choices=sorted(SECTIONS), default=list(SECTIONS))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    speed(args)
-    memory_while_decoding(args)
+    for section in args.sections:
+        SECTIONS[section](args)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ _EXPORTS = {
     "AdaptConfig": "config", "InnerConfig": "config", "MemDLMConfig": "config", "MemoryConfig": "config",
     "OuterConfig": "config", "OuterLoRAConfig": "config", "TrajectoryConfig": "config",
     "FastWeights": "contracts", "InnerMethod": "contracts", "OuterObjective": "contracts",
-    "ModelView": "forward",
+    "KVCache": "kv_cache", "ModelView": "forward",
     "InnerLoop": "inner", "InnerResult": "inner",
     "MemoryParams": "memory", "MetaInit": "meta_init",
     "Anchor": "noise", "CosineSchedule": "noise", "LinearSchedule": "noise", "NoiseSchedule": "noise",

@@ -131,12 +131,14 @@ class Backbone:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         mask_ratio: torch.Tensor | None = None,
+        **forward_kwargs: Any,
     ) -> Any:
         """Run the model's forward on a [B, L] batch (2D attention mask, 1 = keep).
 
-        ``mask_ratio`` [B] is the fraction of masked positions per sample, for time-conditioned models.
+        ``mask_ratio`` [B] is the fraction of masked positions per sample, for time-conditioned models;
+        ``forward_kwargs`` (e.g. ``kv_cache``) go to the model's forward as they are.
         """
-        return model(input_ids=input_ids, **self.attention_kwargs(model, attention_mask))
+        return model(input_ids=input_ids, **self.attention_kwargs(model, attention_mask), **forward_kwargs)
 
     def attention_kwargs(self, model: nn.Module, attention_mask: torch.Tensor | None) -> dict[str, Any]:
         """``{"attention_mask": mask}`` for a forward that takes one. A model whose forward has no

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .backbone import Backbone
+from .kv_cache import KVCache
 from .selection import Selection
 
 __all__ = ["ModelView", "final_hidden"]
@@ -30,8 +31,10 @@ def final_hidden(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     mask_ratio: torch.Tensor | None = None,
+    kv_cache: KVCache | None = None,
 ) -> torch.Tensor:
-    """Final hidden states [B, L, d] aligned so that position i predicts token i."""
+    """Final hidden states [B, L, d] aligned so that position i predicts token i ([B, n, d] of the
+    window of a ``kv_cache``)."""
     captured: list[torch.Tensor] = []
 
     def capture(_module: nn.Module, args: tuple) -> None:
@@ -40,7 +43,8 @@ def final_hidden(
 
     handle = backbone.output_head(model).register_forward_pre_hook(capture)
     try:
-        backbone.call(model, input_ids, attention_mask, mask_ratio)
+        extra = {} if kv_cache is None else {"kv_cache": kv_cache}
+        backbone.call(model, input_ids, attention_mask, mask_ratio, **extra)
     except _HeadReached:
         pass
     finally:
@@ -62,9 +66,10 @@ class ModelView:
     mask_token_id: int
 
     def hidden(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, mask_ratio: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, mask_ratio: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
-        return final_hidden(self.backbone, self.model, input_ids, attention_mask, mask_ratio)
+        return final_hidden(self.backbone, self.model, input_ids, attention_mask, mask_ratio, kv_cache)
 
     def head(self, hidden_rows: torch.Tensor, input_rows: torch.Tensor) -> torch.Tensor:
         """Logits [..., V] (at least float32) for hidden rows [..., d] whose input tokens are ``input_rows``."""
@@ -79,10 +84,14 @@ class ModelView:
         attention_mask: torch.Tensor | None = None,
         mask_ratio: torch.Tensor | None = None,
         columns: slice | None = None,
+        kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Aligned logits [B, L, V] at every position, or [B, n, V] at ``columns`` only (samplers: the head,
-        often the largest layer, runs on the positions that can be revealed, not on the prompt)."""
-        hidden = self.hidden(input_ids, attention_mask, mask_ratio)
+        often the largest layer, runs on the positions that can be revealed, not on the prompt). With a
+        ``kv_cache`` the model computes its window only, and ``columns`` count from the window's start."""
+        hidden = self.hidden(input_ids, attention_mask, mask_ratio, kv_cache)
+        if kv_cache is not None:
+            input_ids = input_ids[:, kv_cache.columns(input_ids.shape[1])]
         if columns is not None:
             hidden, input_ids = hidden[:, columns], input_ids[:, columns]
         return self.head(hidden, input_ids)

@@ -46,3 +46,20 @@ def test_readme_plugging_example_runs():
     for name in ("reptile", "maml", "cart"):
         MemoryWrapper = namespace["MemoryWrapper"]
         MemoryWrapper(LLaDAModelLM(tiny_config()), namespace[name])
+
+
+def test_readme_generation_example_runs():
+    import torch
+
+    from bilevel_dlm import MemoryWrapper
+    from bilevel_dlm.integrations.llada import LLaDAModelLM, tiny_config
+
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    example = next(b for b in blocks if "wrapper.generate(" in b and "cache=" in b)
+    prompt_ids = torch.randint(2, 120, (2, 6), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones_like(prompt_ids)
+    attention_mask[1, :2] = 0
+    namespace = {"wrapper": MemoryWrapper(LLaDAModelLM(tiny_config()).eval()), "prompt_ids": prompt_ids,
+                 "attention_mask": attention_mask}
+    exec(compile(example, "README.md", "exec"), namespace)
+    assert namespace["out"].shape == (2, 6 + 64)

@@ -17,6 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..forward import ModelView
+from ..kv_cache import KVCache
 
 __all__ = ["Sampler", "SampleOutput", "GenerationRun", "even_split", "top_per_row", "reveal_confident"]
 
@@ -58,9 +59,11 @@ class GenerationRun:
         cfg_scale: float = 0.0,
         attention_mask: torch.Tensor | None = None,
         columns: slice | None = None,
+        kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Aligned logits [B, L, V] of the canvas (or [B, n, V] at ``columns``, unless the sampler's
-        ``full_logits``), forbidden tokens (the mask first) at -inf.
+        ``full_logits``), forbidden tokens (the mask first) at -inf. With ``kv_cache`` the model computes
+        the cache's window only and ``columns`` count from its start.
 
         With ``unconditional`` (the canvas with its prompt masked) a second forward gives u and the result
         is classifier-free guided: ``u + (cfg_scale + 1) (c - u)``. The two passes are separate forwards so
@@ -69,7 +72,7 @@ class GenerationRun:
         """
         attention = self.attention_mask if attention_mask is None else attention_mask
         wanted = None if self.full_logits else columns
-        logits = self.view.logits(canvas, attention, mask_ratio, wanted)
+        logits = self.view.logits(canvas, attention, mask_ratio, wanted, kv_cache)
         self.model_calls += 1
         if unconditional is not None:
             plain = self.view.logits(unconditional, attention, mask_ratio, wanted)

@@ -4,7 +4,11 @@ The new tokens are split into blocks filled left to right. Within a block every 
 block's positions, then reveals the most confident masked positions of the block; a revealed token is
 never masked again. The block's mask count is split evenly over its steps (remainder to the first
 steps). With ``threshold`` (Fast-dLLM's parallel decoding) a step reveals every masked position above
-that confidence, at least its share, and a block that is full early ends early.
+that confidence, at least its share, and a block that is full early ends early. With ``cache``
+(Fast-dLLM's prefix / dual cache) the first step of a block runs the whole canvas and stores every
+layer's keys and values; the block's other steps compute only the block and what follows it (``prefix``)
+or the block alone (``dual``) and reuse the stored keys and values elsewhere (``bilevel_dlm.kv_cache``:
+an approximation, refreshed once per block).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field
 
+from ..kv_cache import KVCache, supports_kv_cache
 from .base import GenerationRun, Sampler, even_split, reveal_confident
 
 __all__ = ["LLaDASampler"]
@@ -30,6 +35,8 @@ class LLaDASampler(Sampler):
     cfg_scale: float = Field(0.0, ge=0.0, description="classifier-free guidance scale; 0 = off")
     threshold: float | None = Field(None, gt=0.0, le=1.0, description="reveal every masked token of the block "
                                     "above this confidence (at least the step's share); None = the share only")
+    cache: Literal["none", "prefix", "dual"] = Field("none", description="reuse keys and values between the "
+                                                     "steps of a block: of the prefix, or of prefix and suffix")
 
     def _generate(self, run: GenerationRun, canvas: torch.Tensor, prompt_length: int, steps: int) -> torch.Tensor:
         new_tokens = canvas.shape[1] - prompt_length
@@ -45,6 +52,7 @@ class LLaDASampler(Sampler):
                 f"steps={steps} cannot be split evenly over {blocks} blocks; use a multiple of {blocks} steps"
             )
         mask_id = run.view.mask_token_id
+        cache = self._cache(run)
         for start in range(prompt_length, canvas.shape[1], block_length):
             block = slice(start, start + block_length)
             counts = even_split((canvas[:, block] == mask_id).sum(1), steps // blocks)
@@ -52,7 +60,9 @@ class LLaDASampler(Sampler):
                 current = canvas[:, block]
                 if self.threshold is not None and not bool((current == mask_id).any()):
                     break  # threshold decoding filled the block early
-                proposal, confidence = self._propose(run, self._logits(run, canvas, prompt_length, block))
+                if cache is not None:  # the block's first step refreshes the cache
+                    cache.window = None if step == 0 else (start, canvas.shape[1] if self.cache == "prefix" else block.stop)
+                proposal, confidence = self._propose(run, self._logits(run, canvas, prompt_length, block, cache))
                 reveal = reveal_confident(confidence, current == mask_id, counts[:, step], self.threshold)
                 canvas[:, block] = torch.where(reveal, proposal, current)
                 run.record(canvas)
@@ -60,8 +70,24 @@ class LLaDASampler(Sampler):
                 run.block_done(canvas, block.stop)
         return canvas
 
-    def _logits(self, run: GenerationRun, canvas: torch.Tensor, prompt_length: int, block: slice) -> torch.Tensor:
+    def _cache(self, run: GenerationRun) -> KVCache | None:
+        if self.cache == "none":
+            return None
+        if self.cfg_scale > 0:
+            raise ValueError("cache= with classifier-free guidance (cfg_scale > 0) is not supported: the unconditional "
+                             "pass would need a cache of its own; use cache='none' with cfg_scale")
+        if not supports_kv_cache(run.view.model):
+            raise ValueError(f"{type(run.view.model).__name__}.forward takes no kv_cache parameter, so it cannot reuse "
+                             f"keys and values (cache={self.cache!r}); use cache='none', or a native model that supports "
+                             "it (bilevel_dlm.integrations.llada.LLaDAModelLM)")
+        return KVCache()
+
+    def _logits(self, run: GenerationRun, canvas: torch.Tensor, prompt_length: int, block: slice,
+                cache: KVCache | None = None) -> torch.Tensor:
         """Logits of the current block only [B, block_length, V] (optionally classifier-free guided)."""
+        if cache is not None:
+            offset = cache.columns(canvas.shape[1]).start
+            return run.logits(canvas, columns=slice(block.start - offset, block.stop - offset), kv_cache=cache)
         if self.cfg_scale == 0:
             return run.logits(canvas, columns=block)
         unconditional = canvas.clone()

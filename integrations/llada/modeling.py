@@ -19,6 +19,8 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MaskedLMOutput
 
+from bilevel_dlm.kv_cache import KVCache
+
 from .configuration import LLaDAConfig
 
 __all__ = ["LLaDABlock", "LLaDAModel", "LLaDAModelLM", "LLaDARMSNorm"]
@@ -102,7 +104,8 @@ class LLaDABlock(GradientCheckpointingLayer):
         self.dropout = nn.Dropout(config.residual_dropout)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor | None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor | None,
+        kv_cache: KVCache | None = None, layer: int = 0,
     ) -> torch.Tensor:
         batch, length, _ = x.shape
         normed = self.attn_norm(x)
@@ -110,6 +113,8 @@ class LLaDABlock(GradientCheckpointingLayer):
         k = self.k_proj(normed).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(normed).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.attend(layer, k, v)
         group = self.n_heads // self.n_kv_heads
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         attended = F.scaled_dot_product_attention(
@@ -147,17 +152,21 @@ class LLaDAModel(nn.Module):
         self.embedding_dropout = nn.Dropout(config.embedding_dropout)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, output_hidden_states: bool = False
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, output_hidden_states: bool = False,
+        kv_cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        """Logits [B, L, V] and, when asked, the input of every block followed by the ln_f output (n_layers + 1)."""
-        x = self.embedding_dropout(self.transformer.wte(input_ids))
+        """Logits [B, L, V] and, when asked, the input of every block followed by the ln_f output (n_layers + 1).
+        With ``kv_cache`` only its window's positions are computed (bilevel_dlm.kv_cache)."""
+        columns = slice(None) if kv_cache is None else kv_cache.columns(input_ids.shape[1])
+        x = self.embedding_dropout(self.transformer.wte(input_ids[:, columns]))
         cos, sin = rotary_tables(input_ids.shape[1], self.config.head_dim, self.config.rope_theta, x.device)
+        cos, sin = cos[columns], sin[columns]
         key_mask = key_padding_mask(attention_mask)
         hidden_states: list[torch.Tensor] = []
-        for block in self.transformer.blocks:
+        for layer, block in enumerate(self.transformer.blocks):
             if output_hidden_states:
                 hidden_states.append(x)
-            x = block(x, cos, sin, key_mask)
+            x = block(x, cos, sin, key_mask, kv_cache, layer)
         x = self.transformer.ln_f(x)
         if output_hidden_states:
             hidden_states.append(x)
@@ -212,11 +221,14 @@ class LLaDAModelLM(PreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         labels: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
         **kwargs: Any,
     ) -> MaskedLMOutput | tuple:
         """Bidirectional forward of ``input_ids`` [B, L]; ``attention_mask`` [B, L] (1 = keep) masks padded keys.
 
-        Extra transformers keyword arguments (``use_cache``...) have no effect: LLaDA has no KV cache.
+        ``kv_cache`` (:class:`bilevel_dlm.kv_cache.KVCache`): keys and values kept between denoising steps;
+        the logits then cover the cache's window only. Other transformers keyword arguments (``use_cache``...)
+        have no effect.
         """
         if labels is not None:
             raise ValueError(
@@ -225,6 +237,6 @@ class LLaDAModelLM(PreTrainedModel):
             )
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        logits, hidden_states = self.model(input_ids, attention_mask, bool(output_hidden_states))
+        logits, hidden_states = self.model(input_ids, attention_mask, bool(output_hidden_states), kv_cache)
         output = MaskedLMOutput(logits=logits, hidden_states=hidden_states)
         return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
