@@ -10,7 +10,7 @@ canvas has not changed since.
 
 A model supports the cache by taking ``kv_cache`` as an explicit forward parameter, embedding only the
 positions :meth:`KVCache.columns` names and passing every layer's keys and values through
-:meth:`KVCache.attend` (``bilevel_dlm.integrations.llada`` does).
+:meth:`KVCache.attend` (the native LLaDA and LLaDA-MoE models do).
 """
 
 from __future__ import annotations

@@ -9,14 +9,17 @@ import torch
 from bilevel_dlm import InnerConfig, MemDLMConfig, MemoryConfig, MemoryWrapper
 from bilevel_dlm.integrations.dream import DreamModel, tiny_config as dream_tiny_config
 from bilevel_dlm.integrations.llada import LLaDAModelLM, tiny_config
+from bilevel_dlm.integrations.llada_moe import LLaDAMoEModelLM, tiny_config as moe_tiny_config
 from bilevel_dlm.kv_cache import KVCache, supports_kv_cache
 from bilevel_dlm.sampling import LLaDASampler
+from test_backbones_bilevel import FAMILIES
+
+CACHED_FAMILIES = ("llada", "llada_moe", "llada_moe_shared")  # the native models whose forward takes kv_cache
 
 
-def wrapper() -> MemoryWrapper:
-    torch.manual_seed(0)
+def wrapper(family: str = "llada") -> MemoryWrapper:
     config = MemDLMConfig(memory=MemoryConfig(rank=4, layer_fraction=0.5), inner=InnerConfig(lr=20.0, clip=None))
-    return MemoryWrapper(LLaDAModelLM(tiny_config()).eval(), config)
+    return MemoryWrapper(FAMILIES[family].build(0).eval(), config)
 
 
 def left_padded(batch: int = 3, length: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,11 +29,12 @@ def left_padded(batch: int = 3, length: int = 10) -> tuple[torch.Tensor, torch.T
     return ids.masked_fill(mask == 0, 0), mask
 
 
+@pytest.mark.parametrize("family", CACHED_FAMILIES)
 @pytest.mark.parametrize("window", [(10, 24), (10, 16), (0, 24), (23, 24)])
-def test_a_windowed_forward_on_the_stored_canvas_equals_the_full_forward(window) -> None:
-    """With per-sample memory bound and left padding, the window's logits after a full forward on the same
-    canvas equal the full forward's there (prefix window: to the end; dual window: a block)."""
-    w = wrapper()
+def test_a_windowed_forward_on_the_stored_canvas_equals_the_full_forward(window, family: str) -> None:
+    """With per-sample memory bound (MoE experts included) and left padding, the window's logits after a
+    full forward on the same canvas equal the full forward's there (prefix window: to the end; dual: a block)."""
+    w = wrapper(family)
     ids, mask = left_padded()
     memory = w.adapt(ids, mask)
     canvas = torch.cat([ids, torch.randint(2, 120, (3, 14), generator=torch.Generator().manual_seed(2))], 1)
@@ -68,11 +72,12 @@ def test_with_one_step_per_block_the_cached_sampler_is_the_plain_one(cache: str)
     assert torch.equal(w.generate(ids, mask, cache=cache, **settings), w.generate(ids, mask, **settings))
 
 
+@pytest.mark.parametrize("family", CACHED_FAMILIES)
 @pytest.mark.parametrize("adapt", [True, "blocks"])
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
-def test_cached_generation_of_a_batch_row_equals_the_row_alone(cache: str, adapt) -> None:
+def test_cached_generation_of_a_batch_row_equals_the_row_alone(cache: str, adapt, family: str) -> None:
     """Per-sample prompt memory (re-adapted after each block with 'blocks') is bound while the cache is built."""
-    w = wrapper()
+    w = wrapper(family)
     ids, mask = left_padded()
     settings = dict(max_new_tokens=8, block_length=4, steps=8, seed=3, cache=cache, adapt=adapt)
     batched = w.generate(ids, mask, **settings)
@@ -83,7 +88,8 @@ def test_cached_generation_of_a_batch_row_equals_the_row_alone(cache: str, adapt
 
 
 def test_the_cache_is_refused_where_it_cannot_work() -> None:
-    assert supports_kv_cache(LLaDAModelLM(tiny_config())) and not supports_kv_cache(DreamModel(dream_tiny_config()))
+    assert supports_kv_cache(LLaDAModelLM(tiny_config())) and supports_kv_cache(LLaDAMoEModelLM(moe_tiny_config()))
+    assert not supports_kv_cache(DreamModel(dream_tiny_config()))
     w = wrapper()
     ids, mask = left_padded()
     with pytest.raises(ValueError, match="classifier-free guidance"):

@@ -79,7 +79,7 @@ class LLaDASampler(Sampler):
         if not supports_kv_cache(run.view.model):
             raise ValueError(f"{type(run.view.model).__name__}.forward takes no kv_cache parameter, so it cannot reuse "
                              f"keys and values (cache={self.cache!r}); use cache='none', or a native model that supports "
-                             "it (bilevel_dlm.integrations.llada.LLaDAModelLM)")
+                             "it (the native LLaDA and LLaDA-MoE classes of bilevel_dlm.integrations)")
         return KVCache()
 
     def _logits(self, run: GenerationRun, canvas: torch.Tensor, prompt_length: int, block: slice,

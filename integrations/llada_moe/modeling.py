@@ -31,6 +31,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.models.olmoe.modeling_olmoe import OlmoeRMSNorm as LLaDAMoERMSNorm
 
+from bilevel_dlm.kv_cache import KVCache
 from bilevel_dlm.routing import routed_tokens
 
 from .configuration import LLaDAMoEConfig
@@ -83,6 +84,8 @@ class LLaDAMoEAttention(nn.Module):
         hidden_states: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor],
         key_mask: torch.Tensor | None,
+        kv_cache: KVCache | None = None,
+        layer: int = 0,
     ) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
         query = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
@@ -95,6 +98,8 @@ class LLaDAMoEAttention(nn.Module):
             query, key, value = query.clamp(-clip, clip), key.clamp(-clip, clip), value.clamp(-clip, clip)
         query, key, value = (t.transpose(1, 2) for t in (query, key, value))
         query, key = apply_rotary(query, *rotary), apply_rotary(key, *rotary)
+        if kv_cache is not None:
+            key, value = kv_cache.attend(layer, key, value)
         out = F.scaled_dot_product_attention(
             query,
             key,
@@ -178,8 +183,11 @@ class LLaDAMoEDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor],
         key_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        layer: int = 0,
     ) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), rotary, key_mask)
+        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), rotary, key_mask,
+                                                       kv_cache, layer)
         normed = self.post_attention_layernorm(hidden_states)
         ffn = self.mlp(normed)
         if self.shared_expert is not None:
@@ -230,22 +238,26 @@ class LLaDAMoEModel(LLaDAMoEPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        kv_cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """Final hidden states, and (optionally) the n_layers + 1 hidden states of the release's layout:
-        the embeddings, each layer's output but the last, then the final normed output."""
+        the embeddings, each layer's output but the last, then the final normed output. With ``kv_cache``
+        only its window's positions are computed (bilevel_dlm.kv_cache)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("LLaDA-MoE: pass exactly one of input_ids or inputs_embeds")
-        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        length = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
+        columns = slice(None) if kv_cache is None else kv_cache.columns(length)
+        hidden_states = self.embed_tokens(input_ids[:, columns]) if inputs_embeds is None else inputs_embeds[:, columns]
         if position_ids is None:
-            position_ids = torch.arange(hidden_states.shape[1], device=hidden_states.device)[None]
-        rotary = rotary_cos_sin(self.config, position_ids)
+            position_ids = torch.arange(length, device=hidden_states.device)[None]
+        rotary = rotary_cos_sin(self.config, position_ids[:, columns])
         # 2D mask (1 = keep) -> boolean key-padding mask broadcast over heads and queries.
         key_mask = None if attention_mask is None else attention_mask[:, None, None, :].bool()
         collected = [] if output_hidden_states else None
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
             if collected is not None:
                 collected.append(hidden_states)
-            hidden_states = layer(hidden_states, rotary, key_mask)
+            hidden_states = layer(hidden_states, rotary, key_mask, kv_cache, index)
         hidden_states = self.norm(hidden_states)
         if collected is not None:
             collected.append(hidden_states)
@@ -280,8 +292,11 @@ class LLaDAMoEModelLM(LLaDAMoEPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
+        kv_cache: KVCache | None = None,
     ) -> MoeCausalLMOutputWithPast:
-        """Logits of a bidirectional pass; ``attention_mask`` [B, L] (1 = keep) hides padded keys only."""
+        """Logits of a bidirectional pass; ``attention_mask`` [B, L] (1 = keep) hides padded keys only.
+        ``kv_cache`` (:class:`bilevel_dlm.kv_cache.KVCache`): keys and values kept between denoising
+        steps; the logits then cover the cache's window only."""
         if output_hidden_states is None:
             output_hidden_states = bool(self.config.output_hidden_states)
         hidden_states, all_hidden = self.model(
@@ -290,6 +305,7 @@ class LLaDAMoEModelLM(LLaDAMoEPreTrainedModel):
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             output_hidden_states=output_hidden_states,
+            kv_cache=kv_cache,
         )
         return MoeCausalLMOutputWithPast(logits=self.lm_head(hidden_states), hidden_states=all_hidden)
 
