@@ -16,6 +16,7 @@ per-sample memory each row gets its own sample's delta, from the routing the mod
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -138,8 +139,8 @@ class MemoryParams(FastWeights):
         self.batch_size = batch_size if self.per_sample else None
         if initial is None:
             initial = self.initial_values(generator)
-        elif [tuple(v.shape) for v in initial] != list(self._value_shapes()):
-            raise ValueError(f"initial must be {len(self.names)} unbatched tensors of shapes {list(self._value_shapes())}, "
+        elif [tuple(v.shape) for v in initial] != (expected := list(self._value_shapes())):
+            raise ValueError(f"initial must be {len(self.names)} unbatched tensors of shapes {expected}, "
                              f"got {[tuple(v.shape) for v in initial]}")
         values = [value.to(self.device, self.dtype) for value in initial]
         if self.per_sample:
@@ -154,14 +155,13 @@ class MemoryParams(FastWeights):
         """One fresh draw of the unbatched tensors (kaiming-uniform A, zero B / zero full delta)."""
         generator = as_torch_generator(generator, self.device)
         values = []
-        for module in self.targets.values():
-            for shape, part in zip(self._shapes(module), self._parts()):
-                if part == "lora_A":
-                    bound = 1.0 / math.sqrt(shape[1])  # kaiming_uniform(a=sqrt(5)) on [r, in]
-                    value = (torch.rand(shape, generator=generator, device=self.device, dtype=self.dtype) * 2 - 1) * bound
-                else:
-                    value = torch.zeros(shape, device=self.device, dtype=self.dtype)
-                values.append(value)
+        for shape, part in zip(self._value_shapes(), itertools.cycle(self._parts())):
+            if part == "lora_A":
+                bound = 1.0 / math.sqrt(shape[1])  # kaiming_uniform(a=sqrt(5)) on [r, in]
+                value = (torch.rand(shape, generator=generator, device=self.device, dtype=self.dtype) * 2 - 1) * bound
+            else:
+                value = torch.zeros(shape, device=self.device, dtype=self.dtype)
+            values.append(value)
         return tuple(values)
 
     def clear(self) -> None:

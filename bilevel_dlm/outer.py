@@ -114,13 +114,13 @@ class CARTObjective(OuterLoop):
 
     def token_weights(self, anchor: Anchor, select: Selection, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         length = anchor.masked.shape[1]
-        position = torch.arange(length, device=anchor.masked.device)
-        distance = (position[None, :] - position[:, None]).abs()
+        # The kernel as a function of the offset i - j in [-(L-1), L-1]: a convolution, O(L) memory.
+        distance = torch.arange(1 - length, length, device=anchor.masked.device).abs()
         p = self.config.cart_p
-        kernel = 0.5 * p * (1 - p) ** (distance - 1).clamp_min(0).double()
-        kernel = kernel.masked_fill(distance == 0, 0.0).float()  # [L, L]
+        kernel = (0.5 * p * (1 - p) ** (distance - 1).clamp_min(0).double()).masked_fill(distance == 0, 0.0).float()
         context = ~anchor.masked if attention_mask is None else ~anchor.masked & attention_mask.bool()
-        weights = context.float() @ kernel  # [B, L]: sum over unmasked, attended j of kernel(i, j)
+        # [B, L]: sum over unmasked, attended j of kernel(i - j)
+        weights = F.conv1d(context.float()[:, None], kernel[None, None], padding=length - 1)[:, 0]
         return select.take(weights)
 
 
