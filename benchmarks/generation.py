@@ -1,19 +1,20 @@
 """Generation speed and memory-while-decoding, measured side by side in one run.
 
-1. Tokens per second of LLaDA's sampler at temperature 0 on one random tiny LLaDA: (a) the head on every
-   position (``full_logits``, the plain path), (b) the head only on the block being decoded (default),
-   (e) threshold parallel decoding (``threshold``), interleaved, as ratios against (a), for prompts of
-   256 / 1024 tokens and 64 / 256 new tokens.
+1. Tokens per second of LLaDA's sampler at temperature 0 on one random tiny LLaDA, interleaved, as ratios
+   against (a) the head on every position (``full_logits``, the plain path): (b) the head only on the block
+   being decoded (default), (c) the prefix KV cache and (d) the dual KV cache (refreshed once per block of
+   32), (e) threshold parallel decoding (``threshold=0.9``), (f) dual cache with threshold; for prompts of
+   256 / 1024 tokens and 64 / 256 new tokens, with the share of generated tokens equal to (b)'s.
 2. The sampler's own overhead: sampler time / time of the bare model forwards it needs (goal <= 1.15).
 3. Batched ``adapt`` of 8 prompts / the same 8 prompts one at a time (goal <= 0.25).
 4. Memory while decoding on the main job's position-recall task: a MemDLM (preset) model trained briefly,
    exact match and time with no memory, prompt memory and memory refreshed after every block.
-5. KV caching: tokens/s of (b) the uncached sampler, (c) the prefix cache and (d) the dual cache
-   (refreshed once per block of 32), interleaved, as ratios against (b), with the share of generated
-   tokens equal to (b)'s; and exact match of the trained model of 4 with each.
+5. KV caching on the other backbones, interleaved with their uncached samplers: Dream's sampler with the
+   prefix cache (refreshed every 8 steps, and never), LLaDA2's block-diffusion sampler with its exact
+   prefix cache; and exact match of the trained model of 4 under (b), (c), (d).
 
-    python benchmarks/generation.py --threads 1                    # every section
-    python benchmarks/generation.py --threads 1 --sections cache   # section 5 only
+    python benchmarks/generation.py --threads 1                          # every section
+    python benchmarks/generation.py --threads 1 --sections speed cache   # sections 1-3 and 5
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ import torch
 from bilevel_dlm import MemDLMConfig, MemoryConfig, MemoryWrapper, OuterConfig
 from bilevel_dlm.evaluation import task_accuracy
 from bilevel_dlm.integrations import tiny_model
+from bilevel_dlm.integrations.dream import DreamModel, tiny_config as dream_config
 from bilevel_dlm.integrations.llada import LLaDAModelLM, tiny_config
-from bilevel_dlm.sampling import LLaDASampler
+from bilevel_dlm.integrations.llada2 import LLaDA2MoeModelLM, tiny_config as llada2_config
+from bilevel_dlm.sampling import BlockDiffusionSampler, DreamSampler, LLaDASampler, Sampler
 from bilevel_dlm.tasks import encode_example
 from bilevel_dlm.tasks.recall import make_recall_dataset, recall_tokenizer
-
 
 def timed(function) -> float:
     started = time.perf_counter()
@@ -47,33 +49,60 @@ def random_llada(args: argparse.Namespace) -> MemoryWrapper:
     return MemoryWrapper(model, MemDLMConfig())
 
 
-def interleaved(wrapper: MemoryWrapper, args: argparse.Namespace, variants: dict[str, dict]):
-    """For prompts of 256 / 1024 and 64 / 256 new tokens: (prompt, new, seconds per variant, last output
-    per variant), the variants' LLaDA samplers (blocks of 32) run in turn ``args.repeats`` times."""
+def random_dream(args: argparse.Namespace) -> MemoryWrapper:
+    torch.manual_seed(0)
+    model = DreamModel(dream_config(hidden_size=args.d_model, intermediate_size=2 * args.d_model,
+                                    num_hidden_layers=args.layers, vocab_size=args.vocab, mask_token_id=args.vocab - 1,
+                                    bos_token_id=args.vocab - 2, max_position_embeddings=4096)).eval()
+    return MemoryWrapper(model, MemDLMConfig())
+
+
+def random_llada2(args: argparse.Namespace) -> MemoryWrapper:
+    torch.manual_seed(0)
+    model = LLaDA2MoeModelLM(llada2_config(hidden_size=args.d_model, num_hidden_layers=args.layers,
+                                           vocab_size=args.vocab, mask_token_id=args.vocab - 1,
+                                           max_position_embeddings=4096)).eval()
+    return MemoryWrapper(model, MemDLMConfig())
+
+
+def interleaved(wrapper: MemoryWrapper, args: argparse.Namespace, variants: dict[str, Sampler],
+                new_lengths: tuple[int, ...] = (64, 256)):
+    """For prompts of 256 / 1024 and each of ``new_lengths`` new tokens: (prompt, new, median seconds per
+    variant, last output per variant), the variants' samplers run in turn ``args.repeats`` times."""
     for prompt_length in (256, 1024):
-        for new_tokens in (64, 256):
-            ids = torch.randint(2, args.vocab - 1, (args.batch, prompt_length), generator=torch.Generator().manual_seed(0))
+        for new_tokens in new_lengths:
+            ids = torch.randint(2, args.vocab - 2, (args.batch, prompt_length), generator=torch.Generator().manual_seed(0))
             times, outputs = {name: [] for name in variants}, {}
             for _ in range(args.repeats):
-                for name, settings in variants.items():
-                    sampler = LLaDASampler(block_length=32, **settings)
+                for name, sampler in variants.items():
                     times[name].append(timed(lambda: outputs.update(
                         {name: sampler.sample(wrapper.view, ids, max_new_tokens=new_tokens)})))
             yield prompt_length, new_tokens, {name: statistics.median(t) for name, t in times.items()}, outputs
 
 
+def print_ratios(wrapper: MemoryWrapper, args: argparse.Namespace, variants: dict[str, Sampler], base: str,
+                 agree: str, new_lengths: tuple[int, ...] = (64, 256)) -> None:
+    """Tokens/s (ratio against ``base``) [share of generated tokens equal to ``agree``'s] {forwards}."""
+    print(f"{'prompt':>7s} {'new':>5s} " + " ".join(f"{name:>34s}" for name in variants))
+    for prompt_length, new_tokens, times, outputs in interleaved(wrapper, args, variants, new_lengths):
+        reference = outputs[agree].sequences[:, prompt_length:]
+        cells = [f"{args.batch * new_tokens / t:7.1f} ({times[base] / t:5.2f}x) "
+                 f"[{float((outputs[name].sequences[:, prompt_length:] == reference).float().mean()):.2f}] "
+                 f"{{{outputs[name].model_calls}}}" for name, t in times.items()]
+        print(f"{prompt_length:7d} {new_tokens:5d} " + " ".join(f"{c:>34s}" for c in cells))
+
+
 def speed(args: argparse.Namespace) -> None:
     wrapper = random_llada(args)
-    variants = {"(a) head everywhere": dict(full_logits=True), "(b) head on the block": {},
-                "(e) threshold 0.9": dict(threshold=0.9)}
+    variants = {name: LLaDASampler(block_length=32, **settings) for name, settings in {
+        "(a) head everywhere": dict(full_logits=True), "(b) head on the block": {},
+        "(c) prefix cache": dict(cache="prefix"), "(d) dual cache": dict(cache="dual"),
+        "(e) threshold 0.9": dict(threshold=0.9), "(f) dual + threshold 0.9": dict(cache="dual", threshold=0.9),
+    }.items()}
     print(f"1. tokens/s, LLaDA sampler at temperature 0, d_model {args.d_model}, {args.layers} blocks, "
-          f"vocab {args.vocab}, batch {args.batch}, blocks of 32, one step per token (medians of {args.repeats})")
-    print(f"{'prompt':>7s} {'new':>5s} " + " ".join(f"{name:>22s}" for name in variants) + "   steps (e)")
-    for prompt_length, new_tokens, times, outputs in interleaved(wrapper, args, variants):
-        base = times["(a) head everywhere"]
-        cells = [f"{args.batch * new_tokens / t:9.1f} ({base / t:4.2f}x)" for t in times.values()]
-        print(f"{prompt_length:7d} {new_tokens:5d} " + " ".join(f"{c:>22s}" for c in cells)
-              + f"   {outputs['(e) threshold 0.9'].model_calls}/{new_tokens}")
+          f"vocab {args.vocab}, batch {args.batch}, blocks of 32, one step per token (medians of {args.repeats}); "
+          "(ratio against (a)) [share of new tokens equal to (b)'s] {forwards}")
+    print_ratios(wrapper, args, variants, "(a) head everywhere", "(b) head on the block")
 
     ids = torch.randint(2, args.vocab - 1, (args.batch, 256), generator=torch.Generator().manual_seed(1))
     sampler = LLaDASampler(block_length=32)
@@ -133,23 +162,22 @@ def memory_while_decoding(args: argparse.Namespace) -> None:
 
 
 def cached_decoding(args: argparse.Namespace) -> None:
-    wrapper = random_llada(args)
-    variants = {"(b) no cache": {}, "(c) prefix cache": dict(cache="prefix"), "(d) dual cache": dict(cache="dual")}
-    print(f"5. KV cache: tokens/s, LLaDA sampler at temperature 0, d_model {args.d_model}, {args.layers} blocks, "
-          f"vocab {args.vocab}, batch {args.batch}, blocks of 32, one step per token (medians of {args.repeats}); "
-          "[share of tokens equal to (b)'s]")
-    print(f"{'prompt':>7s} {'new':>5s} " + " ".join(f"{name:>28s}" for name in variants))
-    for prompt_length, new_tokens, times, outputs in interleaved(wrapper, args, variants):
-        base, plain = times["(b) no cache"], outputs["(b) no cache"].sequences
-        cells = [f"{args.batch * new_tokens / t:7.1f} ({base / t:4.2f}x) "
-                 f"[{float((outputs[name].sequences == plain)[:, prompt_length:].float().mean()):.2f}]"
-                 for name, t in times.items()]
-        print(f"{prompt_length:7d} {new_tokens:5d} " + " ".join(f"{c:>28s}" for c in cells))
+    print(f"5. KV cache on Dream and LLaDA2, d_model {args.d_model}, {args.layers} blocks, vocab {args.vocab}, batch "
+          f"{args.batch}, temperature 0, 64 new tokens (medians of {args.repeats}); (ratio against the uncached "
+          "sampler) [share of new tokens equal to its] {forwards}")
+    print("   Dream sampler, alg entropy, one step per token:")
+    variants = {"no cache": DreamSampler(), "prefix, refresh every 8": DreamSampler(cache="prefix", cache_refresh=8),
+                "prefix, never refreshed": DreamSampler(cache="prefix")}
+    print_ratios(random_dream(args), args, variants, "no cache", "no cache", new_lengths=(64,))
+    print("   LLaDA2 block-diffusion sampler, blocks of 32, one step per token of a block, threshold 1 (never fires):")
+    variants = {"no cache": BlockDiffusionSampler(threshold=1.0), "prefix cache": BlockDiffusionSampler(threshold=1.0, cache="prefix")}
+    print_ratios(random_llada2(args), args, variants, "no cache", "no cache", new_lengths=(64,))
     pairs = 6
     trained, tokenizer, test, seconds = trained_recall_model(args, pairs)
-    print(f"   position recall ({pairs} values + EOS in 8 new tokens, one block of 8, 8 steps), MemDLM preset "
+    print(f"   position recall ({pairs} values + EOS in 8 new tokens, one block of 8, 8 steps), LLaDA, MemDLM preset "
           f"trained {args.train_steps} steps ({seconds:.0f} s), 64 test prompts, memory off:")
-    for name, settings in variants.items():
+    for name, settings in {"(b) no cache": {}, "(c) prefix cache": dict(cache="prefix"),
+                           "(d) dual cache": dict(cache="dual")}.items():
         score = task_accuracy(trained, tokenizer, test, max_new_tokens=pairs + 2, adapt=False, batch_size=64,
                               block_length=pairs + 2, **settings)
         print(f"   {name:18s}: exact match {score[0]:.3f}")

@@ -42,6 +42,9 @@ class Backbone:
     token_mixing_targets: ClassVar[tuple[str, ...]] = ()
     # Leading positions that are never masked nor supervised (Dream's BOS).
     protected_prefix: ClassVar[int] = 0
+    # How many columns before position i the raw hidden state that align_hidden puts at i sits (Dream's
+    # shifted logits: 1). A windowed forward (bilevel_dlm.kv_cache) must compute those columns too.
+    hidden_lookback: ClassVar[int] = 0
     # Some models only run their routed experts with autograd in train() mode (LLaDA2); adapt() then
     # runs in train mode and refuses models with active dropout (it would make the memory random).
     adapt_in_train_mode: ClassVar[bool] = False

@@ -88,13 +88,28 @@ class ModelView:
     ) -> torch.Tensor:
         """Aligned logits [B, L, V] at every position, or [B, n, V] at ``columns`` only (samplers: the head,
         often the largest layer, runs on the positions that can be revealed, not on the prompt). With a
-        ``kv_cache`` the model computes its window only, and ``columns`` count from the window's start."""
+        ``kv_cache`` the model computes its window only: the logits cover the window, or ``columns`` (canvas
+        columns, inside the window and at least ``backbone.hidden_lookback`` after its start)."""
         hidden = self.hidden(input_ids, attention_mask, mask_ratio, kv_cache)
-        if kv_cache is not None:
-            input_ids = input_ids[:, kv_cache.columns(input_ids.shape[1])]
+        computed = slice(0, input_ids.shape[1]) if kv_cache is None else kv_cache.columns(input_ids.shape[1])
+        input_ids = input_ids[:, computed]
         if columns is not None:
+            columns = self.window_columns(columns, computed)
             hidden, input_ids = hidden[:, columns], input_ids[:, columns]
         return self.head(hidden, input_ids)
+
+    def window_columns(self, columns: slice, computed: slice) -> slice:
+        """Canvas ``columns`` as columns of the ``computed`` window, refused where the window misses them or
+        the columns before them that their aligned hidden states come from."""
+        stop = computed.stop if columns.stop is None else columns.stop
+        start = columns.start or 0
+        lookback = self.backbone.hidden_lookback if computed.start > 0 else 0
+        if start - lookback < computed.start or stop > computed.stop:
+            raise ValueError(
+                f"columns [{start}, {stop}) need the window to compute columns [{start - lookback}, {stop}), but it "
+                f"computes [{computed.start}, {computed.stop}); widen the KVCache window"
+            )
+        return slice(start - computed.start, stop - computed.start)
 
     def logits_at(
         self,

@@ -9,8 +9,10 @@ approximation of a bidirectional model (they would have seen the newly revealed 
 canvas has not changed since.
 
 A model supports the cache by taking ``kv_cache`` as an explicit forward parameter, embedding only the
-positions :meth:`KVCache.columns` names and passing every layer's keys and values through
-:meth:`KVCache.attend` (the native LLaDA and LLaDA-MoE models do).
+positions :meth:`KVCache.columns` names (queries of those rows only in any attention mask, positions of
+those columns) and passing every layer's keys and values through :meth:`KVCache.attend`, or giving the
+cache to transformers' attention layers, which call it as their ``Cache`` (:meth:`KVCache.update`). The
+native LLaDA, LLaDA-MoE, Dream and LLaDA2 models do.
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ class KVCache:
         stored_keys, stored_values = self._keys[layer], self._values[layer]
         return (torch.cat([stored_keys[:, :, :start], keys, stored_keys[:, :, stop:]], dim=2),
                 torch.cat([stored_values[:, :, :start], values, stored_values[:, :, stop:]], dim=2))
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`attend` under the name transformers' attention layers call on their ``Cache``."""
+        return self.attend(layer_idx, keys, values)
 
 
 def supports_kv_cache(model: nn.Module) -> bool:

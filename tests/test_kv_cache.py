@@ -1,5 +1,5 @@
-"""KV cache (prefix / dual): the windowed forward against the full one, the cached sampler against the
-plain one, batch rows against rows alone, and refusals."""
+"""KV cache (prefix / dual): the windowed forward against the full one, the cached samplers (LLaDA, Dream,
+block diffusion) against the plain ones, batch rows against rows alone, the columns computed, refusals."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from bilevel_dlm.integrations.dream import DreamModel, tiny_config as dream_tiny
 from bilevel_dlm.integrations.llada import LLaDAModelLM, tiny_config
 from bilevel_dlm.integrations.llada_moe import LLaDAMoEModelLM, tiny_config as moe_tiny_config
 from bilevel_dlm.kv_cache import KVCache, supports_kv_cache
-from bilevel_dlm.sampling import LLaDASampler
+from bilevel_dlm.integrations.mdlm import build_tiny_model
+from bilevel_dlm.sampling import DreamSampler, LLaDASampler
 from test_backbones_bilevel import FAMILIES
 
-CACHED_FAMILIES = ("llada", "llada_moe", "llada_moe_shared")  # the native models whose forward takes kv_cache
+CACHED_FAMILIES = ("llada", "llada_moe", "llada_moe_shared")  # decoded by the LLaDA sampler, with kv_cache
+WINDOWED_FAMILIES = (*CACHED_FAMILIES, "dream", "llada2")  # every native model whose forward takes kv_cache
 
 
 def wrapper(family: str = "llada") -> MemoryWrapper:
@@ -29,7 +31,7 @@ def left_padded(batch: int = 3, length: int = 10) -> tuple[torch.Tensor, torch.T
     return ids.masked_fill(mask == 0, 0), mask
 
 
-@pytest.mark.parametrize("family", CACHED_FAMILIES)
+@pytest.mark.parametrize("family", WINDOWED_FAMILIES)
 @pytest.mark.parametrize("window", [(10, 24), (10, 16), (0, 24), (23, 24)])
 def test_a_windowed_forward_on_the_stored_canvas_equals_the_full_forward(window, family: str) -> None:
     """With per-sample memory bound (MoE experts included) and left padding, the window's logits after a
@@ -87,13 +89,87 @@ def test_cached_generation_of_a_batch_row_equals_the_row_alone(cache: str, adapt
     assert not torch.equal(batched, w.generate(ids, mask, **{**settings, "adapt": False}))
 
 
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("threshold", [None, 0.3])
+def test_with_a_full_forward_every_step_the_cached_sampler_is_the_plain_one(cache: str, threshold) -> None:
+    """cache_refresh=1: every step refreshes, so the tokens are exactly those of uncached decoding; a
+    refresh interval of a whole block is the default (once per block)."""
+    w = wrapper()
+    ids, mask = left_padded()
+    settings = dict(max_new_tokens=8, block_length=4, steps=8, seed=0, threshold=threshold)
+    plain = w.generate(ids, mask, **settings)
+    assert torch.equal(w.generate(ids, mask, cache=cache, cache_refresh=1, **settings), plain)
+    assert torch.equal(w.generate(ids, mask, cache=cache, cache_refresh=4, **settings),
+                       w.generate(ids, mask, cache=cache, **settings))
+
+
+def computed_columns(model: torch.nn.Module, run) -> list[int]:
+    """The number of canvas columns each forward of ``run()`` embeds."""
+    widths: list[int] = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda _m, args, _out: widths.append(args[0].shape[1]))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return widths
+
+
+@pytest.mark.parametrize("refresh", [None, 1, 3])
+def test_the_dream_prefix_cache_recomputes_the_new_tokens_and_the_last_prompt_column(refresh) -> None:
+    """Dream's logits are shifted: the window starts one column before the first new token. Full forwards
+    come every ``cache_refresh`` steps; every forward's tokens equal uncached decoding when refresh=1, and
+    a left-padded batch decodes each row as alone."""
+    w = wrapper("dream")
+    ids, mask = left_padded()
+    settings = dict(max_new_tokens=8, steps=6, seed=0, cache="prefix", cache_refresh=refresh, adapt=True)
+    widths = computed_columns(w.model, lambda: w.generate(ids, mask, **settings))
+    full_steps = {step for step in range(6) if (step % refresh == 0 if refresh else step == 0)}
+    assert widths[-6:] == [18 if step in full_steps else 9 for step in range(6)]
+    batched = w.generate(ids, mask, **settings)
+    for row in range(3):
+        assert torch.equal(batched[row, -8:], w.generate(ids[row:row + 1, mask[row].bool()], **settings)[0, -8:])
+    if refresh == 1:
+        assert torch.equal(batched, w.generate(ids, mask, **{**settings, "cache": "none", "cache_refresh": None}))
+
+
+@pytest.mark.parametrize("adapt", [False, True, "blocks"])
+@pytest.mark.parametrize("threshold", [0.05, 0.95])
+@pytest.mark.parametrize("seed", range(3))
+def test_the_block_diffusion_cache_is_exact(adapt, threshold: float, seed: int) -> None:
+    """Under block-causal attention no earlier block sees the current one: cached decoding equals the
+    uncached one, with left padding, blocks that straddle the prompt's end, and memory bound."""
+    w = wrapper("llada2")
+    ids = torch.randint(2, 120, (3, 10), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = mask[2, :5] = 0
+    settings = dict(max_new_tokens=12, block_length=4, seed=seed, adapt=adapt, threshold=threshold)
+    cached = w.generate(ids, mask, cache="prefix", **settings)
+    assert torch.equal(cached, w.generate(ids, mask, **settings))
+    widths = computed_columns(w.model, lambda: w.generate(ids, mask, cache="prefix", **settings))
+    assert max(widths) == 22 and min(widths) < 22, "full forwards at block starts, the block alone otherwise"
+
+
 def test_the_cache_is_refused_where_it_cannot_work() -> None:
     assert supports_kv_cache(LLaDAModelLM(tiny_config())) and supports_kv_cache(LLaDAMoEModelLM(moe_tiny_config()))
-    assert not supports_kv_cache(DreamModel(dream_tiny_config()))
+    assert supports_kv_cache(DreamModel(dream_tiny_config()))
+    assert not supports_kv_cache(build_tiny_model(0))
     w = wrapper()
     ids, mask = left_padded()
     with pytest.raises(ValueError, match="classifier-free guidance"):
         w.generate(ids, mask, max_new_tokens=4, cache="prefix", cfg_scale=1.0)
-    dream = MemoryWrapper(DreamModel(dream_tiny_config()).eval())
+    with pytest.raises(ValueError, match="cache_refresh"):
+        LLaDASampler(cache_refresh=2)
+    with pytest.raises(ValueError, match="cache_refresh"):
+        DreamSampler(cache_refresh=2)
+    mdlm = MemoryWrapper(build_tiny_model(0).eval())
     with pytest.raises(ValueError, match="takes no kv_cache parameter"):
-        LLaDASampler(cache="dual").sample(dream.view, ids, max_new_tokens=4)
+        LLaDASampler(cache="dual").sample(mdlm.view, ids, max_new_tokens=4)
+    cache = KVCache()
+    canvas = torch.randint(2, 120, (1, 12), generator=torch.Generator().manual_seed(0))
+    dream = MemoryWrapper(DreamModel(dream_tiny_config()).eval())
+    with torch.no_grad():
+        dream.view.logits(canvas, kv_cache=cache)
+        cache.window = (6, 12)
+        assert dream.view.logits(canvas, columns=slice(7, 12), kv_cache=cache).shape[1] == 5
+        with pytest.raises(ValueError, match="widen the KVCache window"):
+            dream.view.logits(canvas, columns=slice(6, 12), kv_cache=cache)  # column 6's hidden state is column 5's

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -46,10 +47,11 @@ LENGTH, PROMPT, REAL_LENGTHS = 12, 4, (12, 9, 7)
 GRADIENT_TOLERANCE = {"first_order": 1e-10, "unrolled": 1e-6}
 
 
-def all_pairs(factors: dict[str, tuple]) -> list[tuple]:
-    """A small set of combinations in which every pair of values of two factors occurs (greedy, deterministic)."""
+def all_pairs(factors: dict[str, tuple], valid: Callable[[tuple], bool] = lambda row: True) -> list[tuple]:
+    """A small set of ``valid`` combinations in which every pair of values of two factors that some valid
+    combination holds occurs (greedy, deterministic)."""
     names = list(factors)
-    product = list(itertools.product(*factors.values()))
+    product = [row for row in itertools.product(*factors.values()) if valid(row)]
 
     def pairs(row: tuple) -> set:
         return {(i, row[i], j, row[j]) for i, j in itertools.combinations(range(len(names)), 2)}

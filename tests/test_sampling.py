@@ -130,6 +130,8 @@ BATCHING_CASES = [
     (llada_view, LLaDASampler(steps=8, block_length=4)),
     (dream_view, DreamSampler(steps=4, alg="entropy")),
     (dream_view, DreamSampler(steps=8, alg="topk_margin")),
+    (llada_view, LLaDASampler(steps=8, block_length=4, cache="dual")),
+    (dream_view, DreamSampler(steps=4, alg="entropy", cache="prefix", cache_refresh=2)),
 ]
 
 
@@ -349,6 +351,9 @@ def _llada2_view() -> ModelView:
     (dream_view, DreamSampler()),
     (mdlm_view, MDLMSampler(steps=10)),
     (_llada2_view, BlockDiffusionSampler(block_length=4, steps=2, threshold=0.5)),
+    (llada_view, LLaDASampler(block_length=4, cache="prefix")),
+    (dream_view, DreamSampler(cache="prefix")),
+    (_llada2_view, BlockDiffusionSampler(block_length=4, steps=2, threshold=0.5, cache="prefix")),
 ])
 def test_logits_only_where_needed_gives_the_tokens_of_the_full_head(make_view, sampler):
     """The head runs on the positions that can be revealed; the plain path (full_logits) on all of them."""

@@ -17,9 +17,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..forward import ModelView
-from ..kv_cache import KVCache
+from ..kv_cache import KVCache, supports_kv_cache
 
-__all__ = ["Sampler", "SampleOutput", "GenerationRun", "even_split", "top_per_row", "reveal_confident"]
+__all__ = ["Sampler", "SampleOutput", "GenerationRun", "even_split", "top_per_row", "reveal_confident", "refreshes",
+           "check_cache_refresh"]
 
 
 @dataclass
@@ -63,7 +64,7 @@ class GenerationRun:
     ) -> torch.Tensor:
         """Aligned logits [B, L, V] of the canvas (or [B, n, V] at ``columns``, unless the sampler's
         ``full_logits``), forbidden tokens (the mask first) at -inf. With ``kv_cache`` the model computes
-        the cache's window only and ``columns`` count from its start.
+        the cache's window only (:meth:`ModelView.logits`).
 
         With ``unconditional`` (the canvas with its prompt masked) a second forward gives u and the result
         is classifier-free guided: ``u + (cfg_scale + 1) (c - u)``. The two passes are separate forwards so
@@ -79,7 +80,27 @@ class GenerationRun:
             self.model_calls += 1
             logits = plain + (cfg_scale + 1) * (logits - plain)
         logits = logits.index_fill(-1, torch.tensor(self.forbidden, device=logits.device), float("-inf"))
-        return logits[:, columns] if self.full_logits and columns is not None else logits
+        if not self.full_logits or columns is None:
+            return logits
+        computed = slice(0, canvas.shape[1]) if kv_cache is None else kv_cache.columns(canvas.shape[1])
+        return logits[:, self.view.window_columns(columns, computed)]
+
+    def open_cache(self, sampler: str, mode: str) -> KVCache | None:
+        """A fresh :class:`KVCache` for ``mode`` other than ``"none"``; refuses a model whose forward takes none."""
+        if mode == "none":
+            return None
+        if not supports_kv_cache(self.view.model):
+            raise ValueError(f"{type(self.view.model).__name__}.forward takes no kv_cache parameter, so {sampler} cannot "
+                             f"reuse keys and values (cache={mode!r}); use cache='none', or a native model that supports "
+                             "it (the native LLaDA, LLaDA-MoE, Dream and LLaDA2 classes of bilevel_dlm.integrations)")
+        return KVCache()
+
+    def cache_step(self, cache: KVCache | None, refresh: bool, start: int, stop: int) -> None:
+        """Before a cached forward: a full forward that stores every layer's keys and values (``refresh``),
+        or one computing columns ``start`` to ``stop`` only (and the adapter's ``hidden_lookback`` columns
+        before ``start``, whose hidden states predict the tokens from ``start`` on)."""
+        if cache is not None:
+            cache.window = None if refresh else (max(start - self.view.backbone.hidden_lookback, 0), stop)
 
     def uniform(
         self, shape: torch.Size | tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float32
@@ -182,3 +203,16 @@ def reveal_confident(confidence: torch.Tensor, masked: torch.Tensor, minimum: to
         return scheduled
     above = masked & (confidence > threshold)
     return torch.where((above.sum(1) >= minimum)[:, None], above, scheduled)
+
+
+def check_cache_refresh(cache: str, every: int | None) -> None:
+    """Refuse a refresh interval without a cache (it would silently change nothing)."""
+    if every is not None and cache == "none":
+        raise ValueError("cache_refresh sets how often a KV cache is rebuilt; choose a cache (cache='prefix'), or leave "
+                         "cache_refresh out")
+
+
+def refreshes(step: int, every: int | None) -> bool:
+    """Whether a cached sampler's ``step`` (counted from its last forced refresh) runs the full forward:
+    every ``every`` steps, or only step 0 when ``every`` is None."""
+    return step % every == 0 if every else step == 0

@@ -11,11 +11,17 @@ remainder first), otherwise the step's share with the highest confidence. Reveal
 
 The mask goes to the model as a 4D bool ``[B, 1, L, L]`` attention mask (True = may attend), so the
 backbone adapter must accept one (the LLaDA2 adapter does). Rows are decoded exactly as alone.
+
+With ``cache="prefix"`` a block's first step runs the whole canvas and stores every layer's keys and
+values; its other steps compute the block alone (its prompt tokens included: they see the block's new
+tokens). Under block-causal attention no earlier block sees the current one, so the stored entries are
+those a full forward would compute: the tokens equal ``cache="none"`` (up to floating-point summation
+order).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -42,6 +48,8 @@ class BlockDiffusionSampler(Sampler):
     block_length: int = Field(32, gt=0, description="tokens per block (LLaDA2 releases: 32)")
     threshold: float = Field(0.95, gt=0.0, le=1.0, description="reveal every masked token above this confidence")
     temperature: float = Field(0.0, ge=0.0, description="token sampling temperature; 0 = argmax")
+    cache: Literal["none", "prefix"] = Field("none", description="reuse the committed blocks' keys and values "
+                                             "between the steps of a block (exact under block-causal attention)")
 
     def _generate(self, run: GenerationRun, canvas: torch.Tensor, prompt_length: int, steps: int) -> torch.Tensor:
         mask_id = run.view.mask_token_id
@@ -54,8 +62,11 @@ class BlockDiffusionSampler(Sampler):
         first_block = block_ids[:, prompt_length]  # the block of each row's first new token
         per_block = self.steps or self.block_length
         blocks = int((block_ids[:, -1] - first_block).max()) + 1
+        cache = run.open_cache(type(self).__name__, self.cache)
         for offset in range(blocks):
-            current = new & (block_ids == (first_block + offset)[:, None])
+            in_block = block_ids == (first_block + offset)[:, None]
+            block_start = int(in_block.any(0).nonzero()[0, 0])  # prompt tokens of the block: recomputed too
+            current = new & in_block
             columns = current.any(0).nonzero()[:, 0]  # the span of the rows' current blocks: logits there only
             span = slice(int(columns[0]), int(columns[-1]) + 1)
             current = current[:, span]
@@ -64,7 +75,9 @@ class BlockDiffusionSampler(Sampler):
                 masked = current & (canvas[:, span] == mask_id)
                 if not bool(masked.any()):
                     break
-                proposal, confidence = self._propose(run, run.logits(canvas, attention_mask=attention, columns=span))
+                run.cache_step(cache, step == 0, block_start, span.stop)
+                logits = run.logits(canvas, attention_mask=attention, columns=span, kv_cache=cache)
+                proposal, confidence = self._propose(run, logits)
                 reveal = reveal_confident(confidence, masked, counts[:, step], self.threshold)
                 canvas[:, span] = torch.where(reveal, proposal, canvas[:, span])
                 run.record(canvas)

@@ -6,7 +6,11 @@ confidence algorithms pick the most confident ones (or sample them from ``softma
 ``maskgit_plus`` the probability of the drawn token, ``topk_margin`` top-1 minus top-2 probability,
 ``entropy`` the negative entropy. Each reveal is exact per row, so a batch decodes like its rows alone.
 With ``threshold`` (maskgit_plus / topk_margin) a step also reveals every masked position above that
-confidence, and decoding ends once nothing is masked.
+confidence, and decoding ends once nothing is masked. With ``cache="prefix"`` (Fast-dLLM's prefix cache,
+``bilevel_dlm.kv_cache``) a full forward stores every layer's keys and values of the prompt, and the other
+steps compute only the new tokens (and the prompt's last column, whose hidden state predicts the first
+new token): an approximation, refreshed every ``cache_refresh`` steps (None: at the first step only;
+1: every step, the tokens of ``cache="none"``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from .base import GenerationRun, Sampler, reveal_confident
+from .base import GenerationRun, Sampler, check_cache_refresh, refreshes, reveal_confident
 
 __all__ = ["DreamSampler"]
 
@@ -32,24 +36,31 @@ class DreamSampler(Sampler):
     eps: float = Field(1e-3, gt=0.0, lt=1.0, description="final time of the schedule")
     threshold: float | None = Field(None, gt=0.0, le=1.0, description="maskgit_plus / topk_margin: reveal every "
                                     "masked token above this confidence (at least the step's count)")
+    cache: Literal["none", "prefix"] = Field("none", description="reuse the prompt's keys and values between steps")
+    cache_refresh: int | None = Field(None, gt=0, description="with the cache: a full forward every this many "
+                                      "steps; None = at the first step only")
 
     @model_validator(mode="after")
     def _check(self) -> "DreamSampler":
         if self.threshold is not None and (self.alg not in ("maskgit_plus", "topk_margin") or self.alg_temp > 0):
             raise ValueError("threshold decoding needs a confidence in [0, 1] compared as it is: alg='maskgit_plus' "
                              "or 'topk_margin' with alg_temp=0")
+        check_cache_refresh(self.cache, self.cache_refresh)
         return self
 
     def _generate(self, run: GenerationRun, canvas: torch.Tensor, prompt_length: int, steps: int) -> torch.Tensor:
         times = torch.linspace(1.0, self.eps, steps + 1, dtype=torch.float64).tolist()
         mask_id = run.view.mask_token_id
+        cache = run.open_cache(type(self).__name__, self.cache)
+        new = slice(prompt_length, canvas.shape[1])
         for step in range(steps):
             fraction = 1.0 - times[step + 1] / times[step] if step < steps - 1 else 1.0
             current = canvas[:, prompt_length:]
             masked = current == mask_id
             if self.threshold is not None and not bool(masked.any()):
                 break  # threshold decoding revealed everything early
-            tokens, confidence = self._propose(run, run.logits(canvas, columns=slice(prompt_length, None)))
+            run.cache_step(cache, refreshes(step, self.cache_refresh), prompt_length, canvas.shape[1])
+            tokens, confidence = self._propose(run, run.logits(canvas, columns=new, kv_cache=cache))
             if self.alg == "origin":
                 reveal = masked & (run.uniform(masked.shape, masked.device, torch.float64) < fraction)
             else:

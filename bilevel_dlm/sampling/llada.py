@@ -8,7 +8,8 @@ that confidence, at least its share, and a block that is full early ends early. 
 (Fast-dLLM's prefix / dual cache) the first step of a block runs the whole canvas and stores every
 layer's keys and values; the block's other steps compute only the block and what follows it (``prefix``)
 or the block alone (``dual``) and reuse the stored keys and values elsewhere (``bilevel_dlm.kv_cache``:
-an approximation, refreshed once per block).
+an approximation, refreshed once per block, or every ``cache_refresh`` steps of a block; with
+``cache_refresh=1`` every step is a full forward and the tokens are those of ``cache="none"``).
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from ..kv_cache import KVCache, supports_kv_cache
-from .base import GenerationRun, Sampler, even_split, reveal_confident
+from ..kv_cache import KVCache
+from .base import GenerationRun, Sampler, check_cache_refresh, even_split, refreshes, reveal_confident
 
 __all__ = ["LLaDASampler"]
 
@@ -37,6 +38,13 @@ class LLaDASampler(Sampler):
                                     "above this confidence (at least the step's share); None = the share only")
     cache: Literal["none", "prefix", "dual"] = Field("none", description="reuse keys and values between the "
                                                      "steps of a block: of the prefix, or of prefix and suffix")
+    cache_refresh: int | None = Field(None, gt=0, description="with a cache: a full forward every this many steps "
+                                      "of a block; None = at the block's first step only")
+
+    @model_validator(mode="after")
+    def _check(self) -> "LLaDASampler":
+        check_cache_refresh(self.cache, self.cache_refresh)
+        return self
 
     def _generate(self, run: GenerationRun, canvas: torch.Tensor, prompt_length: int, steps: int) -> torch.Tensor:
         new_tokens = canvas.shape[1] - prompt_length
@@ -60,8 +68,8 @@ class LLaDASampler(Sampler):
                 current = canvas[:, block]
                 if self.threshold is not None and not bool((current == mask_id).any()):
                     break  # threshold decoding filled the block early
-                if cache is not None:  # the block's first step refreshes the cache
-                    cache.window = None if step == 0 else (start, canvas.shape[1] if self.cache == "prefix" else block.stop)
+                run.cache_step(cache, refreshes(step, self.cache_refresh), block.start,
+                               canvas.shape[1] if self.cache == "prefix" else block.stop)
                 proposal, confidence = self._propose(run, self._logits(run, canvas, prompt_length, block, cache))
                 reveal = reveal_confident(confidence, current == mask_id, counts[:, step], self.threshold)
                 canvas[:, block] = torch.where(reveal, proposal, current)
@@ -71,25 +79,16 @@ class LLaDASampler(Sampler):
         return canvas
 
     def _cache(self, run: GenerationRun) -> KVCache | None:
-        if self.cache == "none":
-            return None
-        if self.cfg_scale > 0:
+        if self.cache != "none" and self.cfg_scale > 0:
             raise ValueError("cache= with classifier-free guidance (cfg_scale > 0) is not supported: the unconditional "
                              "pass would need a cache of its own; use cache='none' with cfg_scale")
-        if not supports_kv_cache(run.view.model):
-            raise ValueError(f"{type(run.view.model).__name__}.forward takes no kv_cache parameter, so it cannot reuse "
-                             f"keys and values (cache={self.cache!r}); use cache='none', or a native model that supports "
-                             "it (the native LLaDA and LLaDA-MoE classes of bilevel_dlm.integrations)")
-        return KVCache()
+        return run.open_cache(type(self).__name__, self.cache)
 
     def _logits(self, run: GenerationRun, canvas: torch.Tensor, prompt_length: int, block: slice,
                 cache: KVCache | None = None) -> torch.Tensor:
         """Logits of the current block only [B, block_length, V] (optionally classifier-free guided)."""
-        if cache is not None:
-            offset = cache.columns(canvas.shape[1]).start
-            return run.logits(canvas, columns=slice(block.start - offset, block.stop - offset), kv_cache=cache)
         if self.cfg_scale == 0:
-            return run.logits(canvas, columns=block)
+            return run.logits(canvas, columns=block, kv_cache=cache)
         unconditional = canvas.clone()
         unconditional[:, :prompt_length] = run.view.mask_token_id
         return run.logits(canvas, unconditional=unconditional, cfg_scale=self.cfg_scale, columns=block)

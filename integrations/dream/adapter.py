@@ -25,6 +25,7 @@ class DreamBackbone(Backbone):
     ffn_targets = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
     attention_targets = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
     protected_prefix = 1
+    hidden_lookback = 1
     default_sampler = "dream"
 
     def output_head(self, model: nn.Module) -> nn.Module:
@@ -36,14 +37,16 @@ class DreamBackbone(Backbone):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         mask_ratio: torch.Tensor | None = None,
+        **forward_kwargs: Any,
     ) -> Any:
         """Padding becomes the release's 4D bool mask plus position ids, which both implementations accept."""
         if attention_mask is None or bool(attention_mask.bool().all()):
-            return model(input_ids=input_ids)
+            return model(input_ids=input_ids, **forward_kwargs)
         return model(
             input_ids=input_ids,
             attention_mask=padding_attention_mask(attention_mask),
             position_ids=padding_position_ids(attention_mask),
+            **forward_kwargs,
         )
 
     def align_hidden(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,8 @@ release's format), or a 2D padding mask [B, L] (1 = keep), which is converted wi
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from transformers import PreTrainedModel
@@ -26,6 +28,8 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
+from bilevel_dlm.kv_cache import KVCache
+
 from .configuration import DreamConfig
 
 __all__ = [
@@ -37,6 +41,8 @@ __all__ = [
 ]
 
 AttentionMask = torch.Tensor | str | None
+# transformers renamed the decoder layers' cache argument (past_key_values -> cache, 5.2x).
+_CACHE_KEYWORD = "cache" if "cache" in inspect.signature(Qwen2DecoderLayer.forward).parameters else "past_key_values"
 
 
 def padding_attention_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -90,25 +96,31 @@ class DreamBaseModel(DreamPreTrainedModel):
         attention_mask: AttentionMask = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutput:
+        """Final hidden states; with ``kv_cache`` (:class:`bilevel_dlm.kv_cache.KVCache`) of its window only."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("DreamBaseModel.forward: pass exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        batch, length = inputs_embeds.shape[:2]
-        device = inputs_embeds.device
-        bool_mask, position_ids = self._normalise_mask(attention_mask, position_ids, batch, length, device)
+        batch, length = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
+        columns = slice(None) if kv_cache is None else kv_cache.columns(length)
+        inputs_embeds = self.embed_tokens(input_ids[:, columns]) if inputs_embeds is None else inputs_embeds[:, columns]
+        bool_mask, position_ids = self._normalise_mask(attention_mask, position_ids, batch, length, inputs_embeds.device)
+        if bool_mask is not None:
+            bool_mask = bool_mask[:, :, columns]  # the window's queries against every key
         attention_bias = self._attention_bias(bool_mask, inputs_embeds.dtype)
+        position_ids = position_ids[:, columns]
 
         hidden = inputs_embeds
         position_embeddings = self.rotary_emb(hidden, position_ids)
+        cache = {} if kv_cache is None else {_CACHE_KEYWORD: kv_cache}
         for layer in self.layers:
             hidden = layer(
                 hidden,
                 attention_mask=attention_bias,
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
+                **cache,
                 **kwargs,
             )
         return BaseModelOutput(last_hidden_state=self.norm(hidden))
@@ -173,14 +185,17 @@ class DreamModel(DreamPreTrainedModel):
         attention_mask: AttentionMask = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MaskedLMOutput:
-        """Raw logits [B, L, V]; the logit for token i is at position i - 1 (see module docstring)."""
+        """Raw logits [B, L, V]; the logit for token i is at position i - 1 (see module docstring). With
+        ``kv_cache`` (keys and values kept between denoising steps) the logits cover its window only."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
+            kv_cache=kv_cache,
             **kwargs,
         )
         logits = self.lm_head(outputs.last_hidden_state)

@@ -56,12 +56,12 @@ class LLaDA2Backbone(Backbone):
         return declared
 
     def call(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-             mask_ratio: torch.Tensor | None = None) -> Any:
+             mask_ratio: torch.Tensor | None = None, **forward_kwargs: Any) -> Any:
         native = self.reports_routed_tokens(model)
         if attention_mask is None and native:
-            return model(input_ids=input_ids)
+            return model(input_ids=input_ids, **forward_kwargs)
         if attention_mask is None:
             batch, length = input_ids.shape
             attention_mask = torch.ones(batch, length, dtype=torch.long, device=input_ids.device)
         dtype = model.get_input_embeddings().weight.dtype
-        return model(input_ids=input_ids, attention_mask=additive_attention_mask(attention_mask, dtype))
+        return model(input_ids=input_ids, attention_mask=additive_attention_mask(attention_mask, dtype), **forward_kwargs)

@@ -20,7 +20,8 @@ loads its safetensors as is. Architecture, as in the release's modeling code:
 Deliberate differences to the release: the routed experts run with autograd in eval mode too (the
 release's eval path is ``torch.no_grad``), so memory can adapt in either mode; a 2D mask hides padded
 keys (the release would turn it into a causal mask); ``word_embeddings`` has no ``padding_idx`` (the
-release's freezes the pad row, which is the EOS that SFT supervises); no KV cache; RoPE tables are
+release's freezes the pad row, which is the EOS that SFT supervises); the KV cache is
+:class:`bilevel_dlm.kv_cache.KVCache` (a window of the canvas), not transformers' ``Cache``; RoPE tables are
 computed in each forward (transformers 5 leaves non-persistent buffers uninitialised on meta-device
 loading). Every expert call declares its routed tokens (``bilevel_dlm.routing``) for per-sample memory.
 """
@@ -35,6 +36,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
+from bilevel_dlm.kv_cache import KVCache
 from bilevel_dlm.routing import routed_tokens
 
 from .configuration import LLaDA2MoeConfig
@@ -113,7 +115,7 @@ class LLaDA2MoeAttention(nn.Module):
         self.dense = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=config.use_bias)
 
     def forward(self, hidden_states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor | None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
         qkv = self.query_key_value(hidden_states).view(batch, length, self.heads + 2 * self.kv_heads, self.head_dim)
         query, key, value = qkv.split([self.heads, self.kv_heads, self.kv_heads], dim=2)
@@ -121,6 +123,8 @@ class LLaDA2MoeAttention(nn.Module):
         if self.config.use_qk_norm:
             query, key = self.query_layernorm(query), self.key_layernorm(key)
         query, key = apply_partial_rotary(query, *rotary), apply_partial_rotary(key, *rotary)
+        if kv_cache is not None:
+            key, value = kv_cache.attend(layer, key, value)
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, is_causal=False,
             dropout_p=float(self.config.attention_dropout) if self.training else 0.0,
@@ -212,8 +216,10 @@ class LLaDA2MoeDecoderLayer(GradientCheckpointingLayer):
         self.mlp = LLaDA2MoeMLP(config, config.intermediate_size) if dense else LLaDA2MoeSparseMoeBlock(config)
 
     def forward(self, hidden_states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        hidden_states = hidden_states + self.attention(self.input_layernorm(hidden_states), rotary, attention_mask)
+                attention_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        hidden_states = hidden_states + self.attention(self.input_layernorm(hidden_states), rotary, attention_mask,
+                                                       kv_cache, layer)
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
@@ -256,19 +262,26 @@ class LLaDA2MoeModel(LLaDA2MoePreTrainedModel):
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, inputs_embeds: torch.Tensor | None = None,
-                output_hidden_states: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+                output_hidden_states: bool = False, kv_cache: KVCache | None = None,
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Final hidden states (and optionally every layer's input plus the final output); with ``kv_cache``
+        (:class:`bilevel_dlm.kv_cache.KVCache`) of its window only."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("LLaDA2: pass exactly one of input_ids or inputs_embeds")
-        hidden_states = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        length = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
+        columns = slice(None) if kv_cache is None else kv_cache.columns(length)
+        hidden_states = self.word_embeddings(input_ids[:, columns]) if inputs_embeds is None else inputs_embeds[:, columns]
         if position_ids is None:
-            position_ids = torch.arange(hidden_states.shape[1], device=hidden_states.device)[None]
-        rotary = rotary_cos_sin(self.config, position_ids)
+            position_ids = torch.arange(length, device=hidden_states.device)[None]
+        rotary = rotary_cos_sin(self.config, position_ids[:, columns])
         mask = additive_attention_mask(attention_mask, hidden_states.dtype)
+        if mask is not None:
+            mask = mask[:, :, columns]  # the window's queries against every key
         collected = [] if output_hidden_states else None
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
             if collected is not None:
                 collected.append(hidden_states)
-            hidden_states = layer(hidden_states, rotary, mask)
+            hidden_states = layer(hidden_states, rotary, mask, kv_cache, index)
         hidden_states = self.norm(hidden_states)
         if collected is not None:
             collected.append(hidden_states)
@@ -298,12 +311,15 @@ class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel):
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, inputs_embeds: torch.Tensor | None = None,
-                output_hidden_states: bool | None = None) -> MoeCausalLMOutputWithPast:
+                output_hidden_states: bool | None = None, kv_cache: KVCache | None = None,
+                ) -> MoeCausalLMOutputWithPast:
+        """Logits [B, L, V] of a bidirectional pass under ``attention_mask``; with ``kv_cache`` (keys and
+        values kept between denoising steps) of the cache's window only."""
         if output_hidden_states is None:
             output_hidden_states = bool(self.config.output_hidden_states)
         hidden_states, all_hidden = self.model(input_ids=input_ids, attention_mask=attention_mask,
                                                position_ids=position_ids, inputs_embeds=inputs_embeds,
-                                               output_hidden_states=output_hidden_states)
+                                               output_hidden_states=output_hidden_states, kv_cache=kv_cache)
         return MoeCausalLMOutputWithPast(logits=self.lm_head(hidden_states).float(), hidden_states=all_hidden)
 
 
