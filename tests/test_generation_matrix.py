@@ -1,6 +1,6 @@
 """Generation under every pair of the options a user can switch, for each sampler of the native models.
 
-Factors per sampler: backbone family, KV cache and its refresh interval, threshold decoding, the head on
+Factors per sampler: backbone family, KV cache and its refresh interval, threshold or factor decoding, the head on
 every position (``full_logits``), memory (none, the prompt's, re-adapted after each block) and left
 padding. For each combination of a greedy all-pairs design (``all_pairs`` of the training option matrix):
 
@@ -23,11 +23,12 @@ from test_backbones_bilevel import FAMILIES
 from test_option_matrix import all_pairs
 
 MASK, NEW = 127, 8
+PARALLEL = {None: {}, "threshold": dict(threshold=0.3), "factor": dict(factor=1.0)}  # how many tokens a step reveals
 LLADA = {"family": ("llada", "llada_moe"), "cache": ("none", "prefix", "dual"), "cache_refresh": (None, 1),
-         "threshold": (None, 0.3), "full_logits": (False, True), "adapt": (False, True, "blocks"),
-         "padding": ("none", "left")}
+         "parallel": (None, "threshold", "factor"), "full_logits": (False, True),
+         "adapt": (False, True, "blocks"), "padding": ("none", "left")}
 DREAM = {"family": ("dream",), "cache": ("none", "prefix"), "cache_refresh": (None, 1, 2),
-         "alg": ("entropy", "maskgit_plus"), "threshold": (None, 0.3), "full_logits": (False, True),
+         "alg": ("entropy", "maskgit_plus"), "parallel": (None, "threshold", "factor"), "full_logits": (False, True),
          "adapt": (False, True), "padding": ("none", "left")}
 BLOCK = {"family": ("llada2",), "cache": ("none", "prefix"), "threshold": (0.05, 0.95),
          "full_logits": (False, True), "adapt": (False, True, "blocks"), "padding": ("none", "left")}
@@ -42,7 +43,7 @@ def valid(factors: dict[str, tuple]):
         settings = dict(zip(names, row))
         if settings.get("cache_refresh") is not None and settings["cache"] == "none":
             return False  # refused: a refresh interval without a cache
-        return settings.get("threshold") is None or settings.get("alg", "maskgit_plus") == "maskgit_plus"
+        return settings.get("parallel") is None or settings.get("alg", "maskgit_plus") == "maskgit_plus"
 
     return check
 
@@ -73,8 +74,8 @@ def exact_cache(settings: dict) -> bool:
 @pytest.mark.parametrize("settings", CASES, ids=lambda case: "-".join(map(str, case.values())))
 def test_generation_under_the_option_combination(settings: dict) -> None:
     family, padding = settings["family"], settings["padding"]
-    options = {key: value for key, value in settings.items() if key not in ("family", "padding")}
-    options = {**FIXED[family], **options, "max_new_tokens": NEW, "seed": 0}
+    options = {key: value for key, value in settings.items() if key not in ("family", "padding", "parallel")}
+    options = {**FIXED[family], **options, **PARALLEL[settings.get("parallel")], "max_new_tokens": NEW, "seed": 0}
     w = wrapper(family)
     ids, mask = prompts(padding)
     out = w.generate(ids, mask, **options)

@@ -8,6 +8,8 @@ import copy
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from bilevel_dlm.config import MemoryConfig
@@ -15,6 +17,7 @@ from bilevel_dlm.forward import ModelView
 from bilevel_dlm.integrations import dream, llada, mdlm
 from bilevel_dlm.memory import MemoryParams
 from bilevel_dlm.sampling import BlockDiffusionSampler, DreamSampler, LLaDASampler, MDLMSampler, default_sampler, make_sampler
+from bilevel_dlm.sampling.base import factor_count, reveal_confident
 
 MASK = 127  # the mask id of every tiny config
 PAD = 1
@@ -391,10 +394,70 @@ def test_threshold_decoding_bounds_and_batch_equality():
 
 
 def test_dream_threshold_decoding_needs_a_probability_confidence():
-    with pytest.raises(ValueError, match="threshold decoding"):
+    with pytest.raises(ValueError, match="threshold / factor decoding"):
         DreamSampler(alg="entropy", threshold=0.9)
     view, prompt = dream_view(), prompts(2, 5)
     eager = DreamSampler(alg="maskgit_plus", threshold=1e-9, steps=8).sample(view, prompt, max_new_tokens=8)
     assert eager.model_calls == 1 and not bool((eager.sequences == MASK).any())
     never = DreamSampler(alg="maskgit_plus", threshold=1.0, steps=8).sample(view, prompt, max_new_tokens=8)
     assert torch.equal(never.sequences, DreamSampler(alg="maskgit_plus", steps=8).sample(view, prompt, max_new_tokens=8).sequences)
+
+
+# ----- factor-based parallel decoding --------------------------------------------------------------
+def reference_factor_count(confidences: list[float], factor: float) -> int:
+    """Fast-dLLM's rule, one row, written as a loop: the most confident always, then the i-th most
+    confident while (i + 1)(1 - c_i) <= factor."""
+    ranked = sorted(confidences, reverse=True)
+    n = 1 if ranked else 0
+    for i in range(2, len(ranked) + 1):
+        if (i + 1) * (1 - ranked[i - 1]) > factor:
+            break
+        n = i
+    return n
+
+
+def test_factor_count_by_hand():
+    confidence = torch.tensor([[0.5, 0.99, 0.8, 0.9]])
+    masked = torch.ones(1, 4, dtype=torch.bool)
+    # i=2: 3 * 0.1 = 0.3, i=3: 4 * 0.2 = 0.8 (<= 1), i=4: 5 * 0.5 = 2.5 (> 1)
+    assert factor_count(confidence, masked, 1.0).tolist() == [3]
+    assert factor_count(confidence, masked, 0.1).tolist() == [1]  # the most confident always
+    masked[0, 1] = False  # 0.99 is not masked: 0.9 first, then 3 * 0.2 = 0.6, then 4 * 0.5 = 2.0
+    assert factor_count(confidence, masked, 1.0).tolist() == [2]
+    assert factor_count(confidence, torch.zeros_like(masked), 1.0).tolist() == [0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.floats(0, 1), st.booleans()), min_size=6, max_size=6), min_size=1, max_size=4),
+       st.floats(0.01, 8.0))
+def test_factor_count_equals_the_loop_over_random_rows(rows, factor):
+    confidence = torch.tensor([[c for c, _ in row] for row in rows], dtype=torch.float64)
+    masked = torch.tensor([[m for _, m in row] for row in rows])
+    expected = [reference_factor_count([c for c, m in row if m], factor) for row in rows]
+    assert factor_count(confidence, masked, factor).tolist() == expected
+    minimum = torch.ones(len(rows), dtype=torch.long)
+    revealed = reveal_confident(confidence, masked, minimum, factor=factor)
+    assert not bool((revealed & ~masked).any())
+    assert revealed.sum(1).tolist() == [max(n, 1) if bool(m.any()) else 0 for n, m in zip(expected, masked)]
+
+
+def test_factor_decoding_bounds_and_batch_equality():
+    view, prompt = llada_view(), prompts(3, 5)
+    base = LLaDASampler(block_length=4)
+    plain = base.sample(view, prompt, max_new_tokens=8)
+    cautious = base.model_copy(update={"factor": 1e-9}).sample(view, prompt, max_new_tokens=8)
+    assert torch.equal(cautious.sequences, plain.sequences) and cautious.model_calls == 8
+    eager = base.model_copy(update={"factor": 1e9}).sample(view, prompt, max_new_tokens=8)
+    assert eager.model_calls == 2, "every bound holds: one step per block"
+    middle = base.model_copy(update={"factor": 2.0}).sample(view, prompt, max_new_tokens=8)
+    assert 2 <= middle.model_calls <= 8 and not bool((middle.sequences == MASK).any())
+    for row in range(3):
+        alone = base.model_copy(update={"factor": 2.0}).sample(view, prompt[row:row + 1], max_new_tokens=8)
+        assert torch.equal(alone.sequences[0], middle.sequences[row])
+    with pytest.raises(ValidationError, match="set one of them"):
+        LLaDASampler(threshold=0.9, factor=1.0)
+    with pytest.raises(ValidationError, match="threshold / factor"):
+        DreamSampler(alg="entropy", factor=1.0)
+    dream_eager = DreamSampler(alg="maskgit_plus", factor=1e9, steps=8).sample(dream_view(), prompts(2, 5),
+                                                                                 max_new_tokens=8)
+    assert dream_eager.model_calls == 1 and not bool((dream_eager.sequences == MASK).any())

@@ -45,8 +45,8 @@ except ImportError as error:  # pragma: no cover - only without the optional ext
 __all__ = ["BilevelDLM", "TASKS_DIR", "task_manager"]
 
 TASKS_DIR = Path(__file__).with_name("tasks")
-SAMPLER_SETTINGS = ("steps", "block_length", "remasking", "temperature", "cfg_scale", "threshold", "alg", "top_p",
-                    "top_k", "alg_temp")
+SAMPLER_SETTINGS = ("steps", "block_length", "remasking", "temperature", "cfg_scale", "threshold", "factor", "alg",
+                    "top_p", "top_k", "alg_temp", "cache", "cache_refresh")
 
 
 def task_manager():

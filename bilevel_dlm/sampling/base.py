@@ -19,8 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..forward import ModelView
 from ..kv_cache import KVCache, supports_kv_cache
 
-__all__ = ["Sampler", "SampleOutput", "GenerationRun", "even_split", "top_per_row", "reveal_confident", "refreshes",
-           "check_cache_refresh"]
+__all__ = ["Sampler", "SampleOutput", "GenerationRun", "even_split", "top_per_row", "reveal_confident", "factor_count",
+           "refreshes", "check_cache_refresh", "check_parallel_decoding"]
 
 
 @dataclass
@@ -90,9 +90,10 @@ class GenerationRun:
         if mode == "none":
             return None
         if not supports_kv_cache(self.view.model):
-            raise ValueError(f"{type(self.view.model).__name__}.forward takes no kv_cache parameter, so {sampler} cannot "
-                             f"reuse keys and values (cache={mode!r}); use cache='none', or a native model that supports "
-                             "it (the native LLaDA, LLaDA-MoE, Dream and LLaDA2 classes of bilevel_dlm.integrations)")
+            raise ValueError(f"{type(self.view.model).__name__}.forward takes no kv_cache parameter, so {sampler} "
+                             f"cannot reuse keys and values (cache={mode!r}); use cache='none', or a native model that "
+                             "supports it (the native LLaDA, LLaDA-MoE, Dream and LLaDA2 classes of "
+                             "bilevel_dlm.integrations)")
         return KVCache()
 
     def cache_step(self, cache: KVCache | None, refresh: bool, start: int, stop: int) -> None:
@@ -190,14 +191,18 @@ def top_per_row(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 
 def reveal_confident(confidence: torch.Tensor, masked: torch.Tensor, minimum: torch.Tensor,
-                     threshold: float | None) -> torch.Tensor:
+                     threshold: float | None = None, factor: float | None = None) -> torch.Tensor:
     """Bool [B, N] of the masked positions to reveal in one step.
 
-    Without ``threshold``: the ``minimum[b]`` most confident masked positions of each row. With it:
-    every masked position whose confidence exceeds ``threshold`` when a row has at least ``minimum[b]``
-    of them, otherwise that row's ``minimum[b]`` most confident (confidence-threshold parallel decoding).
+    Without ``threshold`` or ``factor``: the ``minimum[b]`` most confident masked positions of each row.
+    With ``threshold``: every masked position whose confidence exceeds it when a row has at least
+    ``minimum[b]`` of them, otherwise that row's ``minimum[b]`` most confident (confidence-threshold
+    parallel decoding). With ``factor``: the ``max(n, minimum[b])`` most confident, n from
+    :func:`factor_count` (Fast-dLLM's factor-based parallel decoding).
     """
     confidence = confidence.masked_fill(~masked, float("-inf"))
+    if factor is not None:
+        return top_per_row(confidence, torch.maximum(factor_count(confidence, masked, factor), minimum)) & masked
     scheduled = top_per_row(confidence, minimum) & masked
     if threshold is None:
         return scheduled
@@ -205,11 +210,29 @@ def reveal_confident(confidence: torch.Tensor, masked: torch.Tensor, minimum: to
     return torch.where((above.sum(1) >= minimum)[:, None], above, scheduled)
 
 
+def factor_count(confidence: torch.Tensor, masked: torch.Tensor, factor: float) -> torch.Tensor:
+    """[B]: the largest n such that the i-th most confident masked position of the row has
+    ``(i + 1) (1 - confidence) <= factor`` for every i <= n; the most confident one always counts (0 for
+    a row with nothing masked). Fast-dLLM's rule; its code also reveals every position when only the
+    last one fails the bound, which this does not."""
+    ranked = confidence.masked_fill(~masked, float("-inf")).sort(-1, descending=True).values
+    rank = torch.arange(1, ranked.shape[-1] + 1, device=ranked.device, dtype=ranked.dtype)
+    within = ((rank + 1) * (1 - ranked) <= factor) & (ranked > float("-inf"))
+    within[:, 0] = masked.any(-1)
+    return within.long().cumprod(-1).sum(-1)
+
+
 def check_cache_refresh(cache: str, every: int | None) -> None:
     """Refuse a refresh interval without a cache (it would silently change nothing)."""
     if every is not None and cache == "none":
-        raise ValueError("cache_refresh sets how often a KV cache is rebuilt; choose a cache (cache='prefix'), or leave "
-                         "cache_refresh out")
+        raise ValueError("cache_refresh sets how often a KV cache is rebuilt; choose a cache (cache='prefix'), "
+                         "or leave cache_refresh out")
+
+
+def check_parallel_decoding(threshold: float | None, factor: float | None) -> None:
+    """Threshold and factor decoding are two rules for the same choice: one at a time."""
+    if threshold is not None and factor is not None:
+        raise ValueError("threshold= and factor= are two rules for how many tokens a step reveals; set one of them")
 
 
 def refreshes(step: int, every: int | None) -> bool:

@@ -6,7 +6,8 @@ confidence algorithms pick the most confident ones (or sample them from ``softma
 ``maskgit_plus`` the probability of the drawn token, ``topk_margin`` top-1 minus top-2 probability,
 ``entropy`` the negative entropy. Each reveal is exact per row, so a batch decodes like its rows alone.
 With ``threshold`` (maskgit_plus / topk_margin) a step also reveals every masked position above that
-confidence, and decoding ends once nothing is masked. With ``cache="prefix"`` (Fast-dLLM's prefix cache,
+confidence, with ``factor`` the n most confident of Fast-dLLM's factor rule (``reveal_confident``), and
+decoding ends once nothing is masked. With ``cache="prefix"`` (Fast-dLLM's prefix cache,
 ``bilevel_dlm.kv_cache``) a full forward stores every layer's keys and values of the prompt, and the other
 steps compute only the new tokens (and the prompt's last column, whose hidden state predicts the first
 new token): an approximation, refreshed every ``cache_refresh`` steps (None: at the first step only;
@@ -20,7 +21,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from .base import GenerationRun, Sampler, check_cache_refresh, refreshes, reveal_confident
+from .base import GenerationRun, Sampler, check_cache_refresh, check_parallel_decoding, refreshes, reveal_confident
 
 __all__ = ["DreamSampler"]
 
@@ -36,15 +37,19 @@ class DreamSampler(Sampler):
     eps: float = Field(1e-3, gt=0.0, lt=1.0, description="final time of the schedule")
     threshold: float | None = Field(None, gt=0.0, le=1.0, description="maskgit_plus / topk_margin: reveal every "
                                     "masked token above this confidence (at least the step's count)")
+    factor: float | None = Field(None, gt=0.0, description="maskgit_plus / topk_margin: factor-based parallel "
+                                 "decoding (at least the step's count)")
     cache: Literal["none", "prefix"] = Field("none", description="reuse the prompt's keys and values between steps")
     cache_refresh: int | None = Field(None, gt=0, description="with the cache: a full forward every this many "
                                       "steps; None = at the first step only")
 
     @model_validator(mode="after")
     def _check(self) -> "DreamSampler":
-        if self.threshold is not None and (self.alg not in ("maskgit_plus", "topk_margin") or self.alg_temp > 0):
-            raise ValueError("threshold decoding needs a confidence in [0, 1] compared as it is: alg='maskgit_plus' "
-                             "or 'topk_margin' with alg_temp=0")
+        if (self.threshold or self.factor) is not None and (self.alg not in ("maskgit_plus", "topk_margin")
+                                                             or self.alg_temp > 0):
+            raise ValueError("threshold / factor decoding needs a confidence in [0, 1] compared as it is: "
+                             "alg='maskgit_plus' or 'topk_margin' with alg_temp=0")
+        check_parallel_decoding(self.threshold, self.factor)
         check_cache_refresh(self.cache, self.cache_refresh)
         return self
 
@@ -57,8 +62,8 @@ class DreamSampler(Sampler):
             fraction = 1.0 - times[step + 1] / times[step] if step < steps - 1 else 1.0
             current = canvas[:, prompt_length:]
             masked = current == mask_id
-            if self.threshold is not None and not bool(masked.any()):
-                break  # threshold decoding revealed everything early
+            if (self.threshold or self.factor) is not None and not bool(masked.any()):
+                break  # parallel decoding revealed everything early
             run.cache_step(cache, refreshes(step, self.cache_refresh), prompt_length, canvas.shape[1])
             tokens, confidence = self._propose(run, run.logits(canvas, columns=new, kv_cache=cache))
             if self.alg == "origin":
@@ -68,7 +73,7 @@ class DreamSampler(Sampler):
                 scores = confidence.double()
                 if self.alg_temp > 0:  # Gumbel-top-k: positions drawn without replacement from the softmax
                     scores = scores.masked_fill(~masked, float("-inf")) / self.alg_temp + run.gumbel(scores.shape, scores.device)
-                reveal = reveal_confident(scores, masked, counts, self.threshold)
+                reveal = reveal_confident(scores, masked, counts, self.threshold, self.factor)
             canvas[:, prompt_length:] = torch.where(reveal, tokens, current)
             run.record(canvas)
         return canvas

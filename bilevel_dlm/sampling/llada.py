@@ -4,7 +4,9 @@ The new tokens are split into blocks filled left to right. Within a block every 
 block's positions, then reveals the most confident masked positions of the block; a revealed token is
 never masked again. The block's mask count is split evenly over its steps (remainder to the first
 steps). With ``threshold`` (Fast-dLLM's parallel decoding) a step reveals every masked position above
-that confidence, at least its share, and a block that is full early ends early. With ``cache``
+that confidence, at least its share, and a block that is full early ends early; ``factor`` (Fast-dLLM's
+factor-based variant) reveals the n most confident, n the largest with ``(i + 1)(1 - c_i) <= factor`` for
+the i-th most confident, again at least the share. With ``cache``
 (Fast-dLLM's prefix / dual cache) the first step of a block runs the whole canvas and stores every
 layer's keys and values; the block's other steps compute only the block and what follows it (``prefix``)
 or the block alone (``dual``) and reuse the stored keys and values elsewhere (``bilevel_dlm.kv_cache``:
@@ -20,7 +22,8 @@ import torch
 from pydantic import Field, model_validator
 
 from ..kv_cache import KVCache
-from .base import GenerationRun, Sampler, check_cache_refresh, even_split, refreshes, reveal_confident
+from .base import (GenerationRun, Sampler, check_cache_refresh, check_parallel_decoding, even_split, refreshes,
+                   reveal_confident)
 
 __all__ = ["LLaDASampler"]
 
@@ -36,6 +39,8 @@ class LLaDASampler(Sampler):
     cfg_scale: float = Field(0.0, ge=0.0, description="classifier-free guidance scale; 0 = off")
     threshold: float | None = Field(None, gt=0.0, le=1.0, description="reveal every masked token of the block "
                                     "above this confidence (at least the step's share); None = the share only")
+    factor: float | None = Field(None, gt=0.0, description="factor-based parallel decoding: reveal the n most "
+                                 "confident, (i + 1)(1 - c_i) <= factor for each (at least the step's share)")
     cache: Literal["none", "prefix", "dual"] = Field("none", description="reuse keys and values between the "
                                                      "steps of a block: of the prefix, or of prefix and suffix")
     cache_refresh: int | None = Field(None, gt=0, description="with a cache: a full forward every this many steps "
@@ -44,6 +49,7 @@ class LLaDASampler(Sampler):
     @model_validator(mode="after")
     def _check(self) -> "LLaDASampler":
         check_cache_refresh(self.cache, self.cache_refresh)
+        check_parallel_decoding(self.threshold, self.factor)
         return self
 
     def _generate(self, run: GenerationRun, canvas: torch.Tensor, prompt_length: int, steps: int) -> torch.Tensor:
@@ -66,12 +72,12 @@ class LLaDASampler(Sampler):
             counts = even_split((canvas[:, block] == mask_id).sum(1), steps // blocks)
             for step in range(steps // blocks):
                 current = canvas[:, block]
-                if self.threshold is not None and not bool((current == mask_id).any()):
-                    break  # threshold decoding filled the block early
+                if (self.threshold or self.factor) is not None and not bool((current == mask_id).any()):
+                    break  # parallel decoding filled the block early
                 run.cache_step(cache, refreshes(step, self.cache_refresh), block.start,
                                canvas.shape[1] if self.cache == "prefix" else block.stop)
                 proposal, confidence = self._propose(run, self._logits(run, canvas, prompt_length, block, cache))
-                reveal = reveal_confident(confidence, current == mask_id, counts[:, step], self.threshold)
+                reveal = reveal_confident(confidence, current == mask_id, counts[:, step], self.threshold, self.factor)
                 canvas[:, block] = torch.where(reveal, proposal, current)
                 run.record(canvas)
             if block.stop < canvas.shape[1]:
