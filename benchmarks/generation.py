@@ -187,7 +187,7 @@ def trained_decoding(args: argparse.Namespace, seeds: int = 3) -> None:
     for seed in range(seeds):
         trained, tokenizer, test, _ = trained_recall_model(args, pairs, seed)
         forwards = []
-        handle = trained.backbone.output_head(trained.model).register_forward_pre_hook(lambda *_: forwards.append(1))
+        handle = trained.model.register_forward_pre_hook(lambda *_: forwards.append(1))  # one per model call
         try:
             for name, settings in variants.items():
                 forwards.clear()

@@ -66,6 +66,37 @@ def test_stored_entries_outside_the_window_are_those_of_the_last_full_forward() 
         assert not torch.allclose(w.model(changed).logits[:, 8:12], before)
 
 
+def test_a_growing_block_causal_canvas_is_computed_exactly_from_the_stored_blocks() -> None:
+    """Each forward stores what it computed: under block-causal attention (blocks of 4) a canvas grown by a
+    block, or changed in its last stored block, needs only the columns from that block on."""
+    w = wrapper("llada2")
+    canvas = torch.randint(2, 120, (2, 16), generator=torch.Generator().manual_seed(4))
+    blocks = torch.arange(16) // 4
+    attention = (blocks[None, :] <= blocks[:, None])[None, None].expand(2, 1, 16, 16)
+    cache = KVCache()
+
+    def forward(length: int, window: tuple[int, int] | None) -> torch.Tensor:
+        cache.window = window
+        return w.model(canvas[:, :length], attention_mask=attention[:, :, :length, :length], kv_cache=cache).logits
+
+    def full(length: int) -> torch.Tensor:
+        return w.model(canvas[:, :length], attention_mask=attention[:, :, :length, :length]).logits
+
+    with torch.no_grad():
+        forward(8, None)
+        torch.testing.assert_close(forward(12, (4, 12)), full(12)[:, 4:], rtol=1e-5, atol=1e-5)
+        canvas[:, 9] = 3
+        torch.testing.assert_close(forward(16, (8, 16)), full(16)[:, 8:], rtol=1e-5, atol=1e-5)
+        for length, window in ((16, (3, 17)), (20, (8, 12)), (12, (4, 12))):
+            with pytest.raises(ValueError, match="does not fit a canvas"):
+                cache.window = window
+                cache.columns(length)
+    fresh = KVCache()
+    fresh.window = (0, 4)
+    with pytest.raises(RuntimeError, match="needs a full forward first"):
+        fresh.columns(8)
+
+
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 def test_with_one_step_per_block_the_cached_sampler_is_the_plain_one(cache: str) -> None:
     w = wrapper()
@@ -145,8 +176,33 @@ def test_the_block_diffusion_cache_is_exact(adapt, threshold: float, seed: int) 
     settings = dict(max_new_tokens=12, block_length=4, seed=seed, adapt=adapt, threshold=threshold)
     cached = w.generate(ids, mask, cache="prefix", **settings)
     assert torch.equal(cached, w.generate(ids, mask, **settings))
-    widths = computed_columns(w.model, lambda: w.generate(ids, mask, cache="prefix", **settings))
-    assert max(widths) == 22 and min(widths) < 22, "full forwards at block starts, the block alone otherwise"
+
+
+@pytest.mark.parametrize("adapt", [False, "blocks"])
+@pytest.mark.parametrize("cache", ["none", "prefix"])
+def test_block_diffusion_computes_the_canvas_to_the_current_block_end(cache: str, adapt) -> None:
+    """Prompt 10 (rows padded by 0 / 3 / 5), 12 new tokens, blocks of 4 from each row's first real token:
+    the rows' blocks holding new tokens span columns [7, 13), [11, 17), [15, 21), [19, 22). Uncached, every
+    forward runs the canvas to the span's end; cached, the first forward does, a later block's first step
+    computes from the previous block's start, its other steps from its own start; with the memory
+    re-adapted after every block, every block's first step is a full forward again."""
+    w = wrapper("llada2")
+    ids = torch.randint(2, 120, (3, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = mask[2, :5] = 0
+    settings = dict(max_new_tokens=12, block_length=4, threshold=1.0, cache=cache, adapt=adapt)  # one reveal per row per step
+    widths = []  # decoding forwards only (adaptation runs with gradients)
+    handle = w.model.get_input_embeddings().register_forward_hook(
+        lambda _m, args, _out: None if torch.is_grad_enabled() else widths.append(args[0].shape[1]))
+    try:
+        w.generate(ids, mask, **settings)
+    finally:
+        handle.remove()
+    # Steps per block: the most new tokens any row has in it (rows' counts: [2, 1, 3], [4, 4, 4], [4, 4, 4], [2, 3, 1]).
+    uncached = [13] * 3 + [17] * 4 + [21] * 4 + [22] * 3
+    cached = [13, 6, 6] + [10, 6, 6, 6] + [10, 6, 6, 6] + [7, 3, 3]
+    refreshed = [13, 6, 6] + [17, 6, 6, 6] + [21, 6, 6, 6] + [22, 3, 3]
+    assert widths == (uncached if cache == "none" else cached if not adapt else refreshed)
 
 
 def test_the_cache_is_refused_where_it_cannot_work() -> None:

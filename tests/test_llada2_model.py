@@ -216,6 +216,42 @@ def test_block_decoding_fills_blocks_left_to_right_with_the_step_share(steps: in
     assert out.model_calls == expected_calls == len(out.history)
 
 
+def full_canvas_block_decoding(model: LLaDA2MoeModelLM, prompt: torch.Tensor, new_tokens: int, block_length: int,
+                               steps: int, threshold: float) -> torch.Tensor:
+    """Block diffusion written out plainly for one unpadded row: every step runs the whole canvas."""
+    canvas = torch.cat([prompt, torch.full((1, new_tokens), MASK)], 1)
+    blocks = torch.arange(canvas.shape[1]) // block_length
+    attention = (blocks[None, :] <= blocks[:, None])[None, None]
+    for block in range(int(blocks[prompt.shape[1]]), int(blocks[-1]) + 1):
+        positions = [p for p in range(prompt.shape[1], canvas.shape[1]) if blocks[p] == block]
+        for share in (len(positions) // steps + (i < len(positions) % steps) for i in range(steps)):
+            masked = [p for p in positions if canvas[0, p] == MASK]
+            if not masked:
+                break
+            logits = model(canvas, attention_mask=attention).logits[0]
+            logits[:, MASK] = float("-inf")
+            confidence, token = logits.softmax(-1).max(-1)
+            above = [p for p in masked if confidence[p] > threshold]
+            for p in above if len(above) >= share else sorted(masked, key=lambda p: -confidence[p])[:share]:
+                canvas[0, p] = token[p]
+    return canvas
+
+
+@pytest.mark.parametrize("threshold", [0.02, 1.0])
+@pytest.mark.parametrize("seed", range(3))
+def test_block_decoding_equals_full_canvas_decoding(seed: int, threshold: float) -> None:
+    """The sampler runs the canvas only to the current block's end (no position sees a later block): its
+    tokens equal those of full-canvas forwards, cached or not (float64, so no near-ties flip)."""
+    model = build(seed).double()
+    view = ModelView(LLaDA2Backbone(), model, MASK)
+    prompt = torch.randint(2, 120, (1, 7), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        expected = full_canvas_block_decoding(model, prompt, 13, 4, 3, threshold)
+        for cache in ("none", "prefix"):
+            sampler = BlockDiffusionSampler(block_length=4, steps=3, threshold=threshold, cache=cache)
+            assert torch.equal(sampler.sample(view, prompt, max_new_tokens=13).sequences, expected), cache
+
+
 def test_threshold_zero_reveals_a_whole_block_per_step() -> None:
     model = build()
     view = ModelView(LLaDA2Backbone(), model, MASK)

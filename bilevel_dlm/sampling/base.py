@@ -46,6 +46,11 @@ class GenerationRun:
     full_logits: bool = False
     on_block_end: Callable[[torch.Tensor, int], None] | None = None
 
+    @property
+    def model_changes_at_block_end(self) -> bool:
+        """Whether ``on_block_end`` may change the model (memory re-adapted): stored keys and values go stale."""
+        return self.on_block_end is not None
+
     def block_done(self, canvas: torch.Tensor, end: int) -> None:
         """Tell the caller that every new token before column ``end`` is committed (memory refresh)."""
         if self.on_block_end is not None:

@@ -12,11 +12,14 @@ remainder first), otherwise the step's share with the highest confidence. Reveal
 The mask goes to the model as a 4D bool ``[B, 1, L, L]`` attention mask (True = may attend), so the
 backbone adapter must accept one (the LLaDA2 adapter does). Rows are decoded exactly as alone.
 
-With ``cache="prefix"`` a block's first step runs the whole canvas and stores every layer's keys and
-values; its other steps compute the block alone (its prompt tokens included: they see the block's new
-tokens). Under block-causal attention no earlier block sees the current one, so the stored entries are
-those a full forward would compute: the tokens equal ``cache="none"`` (up to floating-point summation
-order).
+Under block-causal attention no position sees a later block, so every forward runs the canvas up to the
+end of the current block only (as the release does). With ``cache="prefix"`` the first block's first step
+stores every layer's keys and values; a later block's first step computes the previous block (revealed
+since it was stored) and the current one, its other steps the current block alone (its prompt tokens
+included: they see the block's new tokens). The stored entries are those a full forward would compute,
+so the tokens equal ``cache="none"`` (up to floating-point summation order). When the memory is re-adapted
+after every block (``generate(adapt="blocks")``) each block's first step is a full forward again: keys and
+values computed under the old memory are stale.
 """
 
 from __future__ import annotations
@@ -63,6 +66,9 @@ class BlockDiffusionSampler(Sampler):
         per_block = self.steps or self.block_length
         blocks = int((block_ids[:, -1] - first_block).max()) + 1
         cache = run.open_cache(type(self).__name__, self.cache)
+        # Where a block's first step starts computing: the previous block's first column (revealed since it was
+        # stored); None = a full forward (the first block, or a memory re-adapted after every block).
+        previous_start = None
         for offset in range(blocks):
             in_block = block_ids == (first_block + offset)[:, None]
             block_start = int(in_block.any(0).nonzero()[0, 0])  # prompt tokens of the block: recomputed too
@@ -70,19 +76,22 @@ class BlockDiffusionSampler(Sampler):
             columns = current.any(0).nonzero()[:, 0]  # the span of the rows' current blocks: logits there only
             span = slice(int(columns[0]), int(columns[-1]) + 1)
             current = current[:, span]
+            seen, seen_attention = canvas[:, : span.stop], attention[:, :, : span.stop, : span.stop]
             counts = even_split((current & (canvas[:, span] == mask_id)).sum(1), per_block)
             for step in range(per_block):
                 masked = current & (canvas[:, span] == mask_id)
                 if not bool(masked.any()):
                     break
-                run.cache_step(cache, step == 0, block_start, span.stop)
-                logits = run.logits(canvas, attention_mask=attention, columns=span, kv_cache=cache)
+                start = block_start if step else previous_start
+                run.cache_step(cache, start is None, start or 0, span.stop)
+                logits = run.logits(seen, attention_mask=seen_attention, columns=span, kv_cache=cache)
                 proposal, confidence = self._propose(run, logits)
                 reveal = reveal_confident(confidence, masked, counts[:, step], self.threshold)
                 canvas[:, span] = torch.where(reveal, proposal, canvas[:, span])
                 run.record(canvas)
             if offset < blocks - 1:
                 run.block_done(canvas, span.stop)
+            previous_start = None if run.model_changes_at_block_end else block_start
         return canvas
 
     def _propose(self, run: GenerationRun, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
