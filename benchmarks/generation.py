@@ -17,6 +17,7 @@
 
     python benchmarks/generation.py --threads 1                          # every section
     python benchmarks/generation.py --threads 1 --sections speed cache   # sections 1-3 and 5
+    python benchmarks/generation.py --device cuda --sections speed cache --d-model 1024 --layers 8   # a GPU figure
 """
 
 from __future__ import annotations
@@ -37,9 +38,17 @@ from bilevel_dlm.sampling import BlockDiffusionSampler, DreamSampler, LLaDASampl
 from bilevel_dlm.tasks import encode_example
 from bilevel_dlm.tasks.recall import make_recall_dataset, recall_tokenizer
 
+DEVICE = torch.device("cpu")  # set from --device in main()
+
+
 def timed(function) -> float:
+    """Seconds of ``function()``, waiting for the device's queued work before and after."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
     started = time.perf_counter()
     function()
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
     return time.perf_counter() - started
 
 
@@ -48,7 +57,7 @@ def random_llada(args: argparse.Namespace) -> MemoryWrapper:
     model = LLaDAModelLM(tiny_config(d_model=args.d_model, n_layers=args.layers, vocab_size=args.vocab,
                                      embedding_size=args.vocab, mask_token_id=args.vocab - 1,
                                      max_sequence_length=4096)).eval()
-    return MemoryWrapper(model, MemDLMConfig())
+    return MemoryWrapper(model.to(DEVICE), MemDLMConfig())
 
 
 def random_dream(args: argparse.Namespace) -> MemoryWrapper:
@@ -56,7 +65,7 @@ def random_dream(args: argparse.Namespace) -> MemoryWrapper:
     model = DreamModel(dream_config(hidden_size=args.d_model, intermediate_size=2 * args.d_model,
                                     num_hidden_layers=args.layers, vocab_size=args.vocab, mask_token_id=args.vocab - 1,
                                     bos_token_id=args.vocab - 2, max_position_embeddings=4096)).eval()
-    return MemoryWrapper(model, MemDLMConfig())
+    return MemoryWrapper(model.to(DEVICE), MemDLMConfig())
 
 
 def random_llada2(args: argparse.Namespace) -> MemoryWrapper:
@@ -64,7 +73,7 @@ def random_llada2(args: argparse.Namespace) -> MemoryWrapper:
     model = LLaDA2MoeModelLM(llada2_config(hidden_size=args.d_model, num_hidden_layers=args.layers,
                                            vocab_size=args.vocab, mask_token_id=args.vocab - 1,
                                            max_position_embeddings=4096)).eval()
-    return MemoryWrapper(model, MemDLMConfig())
+    return MemoryWrapper(model.to(DEVICE), MemDLMConfig())
 
 
 def interleaved(wrapper: MemoryWrapper, args: argparse.Namespace, variants: dict[str, Sampler],
@@ -73,7 +82,8 @@ def interleaved(wrapper: MemoryWrapper, args: argparse.Namespace, variants: dict
     variant, last output per variant), the variants' samplers run in turn ``args.repeats`` times."""
     for prompt_length in (256, 1024):
         for new_tokens in new_lengths:
-            ids = torch.randint(2, args.vocab - 2, (args.batch, prompt_length), generator=torch.Generator().manual_seed(0))
+            ids = torch.randint(2, args.vocab - 2, (args.batch, prompt_length),
+                                generator=torch.Generator().manual_seed(0)).to(DEVICE)
             times, outputs = {name: [] for name in variants}, {}
             for _ in range(args.repeats):
                 for name, sampler in variants.items():
@@ -106,7 +116,7 @@ def speed(args: argparse.Namespace) -> None:
           "(ratio against (a)) [share of new tokens equal to (b)'s] {forwards}")
     print_ratios(wrapper, args, variants, "(a) head everywhere", "(b) head on the block")
 
-    ids = torch.randint(2, args.vocab - 1, (args.batch, 256), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(2, args.vocab - 1, (args.batch, 256), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     sampler = LLaDASampler(block_length=32)
     out = sampler.sample(wrapper.view, ids, max_new_tokens=64)
     canvas = out.sequences.clone()
@@ -122,7 +132,7 @@ def speed(args: argparse.Namespace) -> None:
     print(f"2. sampler time / its bare forwards ({out.model_calls} forwards, prompt 256, 64 new): "
           f"{statistics.median(sampler_times) / statistics.median(forward_times):.3f} (goal <= 1.15)")
 
-    prompts = torch.randint(2, args.vocab - 1, (8, 256), generator=torch.Generator().manual_seed(2))
+    prompts = torch.randint(2, args.vocab - 1, (8, 256), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     batched, single = [], []
     for _ in range(args.repeats):
         batched.append(timed(lambda: wrapper.adapt(prompts)))
@@ -219,10 +229,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    parser.add_argument("--device", default="cpu", help="where sections 1-3 and 5 run (4 and 6 train on the CPU)")
     parser.add_argument("--sections", nargs="+", choices=sorted(SECTIONS), default=list(SECTIONS))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     for section in args.sections:
         SECTIONS[section](args)
 
