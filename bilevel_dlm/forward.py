@@ -85,25 +85,32 @@ class ModelView:
         mask_ratio: torch.Tensor | None = None,
         columns: slice | None = None,
         kv_cache: KVCache | None = None,
+        head_everywhere: bool = False,
     ) -> torch.Tensor:
-        """Aligned logits [B, L, V] at every position, or [B, n, V] at ``columns`` only (samplers: the head,
-        often the largest layer, runs on the positions that can be revealed, not on the prompt). With a
-        ``kv_cache`` the model computes its window only: the logits cover the window, or ``columns`` (canvas
-        columns, inside the window and at least ``backbone.hidden_lookback`` after its start)."""
+        """Aligned logits [B, L, V] at every position, or [B, n, V] at the canvas ``columns`` (a contiguous
+        slice) only: samplers apply the head, often the largest layer, to the positions that can be
+        revealed, not to the prompt. With a ``kv_cache`` the model computes its window only, and the logits
+        cover the columns it can give: the window, less the ``backbone.hidden_lookback`` columns after a
+        start > 0 (their aligned hidden states come from before the window). ``head_everywhere`` applies the
+        head to every computed position before selecting the columns (the plain path, for comparison)."""
         hidden = self.hidden(input_ids, attention_mask, mask_ratio, kv_cache)
         computed = slice(0, input_ids.shape[1]) if kv_cache is None else kv_cache.columns(input_ids.shape[1])
+        rows = self.window_columns(columns, computed, input_ids.shape[1])
         input_ids = input_ids[:, computed]
-        if columns is not None:
-            columns = self.window_columns(columns, computed)
-            hidden, input_ids = hidden[:, columns], input_ids[:, columns]
-        return self.head(hidden, input_ids)
+        if head_everywhere:
+            return self.head(hidden, input_ids)[:, rows]
+        return self.head(hidden[:, rows], input_ids[:, rows])
 
-    def window_columns(self, columns: slice, computed: slice) -> slice:
-        """Canvas ``columns`` as columns of the ``computed`` window, refused where the window misses them or
-        the columns before them that their aligned hidden states come from."""
-        stop = computed.stop if columns.stop is None else columns.stop
-        start = columns.start or 0
+    def window_columns(self, columns: slice | None, computed: slice, length: int) -> slice:
+        """Canvas ``columns`` of a canvas of ``length`` (None: all the forward gives logits for) as columns of
+        the ``computed`` window; refused where the window misses them or the columns before them that their
+        aligned hidden states come from."""
         lookback = self.backbone.hidden_lookback if computed.start > 0 else 0
+        if columns is None:
+            return slice(lookback, computed.stop - computed.start)
+        start, stop, step = columns.indices(length)
+        if step != 1:
+            raise ValueError(f"columns must be a contiguous slice, got step {step}")
         if start - lookback < computed.start or stop > computed.stop:
             raise ValueError(
                 f"columns [{start}, {stop}) need the window to compute columns [{start - lookback}, {stop}), but it "

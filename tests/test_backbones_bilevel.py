@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bilevel_dlm import MemDLMConfig, MemoryConfig, MemoryParams, MemoryWrapper, OuterConfig
+from bilevel_dlm.backbone import detect_backbone
 from bilevel_dlm.integrations import dream, llada, llada2, llada_moe, mdlm
 from bilevel_dlm.noise import Anchor, LinearSchedule, keyed_anchor
 
@@ -95,6 +96,14 @@ FAMILIES = {
         attention=("attn_qkv", "attn_out"),
     ),
 }
+
+
+def confident(model: nn.Module, scale: float = 60.0) -> nn.Module:
+    """``model`` with its output head scaled by ``scale``: a random tiny model's token probabilities (about
+    1 / vocab) then spread over (0, 1), so threshold and factor decoding have confidences to act on."""
+    with torch.no_grad():
+        detect_backbone(model).output_head(model).weight.mul_(scale)
+    return model
 
 
 def recipe(layer_fraction: float = 0.25, targets="ffn", seed: int = 0) -> MemDLMConfig:

@@ -19,18 +19,18 @@ import pytest
 import torch
 
 from bilevel_dlm import InnerConfig, MemDLMConfig, MemoryConfig, MemoryWrapper
-from test_backbones_bilevel import FAMILIES
+from test_backbones_bilevel import FAMILIES, confident
 from test_option_matrix import all_pairs
 
 MASK, NEW = 127, 8
-PARALLEL = {None: {}, "threshold": dict(threshold=0.3), "factor": dict(factor=1.0)}  # how many tokens a step reveals
+PARALLEL = {None: {}, "threshold": dict(threshold=0.7), "factor": dict(factor=1.0)}  # how many tokens a step reveals
 LLADA = {"family": ("llada", "llada_moe"), "cache": ("none", "prefix", "dual"), "cache_refresh": (None, 1),
          "parallel": (None, "threshold", "factor"), "full_logits": (False, True),
          "adapt": (False, True, "blocks"), "padding": ("none", "left")}
 DREAM = {"family": ("dream",), "cache": ("none", "prefix"), "cache_refresh": (None, 1, 2),
          "alg": ("entropy", "maskgit_plus"), "parallel": (None, "threshold", "factor"), "full_logits": (False, True),
          "adapt": (False, True), "padding": ("none", "left")}
-BLOCK = {"family": ("llada2",), "cache": ("none", "prefix"), "threshold": (0.05, 0.95),
+BLOCK = {"family": ("llada2",), "cache": ("none", "prefix"), "threshold": (0.7, 0.95),
          "full_logits": (False, True), "adapt": (False, True, "blocks"), "padding": ("none", "left")}
 FIXED = {"llada": dict(block_length=4, steps=8), "llada_moe": dict(block_length=4, steps=8),
          "dream": dict(steps=6), "llada2": dict(block_length=4)}
@@ -53,10 +53,11 @@ CASES = [dict(zip(factors, row)) for factors in (LLADA, DREAM, BLOCK) for row in
 
 def wrapper(family: str) -> MemoryWrapper:
     """A float64 model and memory: a batch and its rows alone then differ by rounding far below the gaps
-    between the (near-tied, random-model) confidences, so "decodes as alone" is checked exactly."""
+    between the (near-tied, random-model) confidences, so "decodes as alone" is checked exactly. Its head
+    is scaled (``confident``) so that the thresholds and factors here reveal several tokens in a step."""
     config = MemDLMConfig(memory=MemoryConfig(rank=4, layer_fraction=0.5, dtype="float64"),
                           inner=InnerConfig(lr=20.0, clip=None))
-    return MemoryWrapper(FAMILIES[family].build(0).double().eval(), config)
+    return MemoryWrapper(confident(FAMILIES[family].build(0).double().eval()), config)
 
 
 def prompts(padding: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,6 +90,24 @@ def test_generation_under_the_option_combination(settings: dict) -> None:
         assert torch.equal(out, w.generate(ids, mask, **plain))
     if settings["full_logits"]:
         assert torch.equal(out, w.generate(ids, mask, **{**options, "full_logits": False}))
+
+
+@pytest.mark.parametrize("family", ["llada", "llada_moe", "dream", "llada2"])
+def test_the_parallel_settings_reveal_several_tokens_in_a_step(family: str) -> None:
+    """The matrix's thresholds and factors act on these models (left-padded batch, no memory): each needs
+    fewer forwards than one step per scheduled share, so the parallel axis is tested, not idle."""
+    w = wrapper(family)
+    ids, mask = prompts("left")
+    base = {**FIXED[family], "max_new_tokens": NEW, "seed": 0, "adapt": False, "return_history": True}
+    if family == "llada2":
+        settings = [dict(threshold=t) for t in BLOCK["threshold"]]
+        plain = w.generate(ids, mask, **base, threshold=1.0).model_calls
+    else:
+        base |= {"alg": "maskgit_plus"} if family == "dream" else {}
+        settings = [PARALLEL["threshold"], PARALLEL["factor"]]
+        plain = w.generate(ids, mask, **base).model_calls
+    for parallel in settings:
+        assert w.generate(ids, mask, **base, **parallel).model_calls < plain, parallel
 
 
 def test_the_designs_cover_every_valid_pair_of_option_values() -> None:

@@ -18,6 +18,7 @@ from bilevel_dlm.integrations import dream, llada, mdlm
 from bilevel_dlm.memory import MemoryParams
 from bilevel_dlm.sampling import BlockDiffusionSampler, DreamSampler, LLaDASampler, MDLMSampler, default_sampler, make_sampler
 from bilevel_dlm.sampling.base import factor_count, reveal_confident
+from test_backbones_bilevel import confident
 
 MASK = 127  # the mask id of every tiny config
 PAD = 1
@@ -449,13 +450,19 @@ def test_factor_decoding_bounds_and_batch_equality():
     assert torch.equal(cautious.sequences, plain.sequences) and cautious.model_calls == 8
     eager = base.model_copy(update={"factor": 1e9}).sample(view, prompt, max_new_tokens=8)
     assert eager.model_calls == 2, "every bound holds: one step per block"
+    confident(view.model, 2.0)  # confidences where factor 2 reveals more than one token in some steps only
     middle = base.model_copy(update={"factor": 2.0}).sample(view, prompt, max_new_tokens=8)
-    assert 2 <= middle.model_calls <= 8 and not bool((middle.sequences == MASK).any())
+    assert 2 < middle.model_calls < 8 and not bool((middle.sequences == MASK).any())
     for row in range(3):
         alone = base.model_copy(update={"factor": 2.0}).sample(view, prompt[row:row + 1], max_new_tokens=8)
         assert torch.equal(alone.sequences[0], middle.sequences[row])
     with pytest.raises(ValidationError, match="set one of them"):
         LLaDASampler(threshold=0.9, factor=1.0)
+    for parallel in (dict(threshold=0.9), dict(factor=1.0)):
+        with pytest.raises(ValidationError, match="remasking='random' ranks positions by random numbers"):
+            LLaDASampler(remasking="random", **parallel)
+    with pytest.raises(ValidationError, match="classifier-free guidance"):
+        LLaDASampler(cache="prefix", cfg_scale=1.0)
     with pytest.raises(ValidationError, match="threshold / factor"):
         DreamSampler(alg="entropy", factor=1.0)
     dream_eager = DreamSampler(alg="maskgit_plus", factor=1e9, steps=8).sample(dream_view(), prompts(2, 5),

@@ -67,9 +67,9 @@ class GenerationRun:
         columns: slice | None = None,
         kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """Aligned logits [B, L, V] of the canvas (or [B, n, V] at ``columns``, unless the sampler's
-        ``full_logits``), forbidden tokens (the mask first) at -inf. With ``kv_cache`` the model computes
-        the cache's window only (:meth:`ModelView.logits`).
+        """Aligned logits [B, L, V] of the canvas (or [B, n, V] at ``columns``; the sampler's ``full_logits``
+        applies the head everywhere first), forbidden tokens (the mask first) at -inf. With ``kv_cache``
+        the model computes the cache's window only (:meth:`ModelView.logits`).
 
         With ``unconditional`` (the canvas with its prompt masked) a second forward gives u and the result
         is classifier-free guided: ``u + (cfg_scale + 1) (c - u)``. The two passes are separate forwards so
@@ -77,18 +77,13 @@ class GenerationRun:
         the canvas's padding mask for this call (a sampler's own attention pattern).
         """
         attention = self.attention_mask if attention_mask is None else attention_mask
-        wanted = None if self.full_logits else columns
-        logits = self.view.logits(canvas, attention, mask_ratio, wanted, kv_cache)
+        logits = self.view.logits(canvas, attention, mask_ratio, columns, kv_cache, self.full_logits)
         self.model_calls += 1
         if unconditional is not None:
-            plain = self.view.logits(unconditional, attention, mask_ratio, wanted)
+            plain = self.view.logits(unconditional, attention, mask_ratio, columns, head_everywhere=self.full_logits)
             self.model_calls += 1
             logits = plain + (cfg_scale + 1) * (logits - plain)
-        logits = logits.index_fill(-1, torch.tensor(self.forbidden, device=logits.device), float("-inf"))
-        if not self.full_logits or columns is None:
-            return logits
-        computed = slice(0, canvas.shape[1]) if kv_cache is None else kv_cache.columns(canvas.shape[1])
-        return logits[:, self.view.window_columns(columns, computed)]
+        return logits.index_fill(-1, torch.tensor(self.forbidden, device=logits.device), float("-inf"))
 
     def open_cache(self, sampler: str, mode: str) -> KVCache | None:
         """A fresh :class:`KVCache` for ``mode`` other than ``"none"``; refuses a model whose forward takes none."""
@@ -232,6 +227,11 @@ def check_cache_refresh(cache: str, every: int | None) -> None:
     if every is not None and cache == "none":
         raise ValueError("cache_refresh sets how often a KV cache is rebuilt; choose a cache (cache='prefix'), "
                          "or leave cache_refresh out")
+
+
+def decodes_in_parallel(threshold: float | None, factor: float | None) -> bool:
+    """Whether a step may reveal more than its share (threshold or factor decoding is set)."""
+    return threshold is not None or factor is not None
 
 
 def check_parallel_decoding(threshold: float | None, factor: float | None) -> None:

@@ -21,7 +21,8 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from .base import GenerationRun, Sampler, check_cache_refresh, check_parallel_decoding, refreshes, reveal_confident
+from .base import (GenerationRun, Sampler, check_cache_refresh, check_parallel_decoding, decodes_in_parallel, refreshes,
+                   reveal_confident)
 
 __all__ = ["DreamSampler"]
 
@@ -45,7 +46,7 @@ class DreamSampler(Sampler):
 
     @model_validator(mode="after")
     def _check(self) -> "DreamSampler":
-        if (self.threshold or self.factor) is not None and (self.alg not in ("maskgit_plus", "topk_margin")
+        if decodes_in_parallel(self.threshold, self.factor) and (self.alg not in ("maskgit_plus", "topk_margin")
                                                              or self.alg_temp > 0):
             raise ValueError("threshold / factor decoding needs a confidence in [0, 1] compared as it is: "
                              "alg='maskgit_plus' or 'topk_margin' with alg_temp=0")
@@ -62,7 +63,7 @@ class DreamSampler(Sampler):
             fraction = 1.0 - times[step + 1] / times[step] if step < steps - 1 else 1.0
             current = canvas[:, prompt_length:]
             masked = current == mask_id
-            if (self.threshold or self.factor) is not None and not bool(masked.any()):
+            if decodes_in_parallel(self.threshold, self.factor) and not bool(masked.any()):
                 break  # parallel decoding revealed everything early
             run.cache_step(cache, refreshes(step, self.cache_refresh), prompt_length, canvas.shape[1])
             tokens, confidence = self._propose(run, run.logits(canvas, columns=new, kv_cache=cache))

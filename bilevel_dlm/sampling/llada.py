@@ -22,8 +22,8 @@ import torch
 from pydantic import Field, model_validator
 
 from ..kv_cache import KVCache
-from .base import (GenerationRun, Sampler, check_cache_refresh, check_parallel_decoding, even_split, refreshes,
-                   reveal_confident)
+from .base import (GenerationRun, Sampler, check_cache_refresh, check_parallel_decoding, decodes_in_parallel,
+                   even_split, refreshes, reveal_confident)
 
 __all__ = ["LLaDASampler"]
 
@@ -50,6 +50,12 @@ class LLaDASampler(Sampler):
     def _check(self) -> "LLaDASampler":
         check_cache_refresh(self.cache, self.cache_refresh)
         check_parallel_decoding(self.threshold, self.factor)
+        if self.remasking == "random" and decodes_in_parallel(self.threshold, self.factor):
+            raise ValueError("threshold / factor decoding compares the model's confidences, but remasking='random' "
+                             "ranks positions by random numbers; use remasking='low_confidence'")
+        if self.cache != "none" and self.cfg_scale > 0:
+            raise ValueError("cache= with classifier-free guidance (cfg_scale > 0) is not supported: the unconditional "
+                             "pass would need a cache of its own; use cache='none' with cfg_scale")
         return self
 
     def _generate(self, run: GenerationRun, canvas: torch.Tensor, prompt_length: int, steps: int) -> torch.Tensor:
@@ -66,13 +72,13 @@ class LLaDASampler(Sampler):
                 f"steps={steps} cannot be split evenly over {blocks} blocks; use a multiple of {blocks} steps"
             )
         mask_id = run.view.mask_token_id
-        cache = self._cache(run)
+        cache = run.open_cache(type(self).__name__, self.cache)
         for start in range(prompt_length, canvas.shape[1], block_length):
             block = slice(start, start + block_length)
             counts = even_split((canvas[:, block] == mask_id).sum(1), steps // blocks)
             for step in range(steps // blocks):
                 current = canvas[:, block]
-                if (self.threshold or self.factor) is not None and not bool((current == mask_id).any()):
+                if decodes_in_parallel(self.threshold, self.factor) and not bool((current == mask_id).any()):
                     break  # parallel decoding filled the block early
                 run.cache_step(cache, refreshes(step, self.cache_refresh), block.start,
                                canvas.shape[1] if self.cache == "prefix" else block.stop)
@@ -83,12 +89,6 @@ class LLaDASampler(Sampler):
             if block.stop < canvas.shape[1]:
                 run.block_done(canvas, block.stop)
         return canvas
-
-    def _cache(self, run: GenerationRun) -> KVCache | None:
-        if self.cache != "none" and self.cfg_scale > 0:
-            raise ValueError("cache= with classifier-free guidance (cfg_scale > 0) is not supported: the unconditional "
-                             "pass would need a cache of its own; use cache='none' with cfg_scale")
-        return run.open_cache(type(self).__name__, self.cache)
 
     def _logits(self, run: GenerationRun, canvas: torch.Tensor, prompt_length: int, block: slice,
                 cache: KVCache | None = None) -> torch.Tensor:

@@ -41,8 +41,10 @@ __all__ = [
 ]
 
 AttentionMask = torch.Tensor | str | None
-# transformers renamed the decoder layers' cache argument (past_key_values -> cache, 5.2x).
-_CACHE_KEYWORD = "cache" if "cache" in inspect.signature(Qwen2DecoderLayer.forward).parameters else "past_key_values"
+# transformers renamed the decoder layers' cache argument (past_key_values -> cache, 5.2x); None: neither
+# (a later rename), and a cache passed under the wrong name would vanish into **kwargs.
+_CACHE_KEYWORD = next((name for name in ("cache", "past_key_values")
+                       if name in inspect.signature(Qwen2DecoderLayer.forward).parameters), None)
 
 
 def padding_attention_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -103,6 +105,9 @@ class DreamBaseModel(DreamPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("DreamBaseModel.forward: pass exactly one of input_ids or inputs_embeds")
         batch, length = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
+        if kv_cache is not None and _CACHE_KEYWORD is None:
+            raise RuntimeError("this transformers version's Qwen2DecoderLayer.forward takes neither `cache` nor "
+                               "`past_key_values`, so Dream cannot pass it a KVCache; decode with cache='none'")
         columns = slice(None) if kv_cache is None else kv_cache.columns(length)
         inputs_embeds = self.embed_tokens(input_ids[:, columns]) if inputs_embeds is None else inputs_embeds[:, columns]
         bool_mask, position_ids = self._normalise_mask(attention_mask, position_ids, batch, length, inputs_embeds.device)
