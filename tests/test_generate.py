@@ -62,9 +62,9 @@ def test_memory_while_decoding_re_adapts_on_the_committed_blocks():
 def test_memory_while_decoding_needs_a_block_sampler():
     import pytest
 
-    from bilevel_dlm.sampling import DreamSampler
+    from bilevel_dlm.sampling import MDLMSampler
 
     with pytest.raises(ValueError, match="does not decode in blocks"):
-        wrapper().generate(prompts(), max_new_tokens=4, adapt="blocks", sampler=DreamSampler())
+        wrapper().generate(prompts(), max_new_tokens=4, adapt="blocks", sampler=MDLMSampler())
     with pytest.raises(ValueError, match="adapt must be"):
         wrapper().generate(prompts(), max_new_tokens=4, adapt="always")

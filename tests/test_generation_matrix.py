@@ -1,8 +1,8 @@
 """Generation under every pair of the options a user can switch, for each sampler of the native models.
 
-Factors per sampler: backbone family, KV cache and its refresh interval, threshold or factor decoding, the head on
-every position (``full_logits``), memory (none, the prompt's, re-adapted after each block) and left
-padding. For each combination of a greedy all-pairs design (``all_pairs`` of the training option matrix):
+Factors per sampler: backbone family, blocks (Dream), KV cache and its refresh interval, threshold or factor
+decoding, the head on every position (``full_logits``), memory (none, the prompt's, re-adapted after each
+block) and left padding. For each combination of a greedy all-pairs design (``all_pairs`` of the training option matrix):
 
 - every new token is revealed (no mask left) and the prompt is kept;
 - each row of the left-padded batch decodes exactly as that prompt alone (per-sample memory, padding and
@@ -27,9 +27,9 @@ PARALLEL = {None: {}, "threshold": dict(threshold=0.7), "factor": dict(factor=1.
 LLADA = {"family": ("llada", "llada_moe"), "cache": ("none", "prefix", "dual"), "cache_refresh": (None, 1),
          "parallel": (None, "threshold", "factor"), "full_logits": (False, True),
          "adapt": (False, True, "blocks"), "padding": ("none", "left")}
-DREAM = {"family": ("dream",), "cache": ("none", "prefix"), "cache_refresh": (None, 1, 2),
-         "alg": ("entropy", "maskgit_plus"), "parallel": (None, "threshold", "factor"), "full_logits": (False, True),
-         "adapt": (False, True), "padding": ("none", "left")}
+DREAM = {"family": ("dream",), "block_length": (None, 4), "cache": ("none", "prefix", "dual"),
+         "cache_refresh": (None, 1, 2), "alg": ("entropy", "maskgit_plus"), "parallel": (None, "threshold", "factor"),
+         "full_logits": (False, True), "adapt": (False, True, "blocks"), "padding": ("none", "left")}
 BLOCK = {"family": ("llada2",), "cache": ("none", "prefix"), "threshold": (0.7, 0.95),
          "full_logits": (False, True), "adapt": (False, True, "blocks"), "padding": ("none", "left")}
 FIXED = {"llada": dict(block_length=4, steps=8), "llada_moe": dict(block_length=4, steps=8),

@@ -152,6 +152,40 @@ def computed_columns(model: torch.nn.Module, run) -> list[int]:
     return widths
 
 
+def decoding_columns(model: torch.nn.Module, run) -> list[int]:
+    """:func:`computed_columns` of the decoding forwards only (adaptation runs with gradients)."""
+    widths: list[int] = []
+    handle = model.get_input_embeddings().register_forward_hook(
+        lambda _m, args, _out: None if torch.is_grad_enabled() else widths.append(args[0].shape[1]))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return widths
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("refresh", [None, 1])
+def test_block_wise_dream_caches_compute_the_block_and_the_column_before_it(refresh, cache: str) -> None:
+    """Dream in blocks of 4 (prompt 10, 8 new tokens, 6 steps: 3 per block): a block's first step (every
+    step with cache_refresh=1) runs all 18 columns; the others compute from the column before the block
+    (Dream's shifted logits) to the canvas end (prefix) or to the block's end (dual). With refresh=1 the
+    tokens equal uncached decoding; a left-padded batch decodes each row as alone, with the memory
+    re-adapted after every block (the cache is rebuilt at each block start, under the new memory)."""
+    w = wrapper("dream")
+    ids, mask = left_padded()
+    settings = dict(max_new_tokens=8, steps=6, block_length=4, seed=0, cache=cache, cache_refresh=refresh,
+                    adapt="blocks")
+    widths = decoding_columns(w.model, lambda: w.generate(ids, mask, **settings))
+    first, second = (9, 5) if cache == "prefix" else (5, 5)  # windows (9, 18), (13, 18) or (9, 14), (13, 18)
+    assert widths == ([18] * 6 if refresh == 1 else [18, first, first, 18, second, second])
+    batched = w.generate(ids, mask, **settings)
+    for row in range(3):
+        assert torch.equal(batched[row, -8:], w.generate(ids[row:row + 1, mask[row].bool()], **settings)[0, -8:])
+    if refresh == 1:
+        assert torch.equal(batched, w.generate(ids, mask, **{**settings, "cache": "none", "cache_refresh": None}))
+
+
 @pytest.mark.parametrize("refresh", [None, 1, 3])
 def test_the_dream_prefix_cache_recomputes_the_new_tokens_and_the_last_prompt_column(refresh) -> None:
     """Dream's logits are shifted: the window starts one column before the first new token. Full forwards
@@ -199,13 +233,7 @@ def test_block_diffusion_computes_the_canvas_to_the_current_block_end(cache: str
     mask = torch.ones_like(ids)
     mask[1, :3] = mask[2, :5] = 0
     settings = dict(max_new_tokens=12, block_length=4, threshold=1.0, cache=cache, adapt=adapt)  # one reveal per row per step
-    widths = []  # decoding forwards only (adaptation runs with gradients)
-    handle = w.model.get_input_embeddings().register_forward_hook(
-        lambda _m, args, _out: None if torch.is_grad_enabled() else widths.append(args[0].shape[1]))
-    try:
-        w.generate(ids, mask, **settings)
-    finally:
-        handle.remove()
+    widths = decoding_columns(w.model, lambda: w.generate(ids, mask, **settings))
     # Steps per block: the most new tokens any row has in it (rows' counts: [2, 1, 3], [4, 4, 4], [4, 4, 4], [2, 3, 1]).
     uncached = [13] * 3 + [17] * 4 + [21] * 4 + [22] * 3
     cached = [13, 6, 6] + [10, 6, 6, 6] + [10, 6, 6, 6] + [7, 3, 3]

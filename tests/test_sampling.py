@@ -228,6 +228,48 @@ def test_dream_confidence_algs_reveal_floor_of_the_time_fraction(alg_temp):
     assert revealed == [[count, count] for count in expected]
 
 
+def plain_block_dream(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, block_length: int, steps: int,
+                      eps: float = 1e-3) -> torch.Tensor:
+    """Block-wise Dream written out plainly for one unpadded row (maskgit_plus, argmax, full forwards):
+    each block gets steps / blocks steps of its own time schedule and reveals its most confident tokens."""
+    canvas = torch.cat([prompt, torch.full((1, new_tokens), MASK)], 1)
+    per_block = steps // (new_tokens // block_length)
+    times = np.linspace(1.0, eps, per_block + 1)
+    for start in range(prompt.shape[1], canvas.shape[1], block_length):
+        for step in range(per_block):
+            logits = model(canvas).logits
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], 1)[0]  # Dream: column i - 1 predicts token i
+            logits[:, MASK] = float("-inf")
+            confidence, token = logits.softmax(-1).max(-1)
+            masked = [p for p in range(start, start + block_length) if canvas[0, p] == MASK]
+            count = len(masked) if step == per_block - 1 else int(len(masked) * (1 - times[step + 1] / times[step]))
+            for p in sorted(masked, key=lambda p: -float(confidence[p]))[:count]:
+                canvas[0, p] = token[p]
+    return canvas
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_block_wise_dream_equals_the_plain_computation(seed: int) -> None:
+    """``block_length`` fills the blocks left to right with steps / blocks steps each (float64: no near-ties
+    flip); one block of every new token is the reference sampler."""
+    view = dream_view(seed)
+    view.model.double()
+    prompt = prompts(1, 5, seed)
+    sampler = DreamSampler(steps=9, alg="maskgit_plus", block_length=4)
+    with torch.no_grad():
+        out = sampler.sample(view, prompt, max_new_tokens=12, return_history=True)
+        assert torch.equal(out.sequences, plain_block_dream(view.model, prompt, 12, 4, 9))
+        whole = DreamSampler(steps=9, alg="maskgit_plus")
+        assert torch.equal(sampler.model_copy(update={"block_length": 12}).sample(view, prompt, max_new_tokens=12).sequences,
+                           whole.sample(view, prompt, max_new_tokens=12).sequences)
+    assert out.model_calls == 9
+    for canvas in out.history:  # a block starts only once the blocks before it are full
+        open_blocks = [bool((canvas[0, 5 + 4 * b: 9 + 4 * b] == MASK).any()) for b in range(3)]
+        assert open_blocks == sorted(open_blocks)
+    with pytest.raises(ValueError, match="cannot be split evenly over 3 blocks"):
+        sampler.model_copy(update={"steps": 8}).sample(view, prompt, max_new_tokens=12)
+
+
 # ----- MDLM --------------------------------------------------------------------------------------
 def test_mdlm_fills_every_mask_and_keeps_the_prompt():
     prompt = prompts(2, 4)

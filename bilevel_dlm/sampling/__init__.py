@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..backbone import Backbone
-from .base import GenerationRun, Sampler, SampleOutput
+from .base import BlockSampler, GenerationRun, Sampler, SampleOutput
 from .block import BlockDiffusionSampler
 from .dream import DreamSampler
 from .llada import LLaDASampler
@@ -21,6 +21,7 @@ from .mdlm import MDLMSampler
 __all__ = [
     "SAMPLERS",
     "BlockDiffusionSampler",
+    "BlockSampler",
     "DreamSampler",
     "GenerationRun",
     "LLaDASampler",

@@ -11,16 +11,16 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..forward import ModelView
 from ..kv_cache import KVCache, supports_kv_cache
 
-__all__ = ["Sampler", "SampleOutput", "GenerationRun", "even_split", "top_per_row", "reveal_confident", "factor_count",
-           "refreshes", "check_cache_refresh", "check_parallel_decoding"]
+__all__ = ["Sampler", "BlockSampler", "SampleOutput", "GenerationRun", "even_split", "top_per_row", "reveal_confident",
+           "factor_count", "refreshes", "block_count"]
 
 
 @dataclass
@@ -165,7 +165,7 @@ class Sampler(BaseModel):
         forbidden = (view.mask_token_id, *self.suppress_tokens)
         if on_block_end is not None and not self.decodes_in_blocks:
             raise ValueError(f"{type(self).__name__} does not decode in blocks, so it has no block ends to report; "
-                             "use a block sampler (llada, block_diffusion) for memory refreshed while decoding")
+                             "use a block sampler (llada, dream, block_diffusion) for memory refreshed while decoding")
         run = GenerationRun(view, attention_mask, generator, forbidden, [] if return_history else None,
                             full_logits=self.full_logits, on_block_end=on_block_end)
         sequences = self._generate(run, canvas, prompt_length, self.steps or max_new_tokens)
@@ -174,6 +174,51 @@ class Sampler(BaseModel):
     @abstractmethod
     def _generate(self, run: GenerationRun, canvas: torch.Tensor, prompt_length: int, steps: int) -> torch.Tensor:
         """Fill the mask tokens after column ``prompt_length`` of ``canvas`` [B, L] (may be edited in place)."""
+
+
+class BlockSampler(Sampler):
+    """A sampler that fills the new tokens block by block, with the options its families share: parallel
+    decoding (``threshold`` or ``factor``: a step may reveal more than its share) and a KV cache rebuilt
+    at each block's first step."""
+
+    decodes_in_blocks: ClassVar[bool] = True
+
+    block_length: int | None = Field(None, gt=0, description="tokens per block, filled left to right; None = one block")
+    threshold: float | None = Field(None, gt=0.0, le=1.0, description="reveal every masked token of the block "
+                                    "above this confidence (at least the step's share); None = the share only")
+    factor: float | None = Field(None, gt=0.0, description="factor-based parallel decoding: reveal the n most "
+                                 "confident, (i + 1)(1 - c_i) <= factor for each (at least the step's share)")
+    cache: Literal["none", "prefix", "dual"] = Field("none", description="reuse keys and values between the "
+                                                     "steps of a block: of the prefix, or of prefix and suffix")
+    cache_refresh: int | None = Field(None, gt=0, description="with a cache: a full forward every this many steps "
+                                      "of a block; None = at the block's first step only")
+
+    @model_validator(mode="after")
+    def _check_block_options(self) -> "BlockSampler":
+        if self.threshold is not None and self.factor is not None:
+            raise ValueError("threshold= and factor= are two rules for how many tokens a step reveals; set one of them")
+        if self.cache_refresh is not None and self.cache == "none":
+            raise ValueError("cache_refresh sets how often a KV cache is rebuilt; choose a cache (cache='prefix'), "
+                             "or leave cache_refresh out")
+        return self
+
+    @property
+    def decodes_in_parallel(self) -> bool:
+        """Whether a step may reveal more than its share (threshold or factor decoding is set)."""
+        return self.threshold is not None or self.factor is not None
+
+
+def block_count(new_tokens: int, block_length: int | None, steps: int) -> int:
+    """How many blocks of ``block_length`` (None: one block) the new tokens form; refused unless the new
+    tokens and the steps both split evenly over them."""
+    block_length = block_length or new_tokens
+    if new_tokens % block_length:
+        raise ValueError(f"max_new_tokens={new_tokens} is not a multiple of block_length={block_length}; "
+                         "choose a block_length that divides it")
+    blocks = new_tokens // block_length
+    if steps % blocks:
+        raise ValueError(f"steps={steps} cannot be split evenly over {blocks} blocks; use a multiple of {blocks} steps")
+    return blocks
 
 
 def even_split(total: torch.Tensor, parts: int) -> torch.Tensor:
@@ -220,24 +265,6 @@ def factor_count(confidence: torch.Tensor, masked: torch.Tensor, factor: float) 
     within = ((rank + 1) * (1 - ranked) <= factor) & (ranked > float("-inf"))
     within[:, 0] = masked.any(-1)
     return within.long().cumprod(-1).sum(-1)
-
-
-def check_cache_refresh(cache: str, every: int | None) -> None:
-    """Refuse a refresh interval without a cache (it would silently change nothing)."""
-    if every is not None and cache == "none":
-        raise ValueError("cache_refresh sets how often a KV cache is rebuilt; choose a cache (cache='prefix'), "
-                         "or leave cache_refresh out")
-
-
-def decodes_in_parallel(threshold: float | None, factor: float | None) -> bool:
-    """Whether a step may reveal more than its share (threshold or factor decoding is set)."""
-    return threshold is not None or factor is not None
-
-
-def check_parallel_decoding(threshold: float | None, factor: float | None) -> None:
-    """Threshold and factor decoding are two rules for the same choice: one at a time."""
-    if threshold is not None and factor is not None:
-        raise ValueError("threshold= and factor= are two rules for how many tokens a step reveals; set one of them")
 
 
 def refreshes(step: int, every: int | None) -> bool:

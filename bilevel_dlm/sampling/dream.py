@@ -7,11 +7,15 @@ confidence algorithms pick the most confident ones (or sample them from ``softma
 ``entropy`` the negative entropy. Each reveal is exact per row, so a batch decodes like its rows alone.
 With ``threshold`` (maskgit_plus / topk_margin) a step also reveals every masked position above that
 confidence, with ``factor`` the n most confident of Fast-dLLM's factor rule (``reveal_confident``), and
-decoding ends once nothing is masked. With ``cache="prefix"`` (Fast-dLLM's prefix cache,
-``bilevel_dlm.kv_cache``) a full forward stores every layer's keys and values of the prompt, and the other
-steps compute only the new tokens (and the prompt's last column, whose hidden state predicts the first
-new token): an approximation, refreshed every ``cache_refresh`` steps (None: at the first step only;
-1: every step, the tokens of ``cache="none"``).
+a block ends once nothing in it is masked.
+
+``block_length`` (Fast-dLLM's block-wise Dream) fills the new tokens in blocks, left to right, each with
+its own ``steps / blocks`` steps and schedule; None is one block of every new token (the reference).
+With a KV cache (``bilevel_dlm.kv_cache``) a block's first step is a full forward that stores every
+layer's keys and values, and its other steps compute the block and what follows it (``"prefix"``) or
+the block alone (``"dual"``), each with the column before the block, whose hidden state predicts the
+block's first token (Dream's logits are shifted). An approximation, refreshed every ``cache_refresh``
+steps of a block (None: at its first step only; 1: every step, the tokens of ``cache="none"``).
 """
 
 from __future__ import annotations
@@ -21,13 +25,12 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from .base import (GenerationRun, Sampler, check_cache_refresh, check_parallel_decoding, decodes_in_parallel, refreshes,
-                   reveal_confident)
+from .base import BlockSampler, GenerationRun, block_count, refreshes, reveal_confident
 
 __all__ = ["DreamSampler"]
 
 
-class DreamSampler(Sampler):
+class DreamSampler(BlockSampler):
     """Defaults decode deterministically: lowest-entropy positions first, argmax tokens."""
 
     alg: Literal["origin", "maskgit_plus", "topk_margin", "entropy"] = "entropy"
@@ -36,47 +39,44 @@ class DreamSampler(Sampler):
     top_k: int | None = Field(None, gt=0, description="keep the k most likely tokens; None = off")
     alg_temp: float = Field(0.0, ge=0.0, description="> 0: sample positions from softmax(confidence / alg_temp)")
     eps: float = Field(1e-3, gt=0.0, lt=1.0, description="final time of the schedule")
-    threshold: float | None = Field(None, gt=0.0, le=1.0, description="maskgit_plus / topk_margin: reveal every "
-                                    "masked token above this confidence (at least the step's count)")
-    factor: float | None = Field(None, gt=0.0, description="maskgit_plus / topk_margin: factor-based parallel "
-                                 "decoding (at least the step's count)")
-    cache: Literal["none", "prefix"] = Field("none", description="reuse the prompt's keys and values between steps")
-    cache_refresh: int | None = Field(None, gt=0, description="with the cache: a full forward every this many "
-                                      "steps; None = at the first step only")
 
     @model_validator(mode="after")
     def _check(self) -> "DreamSampler":
-        if decodes_in_parallel(self.threshold, self.factor) and (self.alg not in ("maskgit_plus", "topk_margin")
-                                                             or self.alg_temp > 0):
+        if self.decodes_in_parallel and (self.alg not in ("maskgit_plus", "topk_margin") or self.alg_temp > 0):
             raise ValueError("threshold / factor decoding needs a confidence in [0, 1] compared as it is: "
                              "alg='maskgit_plus' or 'topk_margin' with alg_temp=0")
-        check_parallel_decoding(self.threshold, self.factor)
-        check_cache_refresh(self.cache, self.cache_refresh)
         return self
 
     def _generate(self, run: GenerationRun, canvas: torch.Tensor, prompt_length: int, steps: int) -> torch.Tensor:
-        times = torch.linspace(1.0, self.eps, steps + 1, dtype=torch.float64).tolist()
+        blocks = block_count(canvas.shape[1] - prompt_length, self.block_length, steps)
+        block_length = (canvas.shape[1] - prompt_length) // blocks
+        times = torch.linspace(1.0, self.eps, steps // blocks + 1, dtype=torch.float64).tolist()
         mask_id = run.view.mask_token_id
         cache = run.open_cache(type(self).__name__, self.cache)
-        new = slice(prompt_length, canvas.shape[1])
-        for step in range(steps):
-            fraction = 1.0 - times[step + 1] / times[step] if step < steps - 1 else 1.0
-            current = canvas[:, prompt_length:]
-            masked = current == mask_id
-            if decodes_in_parallel(self.threshold, self.factor) and not bool(masked.any()):
-                break  # parallel decoding revealed everything early
-            run.cache_step(cache, refreshes(step, self.cache_refresh), prompt_length, canvas.shape[1])
-            tokens, confidence = self._propose(run, run.logits(canvas, columns=new, kv_cache=cache))
-            if self.alg == "origin":
-                reveal = masked & (run.uniform(masked.shape, masked.device, torch.float64) < fraction)
-            else:
-                counts = (masked.sum(1) * fraction).floor().long()
-                scores = confidence.double()
-                if self.alg_temp > 0:  # Gumbel-top-k: positions drawn without replacement from the softmax
-                    scores = scores.masked_fill(~masked, float("-inf")) / self.alg_temp + run.gumbel(scores.shape, scores.device)
-                reveal = reveal_confident(scores, masked, counts, self.threshold, self.factor)
-            canvas[:, prompt_length:] = torch.where(reveal, tokens, current)
-            run.record(canvas)
+        for start in range(prompt_length, canvas.shape[1], block_length):
+            block = slice(start, start + block_length)
+            for step in range(steps // blocks):
+                fraction = 1.0 - times[step + 1] / times[step] if step < steps // blocks - 1 else 1.0
+                current = canvas[:, block]
+                masked = current == mask_id
+                if self.decodes_in_parallel and not bool(masked.any()):
+                    break  # parallel decoding filled the block early
+                run.cache_step(cache, refreshes(step, self.cache_refresh), start,
+                               block.stop if self.cache == "dual" else canvas.shape[1])
+                tokens, confidence = self._propose(run, run.logits(canvas, columns=block, kv_cache=cache))
+                if self.alg == "origin":
+                    reveal = masked & (run.uniform(masked.shape, masked.device, torch.float64) < fraction)
+                else:
+                    counts = (masked.sum(1) * fraction).floor().long()
+                    scores = confidence.double()
+                    if self.alg_temp > 0:  # Gumbel-top-k: positions drawn without replacement from the softmax
+                        scores = (scores.masked_fill(~masked, float("-inf")) / self.alg_temp
+                                  + run.gumbel(scores.shape, scores.device))
+                    reveal = reveal_confident(scores, masked, counts, self.threshold, self.factor)
+                canvas[:, block] = torch.where(reveal, tokens, current)
+                run.record(canvas)
+            if block.stop < canvas.shape[1]:
+                run.block_done(canvas, block.stop)
         return canvas
 
     def _propose(self, run: GenerationRun, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

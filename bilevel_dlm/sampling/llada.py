@@ -16,41 +16,27 @@ an approximation, refreshed once per block, or every ``cache_refresh`` steps of 
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
 
 from ..kv_cache import KVCache
-from .base import (GenerationRun, Sampler, check_cache_refresh, check_parallel_decoding, decodes_in_parallel,
-                   even_split, refreshes, reveal_confident)
+from .base import BlockSampler, GenerationRun, block_count, even_split, refreshes, reveal_confident
 
 __all__ = ["LLaDASampler"]
 
 
-class LLaDASampler(Sampler):
+class LLaDASampler(BlockSampler):
     """Block-wise confidence-ordered unmasking, optionally with Gumbel sampling and classifier-free guidance."""
 
-    decodes_in_blocks: ClassVar[bool] = True
-
-    block_length: int | None = Field(None, gt=0, description="tokens per block; None = one block")
     temperature: float = Field(0.0, ge=0.0, description="Gumbel-max sampling temperature; 0 = argmax")
     remasking: Literal["low_confidence", "random"] = "low_confidence"
     cfg_scale: float = Field(0.0, ge=0.0, description="classifier-free guidance scale; 0 = off")
-    threshold: float | None = Field(None, gt=0.0, le=1.0, description="reveal every masked token of the block "
-                                    "above this confidence (at least the step's share); None = the share only")
-    factor: float | None = Field(None, gt=0.0, description="factor-based parallel decoding: reveal the n most "
-                                 "confident, (i + 1)(1 - c_i) <= factor for each (at least the step's share)")
-    cache: Literal["none", "prefix", "dual"] = Field("none", description="reuse keys and values between the "
-                                                     "steps of a block: of the prefix, or of prefix and suffix")
-    cache_refresh: int | None = Field(None, gt=0, description="with a cache: a full forward every this many steps "
-                                      "of a block; None = at the block's first step only")
 
     @model_validator(mode="after")
     def _check(self) -> "LLaDASampler":
-        check_cache_refresh(self.cache, self.cache_refresh)
-        check_parallel_decoding(self.threshold, self.factor)
-        if self.remasking == "random" and decodes_in_parallel(self.threshold, self.factor):
+        if self.remasking == "random" and self.decodes_in_parallel:
             raise ValueError("threshold / factor decoding compares the model's confidences, but remasking='random' "
                              "ranks positions by random numbers; use remasking='low_confidence'")
         if self.cache != "none" and self.cfg_scale > 0:
@@ -59,18 +45,8 @@ class LLaDASampler(Sampler):
         return self
 
     def _generate(self, run: GenerationRun, canvas: torch.Tensor, prompt_length: int, steps: int) -> torch.Tensor:
-        new_tokens = canvas.shape[1] - prompt_length
-        block_length = self.block_length or new_tokens
-        if new_tokens % block_length:
-            raise ValueError(
-                f"max_new_tokens={new_tokens} is not a multiple of block_length={block_length}; "
-                "choose a block_length that divides it"
-            )
-        blocks = new_tokens // block_length
-        if steps % blocks:
-            raise ValueError(
-                f"steps={steps} cannot be split evenly over {blocks} blocks; use a multiple of {blocks} steps"
-            )
+        blocks = block_count(canvas.shape[1] - prompt_length, self.block_length, steps)
+        block_length = (canvas.shape[1] - prompt_length) // blocks
         mask_id = run.view.mask_token_id
         cache = run.open_cache(type(self).__name__, self.cache)
         for start in range(prompt_length, canvas.shape[1], block_length):
@@ -78,7 +54,7 @@ class LLaDASampler(Sampler):
             counts = even_split((canvas[:, block] == mask_id).sum(1), steps // blocks)
             for step in range(steps // blocks):
                 current = canvas[:, block]
-                if decodes_in_parallel(self.threshold, self.factor) and not bool((current == mask_id).any()):
+                if self.decodes_in_parallel and not bool((current == mask_id).any()):
                     break  # parallel decoding filled the block early
                 run.cache_step(cache, refreshes(step, self.cache_refresh), block.start,
                                canvas.shape[1] if self.cache == "prefix" else block.stop)
