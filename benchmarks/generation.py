@@ -10,8 +10,8 @@
 4. Memory while decoding on the main job's position-recall task: a MemDLM (preset) model trained briefly
    (3 seeds), exact match and time with no memory, prompt memory and memory refreshed after every block.
 5. KV caching on the other backbones, interleaved with their uncached samplers: Dream's sampler with the
-   prefix cache (refreshed every 8 steps, and never), LLaDA2's block-diffusion sampler with its exact
-   prefix cache.
+   prefix cache (refreshed every 8 steps, and never) and in blocks of 32 (uncached, prefix and dual cache
+   refreshed once per block), LLaDA2's block-diffusion sampler with its exact prefix cache.
 6. Decoding the trained model of 4: exact match, forwards and seconds under (b)-(f) and (g) factor-based
    parallel decoding (``factor=1``).
 
@@ -188,7 +188,10 @@ def cached_decoding(args: argparse.Namespace) -> None:
           "sampler) [share of new tokens equal to its] {forwards}")
     print("   Dream sampler, alg entropy, one step per token:")
     variants = {"no cache": DreamSampler(), "prefix, refresh every 8": DreamSampler(cache="prefix", cache_refresh=8),
-                "prefix, never refreshed": DreamSampler(cache="prefix")}
+                "prefix, never refreshed": DreamSampler(cache="prefix"),
+                "blocks of 32, no cache": DreamSampler(block_length=32),
+                "blocks of 32, prefix": DreamSampler(block_length=32, cache="prefix"),
+                "blocks of 32, dual": DreamSampler(block_length=32, cache="dual")}
     print_ratios(random_dream(args), args, variants, "no cache", "no cache", new_lengths=(64,))
     print("   LLaDA2 block-diffusion sampler, blocks of 32, one step per token of a block, threshold 1 (never fires):")
     variants = {"no cache": BlockDiffusionSampler(threshold=1.0), "prefix cache": BlockDiffusionSampler(threshold=1.0, cache="prefix")}
