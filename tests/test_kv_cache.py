@@ -141,19 +141,9 @@ def test_with_a_full_forward_every_step_the_cached_sampler_is_the_plain_one(cach
                        w.generate(ids, mask, cache=cache, **settings))
 
 
-def computed_columns(model: torch.nn.Module, run) -> list[int]:
-    """The number of canvas columns each forward of ``run()`` embeds."""
-    widths: list[int] = []
-    handle = model.get_input_embeddings().register_forward_hook(lambda _m, args, _out: widths.append(args[0].shape[1]))
-    try:
-        run()
-    finally:
-        handle.remove()
-    return widths
-
-
 def decoding_columns(model: torch.nn.Module, run) -> list[int]:
-    """:func:`computed_columns` of the decoding forwards only (adaptation runs with gradients)."""
+    """The number of canvas columns each decoding forward of ``run()`` embeds (adaptation forwards, which
+    run with gradients, are left out)."""
     widths: list[int] = []
     handle = model.get_input_embeddings().register_forward_hook(
         lambda _m, args, _out: None if torch.is_grad_enabled() else widths.append(args[0].shape[1]))
@@ -194,7 +184,7 @@ def test_the_dream_prefix_cache_recomputes_the_new_tokens_and_the_last_prompt_co
     w = wrapper("dream")
     ids, mask = left_padded()
     settings = dict(max_new_tokens=8, steps=6, seed=0, cache="prefix", cache_refresh=refresh, adapt=True)
-    widths = computed_columns(w.model, lambda: w.generate(ids, mask, **settings))
+    widths = decoding_columns(w.model, lambda: w.generate(ids, mask, **settings))
     full_steps = {step for step in range(6) if (step % refresh == 0 if refresh else step == 0)}
     assert widths[-6:] == [18 if step in full_steps else 9 for step in range(6)]
     batched = w.generate(ids, mask, **settings)

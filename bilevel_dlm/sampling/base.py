@@ -20,7 +20,7 @@ from ..forward import ModelView
 from ..kv_cache import KVCache, supports_kv_cache
 
 __all__ = ["Sampler", "BlockSampler", "SampleOutput", "GenerationRun", "even_split", "top_per_row", "reveal_confident",
-           "factor_count", "refreshes", "block_count"]
+           "factor_count"]
 
 
 @dataclass
@@ -207,18 +207,25 @@ class BlockSampler(Sampler):
         """Whether a step may reveal more than its share (threshold or factor decoding is set)."""
         return self.threshold is not None or self.factor is not None
 
+    def _blocks(self, prompt_length: int, length: int, steps: int) -> tuple[list[slice], int]:
+        """The blocks of new tokens (canvas columns) and the steps each gets; refused unless the new tokens
+        and the steps both split evenly over the blocks."""
+        new_tokens = length - prompt_length
+        block_length = self.block_length or new_tokens
+        if new_tokens % block_length:
+            raise ValueError(f"max_new_tokens={new_tokens} is not a multiple of block_length={block_length}; "
+                             "choose a block_length that divides it")
+        blocks = [slice(start, start + block_length) for start in range(prompt_length, length, block_length)]
+        if steps % len(blocks):
+            raise ValueError(f"steps={steps} cannot be split evenly over {len(blocks)} blocks; use a multiple of "
+                             f"{len(blocks)} steps")
+        return blocks, steps // len(blocks)
 
-def block_count(new_tokens: int, block_length: int | None, steps: int) -> int:
-    """How many blocks of ``block_length`` (None: one block) the new tokens form; refused unless the new
-    tokens and the steps both split evenly over them."""
-    block_length = block_length or new_tokens
-    if new_tokens % block_length:
-        raise ValueError(f"max_new_tokens={new_tokens} is not a multiple of block_length={block_length}; "
-                         "choose a block_length that divides it")
-    blocks = new_tokens // block_length
-    if steps % blocks:
-        raise ValueError(f"steps={steps} cannot be split evenly over {blocks} blocks; use a multiple of {blocks} steps")
-    return blocks
+    def _cache_step(self, run: GenerationRun, cache: KVCache | None, step: int, block: slice, length: int) -> None:
+        """Before ``step`` of ``block``: a full forward every ``cache_refresh`` steps of the block (at its
+        first), otherwise the block and what follows it (prefix) or the block alone (dual)."""
+        run.cache_step(cache, refreshes(step, self.cache_refresh), block.start,
+                       length if self.cache == "prefix" else block.stop)
 
 
 def even_split(total: torch.Tensor, parts: int) -> torch.Tensor:

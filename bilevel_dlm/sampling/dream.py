@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from .base import BlockSampler, GenerationRun, block_count, refreshes, reveal_confident
+from .base import BlockSampler, GenerationRun, reveal_confident
 
 __all__ = ["DreamSampler"]
 
@@ -48,21 +48,18 @@ class DreamSampler(BlockSampler):
         return self
 
     def _generate(self, run: GenerationRun, canvas: torch.Tensor, prompt_length: int, steps: int) -> torch.Tensor:
-        blocks = block_count(canvas.shape[1] - prompt_length, self.block_length, steps)
-        block_length = (canvas.shape[1] - prompt_length) // blocks
-        times = torch.linspace(1.0, self.eps, steps // blocks + 1, dtype=torch.float64).tolist()
+        blocks, per_block = self._blocks(prompt_length, canvas.shape[1], steps)
+        times = torch.linspace(1.0, self.eps, per_block + 1, dtype=torch.float64).tolist()
         mask_id = run.view.mask_token_id
         cache = run.open_cache(type(self).__name__, self.cache)
-        for start in range(prompt_length, canvas.shape[1], block_length):
-            block = slice(start, start + block_length)
-            for step in range(steps // blocks):
-                fraction = 1.0 - times[step + 1] / times[step] if step < steps // blocks - 1 else 1.0
+        for block in blocks:
+            for step in range(per_block):
+                fraction = 1.0 - times[step + 1] / times[step] if step < per_block - 1 else 1.0
                 current = canvas[:, block]
                 masked = current == mask_id
                 if self.decodes_in_parallel and not bool(masked.any()):
                     break  # parallel decoding filled the block early
-                run.cache_step(cache, refreshes(step, self.cache_refresh), start,
-                               block.stop if self.cache == "dual" else canvas.shape[1])
+                self._cache_step(run, cache, step, block, canvas.shape[1])
                 tokens, confidence = self._propose(run, run.logits(canvas, columns=block, kv_cache=cache))
                 if self.alg == "origin":
                     reveal = masked & (run.uniform(masked.shape, masked.device, torch.float64) < fraction)

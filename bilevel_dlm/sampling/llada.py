@@ -22,7 +22,7 @@ import torch
 from pydantic import Field, model_validator
 
 from ..kv_cache import KVCache
-from .base import BlockSampler, GenerationRun, block_count, even_split, refreshes, reveal_confident
+from .base import BlockSampler, GenerationRun, even_split, reveal_confident
 
 __all__ = ["LLaDASampler"]
 
@@ -45,19 +45,16 @@ class LLaDASampler(BlockSampler):
         return self
 
     def _generate(self, run: GenerationRun, canvas: torch.Tensor, prompt_length: int, steps: int) -> torch.Tensor:
-        blocks = block_count(canvas.shape[1] - prompt_length, self.block_length, steps)
-        block_length = (canvas.shape[1] - prompt_length) // blocks
+        blocks, per_block = self._blocks(prompt_length, canvas.shape[1], steps)
         mask_id = run.view.mask_token_id
         cache = run.open_cache(type(self).__name__, self.cache)
-        for start in range(prompt_length, canvas.shape[1], block_length):
-            block = slice(start, start + block_length)
-            counts = even_split((canvas[:, block] == mask_id).sum(1), steps // blocks)
-            for step in range(steps // blocks):
+        for block in blocks:
+            counts = even_split((canvas[:, block] == mask_id).sum(1), per_block)
+            for step in range(per_block):
                 current = canvas[:, block]
                 if self.decodes_in_parallel and not bool((current == mask_id).any()):
                     break  # parallel decoding filled the block early
-                run.cache_step(cache, refreshes(step, self.cache_refresh), block.start,
-                               canvas.shape[1] if self.cache == "prefix" else block.stop)
+                self._cache_step(run, cache, step, block, canvas.shape[1])
                 proposal, confidence = self._propose(run, self._logits(run, canvas, prompt_length, block, cache))
                 reveal = reveal_confident(confidence, current == mask_id, counts[:, step], self.threshold, self.factor)
                 canvas[:, block] = torch.where(reveal, proposal, current)
