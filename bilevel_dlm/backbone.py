@@ -49,6 +49,9 @@ class Backbone:
     # runs in train mode and refuses models with active dropout (it would make the memory random).
     adapt_in_train_mode: ClassVar[bool] = False
     default_sampler: ClassVar[str] = "llada"
+    # Whose evaluation rule scores log-likelihoods in lm-eval (bilevel_dlm.lm_eval.protocols): "llada"
+    # (LLaDA's eval, also dllm's MDLM harness) or "dream" (dllm's Dream harness).
+    likelihood_protocol: ClassVar[str] = "llada"
 
     # ----- structure -------------------------------------------------------------------------
     def blocks(self, model: nn.Module) -> nn.ModuleList:

@@ -13,12 +13,16 @@ import torch
 from .tasks import Example, exact_match
 from .wrapper import MemoryWrapper
 
-__all__ = ["encode_prompts", "task_accuracy", "decode_answers"]
+__all__ = ["encode_prompts", "left_pad", "task_accuracy", "decode_answers"]
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ``<bos> prompt`` ids [B, P] and attention mask (0 on the padding)."""
-    rows = [tokenizer(prompt)["input_ids"] for prompt in prompts]
+    return left_pad([tokenizer(prompt)["input_ids"] for prompt in prompts], pad_token_id)
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id rows as one left-padded batch [B, P] and its attention mask (0 on the padding)."""
     width = max(len(row) for row in rows)
     ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.long)

@@ -17,8 +17,9 @@ on its own micro-batch, with the inner loss normalised over that micro-batch.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .backbone import Backbone
@@ -38,7 +40,7 @@ from .training import SKIPS_WITHOUT_AN_EPOCH, skip_nonfinite
 from .trajectory import TrajectorySimulator
 from .wrapper import MemoryWrapper
 
-__all__ = ["MemDLMTrainingArguments", "MemDLMTrainer", "NonFiniteGuard", "ddp_forward"]
+__all__ = ["MemDLMTrainingArguments", "MemDLMTrainer", "NonFiniteGuard", "ddp_forward", "eval_shard"]
 
 # OuterConfig.lr_schedule -> the Trainer's lr_scheduler_type with the same warmup + decay.
 _LR_SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
@@ -142,6 +144,29 @@ def _supported_wrapper(model: nn.Module, unwrapped: nn.Module) -> bool:
     if type(model).__name__ == "DeepSpeedEngine":
         return getattr(model, "module", None) is unwrapped and model.zero_optimization_stage() < 3
     return False
+
+
+class _EveryNth(IterableDataset):
+    """The items ``start``, ``start + step``, ... of an iterable, read in its own order."""
+
+    def __init__(self, data: Iterable[Any], start: int, step: int) -> None:
+        self.data, self.start, self.step = data, start, step
+
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.islice(iter(self.data), self.start, None, self.step)
+
+
+def eval_shard(dataset: Any, rank: int, world_size: int) -> Dataset:
+    """Rank ``rank``'s examples of ``dataset``: indices ``rank, rank + world_size, ...``, each example on
+    exactly one rank and none repeated (the Trainer's eval loader repeats the first examples to give
+    every rank equally many batches, which would count them twice in a summed loss).
+
+    A dataset with ``__len__`` (a map-style Dataset, a list) is indexed; any other iterable is read
+    whole on every rank, each keeping its every ``world_size``-th item, so it must yield the same
+    examples in the same order on every rank (as accelerate's own sharding of iterables assumes)."""
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+        return _EveryNth(dataset, rank, world_size)
+    return Subset(dataset, range(rank, len(dataset), world_size))
 
 
 class NonFiniteGuard(TrainerCallback):
@@ -329,17 +354,23 @@ class MemDLMTrainer(Trainer):
     ) -> dict[str, float]:
         """MDLM loss on the eval data with memory off (``<prefix>_loss``) and, with
         ``args.eval_prompt_memory``, adapted on each prompt (``<prefix>_loss_prompt_memory``), as
-        ``MemoryWrapper.eval_loss`` measures them: each rank sums its shard's loss terms, the sums are
-        all-reduced, so the value is the loss of the whole eval set whatever the number of ranks."""
+        ``MemoryWrapper.eval_loss`` measures them: each rank sums the loss terms of its own examples
+        (:func:`eval_shard`), the sums are all-reduced, so the value is the loss of the whole eval set
+        whatever the number of ranks, the data size and the eval batch size."""
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(eval_dataset, str):  # the name of one of the eval sets, as the Trainer takes it
+            dataset = self.eval_dataset[eval_dataset]
+        if dataset is None:
+            raise ValueError("evaluate needs eval data: pass eval_dataset= to MemDLMTrainer or to evaluate()")
         if isinstance(dataset, dict):
             metrics: dict[str, float] = {}
             for name, part in dataset.items():
                 metrics.update(self.evaluate(part, ignore_keys, f"{metric_key_prefix}_{name}"))
             return metrics
-        loader = self.get_eval_dataloader(dataset)
         modes = {"loss": "off", "loss_prompt_memory": "prompt"} if self.args.eval_prompt_memory else {"loss": "off"}
-        terms = torch.stack([self.memdlm.eval_loss_terms(loader, memory=mode) for mode in modes.values()])
+        terms = torch.zeros(len(modes), 2, device=self.memdlm.device, dtype=torch.float64)
+        for batch in self._eval_shard_loader(dataset):
+            terms += torch.stack([self.memdlm.eval_loss_terms([batch], memory=mode) for mode in modes.values()])
         numerators, denominators = self.accelerator.reduce(terms, reduction="sum").T.tolist()
         if not any(denominators):
             raise ValueError("eval data has no maskable (response) token")
@@ -348,3 +379,12 @@ class MemDLMTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def _eval_shard_loader(self, dataset: Any) -> DataLoader:
+        """This rank's examples (:func:`eval_shard`) in batches of ``args.eval_batch_size``, collated as
+        the Trainer collates them; not passed through accelerate, which would shard and pad them again."""
+        shard = eval_shard(dataset, self.args.process_index, self.args.world_size)
+        workers = 0 if isinstance(shard, IterableDataset) else self.args.dataloader_num_workers  # no worker copies
+        collate = self._get_collator_with_removed_columns(self.data_collator, "evaluation")
+        return DataLoader(shard, batch_size=self.args.eval_batch_size, num_workers=workers,
+                          pin_memory=self.args.dataloader_pin_memory, collate_fn=collate)

@@ -104,6 +104,9 @@ class MemoryWrapper:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: Any = None
         self.skipped_batches = 0
+        # What the model was trained on, as its trainer describes it (the CLI records its data options);
+        # saved with every checkpoint, so evaluation can default to the same data.
+        self.trained_on: dict[str, Any] | None = None
         # Optimizer updates applied, the current run of skipped non-finite steps, and the last finite
         # step's (update, metrics): the non-finite guard of bilevel_dlm.training reads them.
         self.updates = 0
@@ -221,8 +224,8 @@ class MemoryWrapper:
 
     # ----- checkpoints ---------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, *, training_state: dict[str, Any] | None = None) -> Path:
-        """Write model (safetensors), tokenizer, config (YAML) and optimizer / scheduler / RNG state,
-        atomically (a cut-off save leaves the previous checkpoint intact)."""
+        """Write model (safetensors), tokenizer, config (YAML), optimizer / scheduler / RNG state and
+        ``trained_on``, atomically (a cut-off save leaves the previous checkpoint intact)."""
         self.check_savable()
 
         def write(tmp: Path) -> None:
@@ -235,6 +238,7 @@ class MemoryWrapper:
                 "generator_device": self.device.type,
                 "meta_parameters": [p.detach().cpu() for p in self.inner.meta_parameters()],
                 "skipped_batches": self.skipped_batches,
+                "trained_on": self.trained_on,
                 **(training_state or {}),
             }
             if self.optimizer is not None:
@@ -275,7 +279,9 @@ class MemoryWrapper:
             tokenizer = AutoTokenizer.from_pretrained(path / TOKENIZER_DIR)
         wrapper = cls(model, MemDLMConfig.from_yaml(path / CONFIG), backbone=meta["backbone"],
                       tokenizer=tokenizer, mask_token_id=meta["mask_token_id"], **kwargs)
-        wrapper._load_state(torch.load(path / TRAINING_STATE, weights_only=False))
+        state = torch.load(path / TRAINING_STATE, weights_only=False)
+        wrapper._load_state(state)
+        wrapper.trained_on = state.get("trained_on")  # not restored on resume: the caller describes its data
         return wrapper
 
     def _load_state(self, state: dict[str, Any]) -> None:

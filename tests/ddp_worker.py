@@ -7,8 +7,9 @@ Every rank trains its copy of the same tiny LLaDA for one step on its shard of t
 (``global_examples``) and writes ``OUT_DIR/find_unused_<flag>_rank<r>.pt``: the micro-batch it got, its
 adapted memory, the module type compute_loss ran under, the parameters DDP reduces, and theta's
 gradient just before the optimizer step (after DDP's all-reduce; no clipping), and the evaluation of the
-fresh model on the global examples (each rank scoring its shard). It does so twice, with
-``find_unused_parameters`` True and False, the two ways DDP prepares its reducer after a forward.
+fresh model (each rank scoring its shard) on the global examples and on eval sets of ``EVAL_SIZES``
+examples, which do not divide into the ranks' batches. It does so twice, with ``find_unused_parameters``
+True and False, the two ways DDP prepares its reducer after a forward.
 """
 
 import sys
@@ -22,6 +23,7 @@ from bilevel_dlm.integrations.llada import LLaDAModelLM, tiny_config
 from bilevel_dlm.trainer import MemDLMTrainer, MemDLMTrainingArguments
 
 PER_RANK = 2
+EVAL_SIZES = (3, 5, 7)  # with 2 ranks and eval batch 2, accelerate's even_batches would repeat examples
 
 
 def recipe() -> MemDLMConfig:
@@ -44,6 +46,24 @@ def global_examples() -> list[dict[str, torch.Tensor]]:
         labels[:prompt] = -100
         examples.append({"input_ids": ids, "labels": labels})
     return examples
+
+
+def eval_examples(count: int) -> list[dict[str, torch.Tensor]]:
+    """``count`` sequences of 9 to 15 tokens with prompts of 1 to 6 tokens: batches get padding, and
+    examples differ in their number of maskable tokens, so a repeated example would change the loss."""
+    generator = torch.Generator().manual_seed(100 + count)
+    examples = []
+    for index in range(count):
+        ids = torch.randint(2, 127, (9 + index % 7,), generator=generator)
+        labels = ids.clone()
+        labels[: 1 + index % 6] = -100
+        examples.append({"input_ids": ids, "labels": labels})
+    return examples
+
+
+def evaluation_sets() -> dict[str, list[dict[str, torch.Tensor]]]:
+    """The eval sets by name: ``global`` (the four training examples) and ``n<count>`` for EVAL_SIZES."""
+    return {"global": global_examples(), **{f"n{count}": eval_examples(count) for count in EVAL_SIZES}}
 
 
 class _Probe(MemDLMTrainer):
@@ -77,7 +97,7 @@ def main(out_dir: Path) -> None:
             disable_tqdm=True, per_device_eval_batch_size=PER_RANK,
         )
         trainer = _Probe(tiny_model(), args, train_dataset=global_examples(), callbacks=[probe])
-        evaluation = trainer.evaluate(eval_dataset=global_examples())  # before training: the fresh model
+        evaluation = trainer.evaluate(eval_dataset=evaluation_sets())  # before training: the fresh model
         trainer.train()
         record = {**trainer.record, "gradients": probe.gradients, "evaluation": evaluation}
         torch.save(record, out_dir / f"find_unused_{find_unused}_rank{args.process_index}.pt")

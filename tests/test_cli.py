@@ -18,6 +18,7 @@ from bilevel_dlm.cli import main
 from bilevel_dlm.cli.generation import decode
 from bilevel_dlm.integrations import tiny_model
 from bilevel_dlm.integrations.llada import LLaDAModelLM
+from bilevel_dlm.rng import content_keys, keyed_uniform
 from bilevel_dlm.tasks import build_tokenizer, encode_example, exact_match, make_dataset
 
 SYNTHETIC = ["--synthetic", "--tasks", "babi", "--context-lengths", "64", "--examples-per-task", "4",
@@ -80,17 +81,59 @@ def test_train_writes_a_checkpoint_that_loads_with_a_trained_tiny_model(tmp_path
     assert any(not torch.equal(initial[k], trained_state[k]) for k in initial), "3 steps at lr 1e-3 moved no weight"
 
 
+def library_losses(checkpoint: Path, task: str, count: int, length: int, seed: int) -> tuple[float, float]:
+    """The eval losses (memory off, prompt memory) of the suite's rows, encoded to 80 tokens, by the library."""
+    wrapper = MemoryWrapper.from_pretrained(checkpoint)
+    rows = [encode_example(wrapper.tokenizer, e.prompt, e.answer, 80) for e in make_dataset(task, count, length, seed)]
+    return wrapper.eval_loss(rows, memory="off", batch_size=2), wrapper.eval_loss(rows, memory="prompt", batch_size=2)
+
+
 def test_eval_prints_both_losses_equal_to_the_library_values(trained, capsys):
     checkpoint = trained
     code, out, err = run(capsys, "eval", "--checkpoint", str(checkpoint), *SYNTHETIC, "--batch-size", "2")
     assert code == 0, err
     (off,), (prompt,) = numbers_after("memory off:", out), numbers_after("prompt memory:", out)
+    expected_off, expected_prompt = library_losses(checkpoint, "babi", 4, 64, seed=1)
+    assert off == pytest.approx(expected_off, abs=6e-5)
+    assert prompt == pytest.approx(expected_prompt, abs=6e-5)
 
-    wrapper = MemoryWrapper.from_pretrained(checkpoint)
-    tokenizer = wrapper.tokenizer
-    rows = [encode_example(tokenizer, e.prompt, e.answer, 80) for e in make_dataset("babi", 4, 64, seed=1)]
-    assert off == pytest.approx(wrapper.eval_loss(rows, memory="off", batch_size=2), abs=6e-5)
-    assert prompt == pytest.approx(wrapper.eval_loss(rows, memory="prompt", batch_size=2), abs=6e-5)
+
+def test_eval_synthetic_scores_the_runs_own_suite_and_says_so(trained, capsys):
+    """eval --synthetic once scored all four tasks at 128 tokens whatever the run was trained on, silently."""
+    assert MemoryWrapper.from_pretrained(trained).trained_on == {
+        "source": "synthetic", "tasks": ["babi"], "context_lengths": [64], "examples_per_task": 4, "data_seed": 0,
+        "max_length": 80}
+    code, out, err = run(capsys, "eval", "--checkpoint", str(trained), "--synthetic", "--batch-size", "2")
+    assert code == 0, err
+    assert ("scored: synthetic tasks babi, context lengths 64, 4 examples per task, data seed 1, "
+            "4 rows of up to 80 tokens\n  (options not given are the run's training suite (data seed 0 + 1: "
+            "held out))") in out
+    (off,), (prompt,) = numbers_after("memory off:", out), numbers_after("prompt memory:", out)
+    expected_off, expected_prompt = library_losses(trained, "babi", 4, 64, seed=1)
+    assert off == pytest.approx(expected_off, abs=6e-5) and prompt == pytest.approx(expected_prompt, abs=6e-5)
+
+    code, out, err = run(capsys, "eval", "--checkpoint", str(trained), "--synthetic", "--context-lengths", "56",
+                         "--examples-per-task", "2", "--data-seed", "7", "--batch-size", "2")
+    assert code == 0, err
+    assert "scored: synthetic tasks babi, context lengths 56, 2 examples per task, data seed 7, 2 rows of up to 80" in out
+    (off,), (prompt,) = numbers_after("memory off:", out), numbers_after("prompt memory:", out)
+    expected_off, expected_prompt = library_losses(trained, "babi", 2, 56, seed=7)
+    assert off == pytest.approx(expected_off, abs=6e-5) and prompt == pytest.approx(expected_prompt, abs=6e-5)
+
+
+def test_eval_of_one_short_record_reports_a_positive_loss(trained, tmp_path, capsys):
+    """Its one anchor draw masks no token (t below the answer token's draw): the loss once printed 0.0000."""
+    record = {"input_ids": [2, 48, 43, 48], "labels": [-100, -100, -100, 48]}
+    keys = content_keys(torch.tensor([record["input_ids"]]), torch.ones(1, 4))
+    t = keyed_uniform(1234, keys, torch.full((1, 1), -1))[0, 0]  # eval_loss's default seed, linear schedule
+    assert keyed_uniform(1234, keys, torch.arange(4)[None])[0, 3] > t, "the record no longer tests an empty draw"
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    code, out, err = run(capsys, "eval", "--checkpoint", str(trained), "--data", str(path))
+    assert code == 0, err
+    assert f"scored: {path}, 1 row of up to 4 tokens" in out
+    (off,), (prompt,) = numbers_after("memory off:", out), numbers_after("prompt memory:", out)
+    assert 0 < off < math.inf and 0 < prompt < math.inf
 
 
 @pytest.mark.parametrize("command, options", [
@@ -225,6 +268,7 @@ def test_resume_from_a_periodic_checkpoint_reproduces_the_uninterrupted_run(tmp_
     assert code == 0, err
     middle = tmp_path / "full-checkpoints" / "checkpoint-2"
     assert (tmp_path / "full-checkpoints" / "checkpoint-4").exists() and middle.exists()
+    assert MemoryWrapper.from_pretrained(middle).trained_on["tasks"] == ["babi"], "periodic checkpoints record the data"
     resumed = tmp_path / "resumed"
     code, _, err = run(capsys, "train", *SYNTHETIC, *FAST, "--steps", "4", "--resume", str(middle),
                        "--output", str(resumed))

@@ -107,13 +107,18 @@ def test_ddp_gradient_equals_the_global_batch_gradient_and_memory_stays_per_rank
 
 
 def test_ddp_evaluation_equals_one_process_on_the_whole_eval_set(ranks):
-    """Each rank sums its shard's loss terms; the all-reduced ratio is the loss of the whole set."""
-    from ddp_worker import global_examples
+    """Each rank sums the loss terms of its own examples; the all-reduced ratio is the loss of the whole set,
+    also for 3, 5 and 7 examples on 2 ranks with eval batch 2 (no example repeated to even out batches)."""
+    from ddp_worker import EVAL_SIZES, evaluation_sets
 
     wrapper = MemoryWrapper(tiny_model(), recipe())
-    expected = {"eval_loss": wrapper.eval_loss(global_examples(), memory="off"),
-                "eval_loss_prompt_memory": wrapper.eval_loss(global_examples(), memory="prompt")}
+    names = {"loss": "off", "loss_prompt_memory": "prompt"}
+    sets = evaluation_sets()
+    assert set(sets) == {"global", *(f"n{count}" for count in EVAL_SIZES)}
     for rank in (0, 1):
         evaluation = torch.load(ranks / f"find_unused_True_rank{rank}.pt")["evaluation"]
-        for name, value in expected.items():
-            assert evaluation[name] == pytest.approx(value, rel=1e-5), (rank, name)
+        for set_name, examples in sets.items():
+            for name, memory in names.items():
+                key = f"eval_{set_name}_{name}"
+                expected = wrapper.eval_loss(examples, memory=memory, batch_size=1)
+                assert evaluation[key] == pytest.approx(expected, rel=0, abs=1e-6), (rank, key)

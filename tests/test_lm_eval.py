@@ -1,16 +1,21 @@
-"""bilevel_dlm as an lm-eval model: generation equals task_accuracy prediction by prediction, the
-Monte Carlo log-likelihood equals an independent estimate, prompt memory never sees the continuation,
-batches equal their requests alone, and the offline task files run through lm_eval."""
+"""bilevel_dlm as an lm-eval model: generation equals task_accuracy prediction by prediction, prompt memory
+never sees the continuation and is adapted once per distinct context, batches (also of mixed generation
+settings) equal their requests alone, any max_gen_toks runs with any block length, over-length inputs are
+left-truncated with no forward past max_length, and the offline task files run through lm_eval.
+(The scores' parity with lm-eval, LLaDA and dllm is tests/test_lm_eval_parity.py.)"""
 
 from __future__ import annotations
 
 import statistics
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
-import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'bilevel_dlm[eval]')")
 
@@ -20,7 +25,10 @@ from bilevel_dlm import MemDLMConfig, MemoryConfig, MemoryWrapper, OuterConfig  
 from bilevel_dlm.evaluation import task_accuracy  # noqa: E402
 from bilevel_dlm.integrations import tiny_model  # noqa: E402
 from bilevel_dlm.lm_eval import TASKS_DIR, BilevelDLM, task_manager  # noqa: E402
+from bilevel_dlm.lm_eval.generation import answer_tokens, decoding_run, stop_token_ids  # noqa: E402
+from bilevel_dlm.lm_eval.protocols import fit_to_length  # noqa: E402
 from bilevel_dlm.lm_eval.tasks.loaders import load_task, write_task_files  # noqa: E402
+from bilevel_dlm.sampling import LLaDASampler  # noqa: E402
 from bilevel_dlm.tasks import build_tokenizer, encode_example, make_dataset  # noqa: E402
 
 TASK, LENGTH, N = "babi", 256, 6
@@ -57,55 +65,75 @@ def test_simple_evaluate_equals_task_accuracy_prediction_by_prediction(wrapper, 
     assert results["results"][f"bilevel_dlm_{TASK}_{LENGTH}"]["exact_match,none"] == pytest.approx(accuracy)
 
 
-def _independent_estimate(wrapper: MemoryWrapper, context: list[int], continuation: list[int],
-                          masks: torch.Tensor) -> float:
-    """-(1 / D) sum_d (T / k_d) sum_masked CE, from the model's own full logits, one draw at a time."""
-    sequence = torch.tensor(context + continuation)
-    total = 0.0
-    for mask in masks:
-        full = torch.zeros_like(sequence, dtype=torch.bool)
-        full[len(context):] = mask
-        with torch.no_grad():
-            logits = wrapper.model.eval()(torch.where(full, wrapper.mask_token_id, sequence)[None]).logits[0]
-        ce = F.cross_entropy(logits[full], sequence[full], reduction="sum")
-        total += float(ce) * len(continuation) / int(mask.sum())
-    return -total / len(masks)
-
-
-def test_loglikelihood_equals_an_independent_monte_carlo_estimate_with_the_same_masks(wrapper) -> None:
-    lm = BilevelDLM(wrapper=wrapper, mc_num=12, batch_size=5)
-    tokenizer = wrapper.tokenizer
-    context, continuation = "mary went to the kitchen . where is mary ? answer :", " kitchen"
-    value, greedy = lm.loglikelihood([request("loglikelihood", context, continuation)])[0]
-    context_ids = tokenizer(context)["input_ids"]
-    continuation_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
-    masks = lm.draws(len(continuation_ids))
-    assert masks.shape == (12, len(continuation_ids)) and bool(masks.any(1).all())
-    assert value == pytest.approx(_independent_estimate(wrapper, context_ids, continuation_ids, masks), abs=1e-5)
-    assert isinstance(greedy, bool)
+def loglikelihood(lm: BilevelDLM, context: str, continuation: str) -> float:
+    return lm.loglikelihood([request("loglikelihood", context, continuation)])[0][0]
 
 
 def test_the_estimate_varies_less_with_more_draws(wrapper) -> None:
     context, continuation = "john moved to the garden . where is john ? answer :", " garden garden office"
     spreads = []
     for draws in (2, 16):
-        values = [BilevelDLM(wrapper=wrapper, mc_num=draws, seed=seed, batch_size=16).score(context, continuation)[0]
-                  for seed in range(8)]
+        values = [loglikelihood(BilevelDLM(wrapper=wrapper, mc_num=draws, seed=seed, batch_size=draws), context,
+                                continuation) for seed in range(8)]
         spreads.append(statistics.pvariance(values))
     assert spreads[1] < spreads[0]
 
 
 def test_prompt_memory_never_sees_the_scored_continuation(wrapper) -> None:
-    lm = BilevelDLM(wrapper=wrapper, memory="prompt", mc_num=4)
+    lm = BilevelDLM(wrapper=wrapper, memory="prompt", mc_num=4, batch_size=4)
     context = "sandra journeyed to the hallway . where is sandra ? answer :"
     states = []
     for continuation in (" hallway", " bedroom bathroom"):
-        lm.score(context, continuation)
+        loglikelihood(lm, context, continuation)
         states.append(lm.last_memory.state())
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
-    off = BilevelDLM(wrapper=wrapper, memory="off", mc_num=4).score(context, " hallway")[0]
-    assert lm.score(context, " hallway")[0] != off, "the memory must change the score"
+    off = loglikelihood(BilevelDLM(wrapper=wrapper, memory="off", mc_num=4, batch_size=4), context, " hallway")
+    assert loglikelihood(lm, context, " hallway") != off, "the memory must change the score"
+
+
+def test_memory_is_adapted_once_per_distinct_context_with_the_same_scores(wrapper) -> None:
+    first, second = ("mary went to the kitchen . where is mary ? answer :",
+                     "john went to the garden . where is john ? answer :")
+    pairs = [(first, " kitchen"), (second, " garden"), (first, " garden"), (first, " office"), (second, " kitchen")]
+    lm = BilevelDLM(wrapper=wrapper, memory="prompt", mc_num=4, batch_size=4, is_check_greedy=True)
+    together = lm.loglikelihood([request("loglikelihood", *pair) for pair in pairs])
+    assert lm.adaptations == 2
+    for pair, result in zip(pairs, together):
+        alone = BilevelDLM(wrapper=wrapper, memory="prompt", mc_num=4, batch_size=4, is_check_greedy=True)
+        assert alone.loglikelihood([request("loglikelihood", *pair)]) == [result] and alone.adaptations == 1
+
+
+@contextmanager
+def forward_widths(model) -> Iterator[list[int]]:
+    """The sequence length of every forward of ``model`` while inside."""
+    widths: list[int] = []
+
+    def record(module, args, kwargs):
+        widths.append((args[0] if args else kwargs["input_ids"]).shape[1])
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        yield widths
+    finally:
+        handle.remove()
+
+
+def test_a_batch_mixing_two_tasks_settings_equals_each_request_alone(wrapper) -> None:
+    """Requests of two tasks in one call: each batch decodes with its own requests' settings (canvases of
+    prompt + 8 and prompt + 24 tokens), and every answer equals the request generated alone."""
+    short, long = {"until": ["question"], "max_gen_toks": 8}, {"until": ["."], "max_gen_toks": 24}
+    names = ["mary", "john", "sandra", "daniel"]
+    requests = [request("generate_until", f"{name} went to the office . where is {name} ? answer :", setting)
+                for name, setting in zip(names, [short, long, short, long])]
+    prompt = len(wrapper.tokenizer(requests[0].args[0])["input_ids"])
+    assert {len(wrapper.tokenizer(r.args[0])["input_ids"]) for r in requests} == {prompt}
+    with forward_widths(wrapper.model) as widths:
+        together = BilevelDLM(wrapper=wrapper, memory="prompt", batch_size=4).generate_until(requests)
+    assert set(widths) - {prompt} == {prompt + 8, prompt + 24}  # (the adaptation runs on the prompt)
+    alone = [BilevelDLM(wrapper=wrapper, memory="prompt", batch_size=1).generate_until([r])[0] for r in requests]
+    assert together == alone
+    assert all(len(wrapper.tokenizer(text, add_special_tokens=False)["input_ids"]) <= 8 for text in together[::2])
 
 
 def test_generate_until_with_prompt_memory_on_a_batch_equals_each_request_alone(wrapper) -> None:
@@ -118,10 +146,67 @@ def test_generate_until_with_prompt_memory_on_a_batch_equals_each_request_alone(
     assert all("question" not in text for text in together)
 
 
-def test_loglikelihood_rolling_is_a_finite_negative_log_likelihood(wrapper) -> None:
-    lm = BilevelDLM(wrapper=wrapper, mc_num=4)
-    (value,) = lm.loglikelihood_rolling([request("loglikelihood_rolling", "mary went to the office . mary is here")])
-    assert value < 0 and value == value
+def test_any_max_gen_toks_runs_with_any_block_length_and_is_cut_to_it(wrapper) -> None:
+    """The paper-protocol settings (steps 256, blocks of 32) on a task asking 30 tokens: 32 are generated
+    in 32 steps (the same tokens as 256 steps, which only add steps that reveal nothing) and cut to 30."""
+    tokenizer = wrapper.tokenizer
+    context = "mary went to the office . john went to the garden . where is john ? answer :"
+    lm = BilevelDLM(wrapper=wrapper, steps=256, block_length=32)
+    (text,) = lm.generate_until([request("generate_until", context, {"until": [], "max_gen_toks": 30})])
+    ids = torch.tensor([tokenizer(context)["input_ids"]])
+    planned = wrapper.generate(ids, max_new_tokens=32, adapt=False, seed=1234, steps=32, block_length=32)
+    assert torch.equal(planned, wrapper.generate(ids, max_new_tokens=32, adapt=False, seed=1234, steps=256,
+                                                 block_length=32))
+    tokens = answer_tokens(planned[0, ids.shape[1]:].tolist(), 30, lm.stops)
+    assert text == tokenizer.decode(tokens, skip_special_tokens=True) and len(tokens) <= 30
+
+
+@given(st.integers(1, 300), st.integers(1, 64), st.one_of(st.none(), st.integers(1, 1024)))
+@settings(max_examples=300, deadline=None)
+def test_a_decoding_run_covers_the_wanted_tokens_in_whole_blocks(wanted, block_length, steps) -> None:
+    length, sampler = decoding_run(LLaDASampler(steps=steps, block_length=block_length), wanted)
+    blocks = length // block_length
+    assert length % block_length == 0 and wanted <= length < wanted + block_length
+    if steps is None:
+        assert sampler.steps is None
+    else:
+        assert sampler.steps % blocks == 0 and blocks <= sampler.steps <= max(length, blocks)
+        assert sampler.steps == steps or steps > length or steps % blocks
+    assert sampler.block_length == block_length
+
+
+def test_answers_end_at_the_first_stop_token_of_the_tokenizer_or_the_generation_config(wrapper) -> None:
+    tokenizer = wrapper.tokenizer
+    model = type("Model", (), {"generation_config": type("Config", (), {"eos_token_id": [7, 9]})()})()
+    stops = stop_token_ids(tokenizer, model)
+    assert stops == {tokenizer.eos_token_id, 7, 9}
+    assert answer_tokens([3, 4, 9, 5, tokenizer.eos_token_id], None, stops) == [3, 4]
+    assert answer_tokens([3, 4, 5, 6], 3, stops) == [3, 4, 5]
+
+
+@pytest.mark.parametrize("memory", ["off", "prompt"])
+def test_over_length_inputs_are_left_truncated_and_no_forward_runs_past_max_length(wrapper, memory, caplog) -> None:
+    tokenizer = wrapper.tokenizer
+    context = " ".join(f"{name} went to the {room} ." for name, room in
+                       [("mary", "kitchen"), ("john", "garden"), ("sandra", "office"), ("daniel", "hallway")] * 3)
+    context += " where is mary ? answer :"
+    ids = tokenizer(context)["input_ids"]
+    assert len(ids) > 64
+    lm = BilevelDLM(wrapper=wrapper, memory=memory, max_length=64, mc_num=4, batch_size=4)
+    with forward_widths(wrapper.model) as widths, caplog.at_level("WARNING"):
+        (text,) = lm.generate_until([request("generate_until", context, {"until": [], "max_gen_toks": 8})])
+        (value, _), = lm.loglikelihood([request("loglikelihood", context, " kitchen")])
+    assert max(widths) <= 64 and "left-truncated" in caplog.text
+    kept = torch.tensor([ids[-(64 - 8):]])
+    expected = wrapper.generate(kept, max_new_tokens=8, adapt=memory == "prompt", seed=1234)
+    assert text == tokenizer.decode(answer_tokens(expected[0, kept.shape[1]:].tolist(), 8, lm.stops),
+                                    skip_special_tokens=True)
+    context_ids, target = lm._encode_pair(context, " kitchen")
+    context_ids, target, _ = fit_to_length(context_ids, target, 64)
+    assert len(context_ids) + len(target) == 64
+    assert value == lm.score_tokens(context_ids, target, lm.adapted_memory(context_ids))[0]
+    with pytest.raises(ValueError, match="leaves no room for a context"):
+        lm.generate_until([request("generate_until", context, {"until": [], "max_gen_toks": 64})])
 
 
 def test_model_args_are_parsed_as_lm_eval_passes_them(wrapper, tmp_path) -> None:

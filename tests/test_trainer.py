@@ -15,7 +15,7 @@ from bilevel_dlm.data import pad_collate
 from bilevel_dlm import InnerConfig, MemDLMConfig, MemoryConfig, MemoryWrapper, OuterConfig, OuterLoRAConfig
 from bilevel_dlm.integrations.llada import LLaDAModelLM, tiny_config
 from bilevel_dlm.peft_utils import apply_outer_lora, base_model_of, is_peft_model
-from bilevel_dlm.trainer import MemDLMTrainer, MemDLMTrainingArguments
+from bilevel_dlm.trainer import MemDLMTrainer, MemDLMTrainingArguments, eval_shard
 
 MASK = 127
 
@@ -189,6 +189,42 @@ def test_evaluate_reports_memory_off_and_prompt_memory_losses(tmp_path):
     assert metrics["eval_loss"] != metrics["eval_loss_prompt_memory"]
     by_name = trainer.evaluate({"a": held_out[:2], "b": held_out[2:]})
     assert set(by_name) >= {"eval_a_loss", "eval_b_loss", "eval_a_loss_prompt_memory"}
+    trainer.eval_dataset = {"a": held_out[:2], "b": held_out[2:]}
+    named = trainer.evaluate("b", metric_key_prefix="eval_b")  # a set named as the Trainer names them
+    assert named["eval_b_loss"] == by_name["eval_b_loss"]
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """An iterable dataset without a length: the examples of a list, read in order."""
+
+    def __init__(self, items: list) -> None:
+        self.items = items
+
+    def __iter__(self):
+        return iter(self.items)
+
+
+@pytest.mark.parametrize("size", [1, 3, 4, 5, 7])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_eval_shards_hold_every_example_once(size, world):
+    """Rank r holds indices r, r + world, ... (none repeated, as accelerate's even batches would), for
+    lists, map-style datasets and iterable datasets alike."""
+    items = list(range(size))
+    expected = [items[rank::world] for rank in range(world)]
+    assert [list(eval_shard(items, rank, world)) for rank in range(world)] == expected
+    assert [list(eval_shard(Stream(items), rank, world)) for rank in range(world)] == expected
+    tensors = torch.utils.data.TensorDataset(torch.tensor(items))
+    assert [[int(x) for (x,) in eval_shard(tensors, rank, world)] for rank in range(world)] == expected
+
+
+def test_evaluate_on_an_iterable_dataset_equals_the_list(tmp_path):
+    held_out = examples(5, seed=1)
+    model = tiny_llada()
+    trainer = MemDLMTrainer(model, arguments(tmp_path, recipe(), 1))
+    from_list, from_stream = trainer.evaluate(held_out), trainer.evaluate(Stream(held_out))
+    independent = MemoryWrapper(model, recipe())
+    assert from_stream["eval_loss"] == pytest.approx(independent.eval_loss(held_out, "off", batch_size=1), abs=1e-6)
+    assert from_stream == pytest.approx(from_list, abs=1e-6)
 
 
 # ----- outer LoRA through PEFT -----------------------------------------------------------------

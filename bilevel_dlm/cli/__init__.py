@@ -17,11 +17,14 @@ import importlib
 import sys
 from typing import Any
 
-__all__ = ["main", "build_parser", "CLIError", "TASK_NAMES", "FAMILY_NAMES"]
+__all__ = ["main", "build_parser", "CLIError", "TASK_NAMES", "FAMILY_NAMES", "DEFAULT_CONTEXT_LENGTHS",
+           "DEFAULT_EXAMPLES_PER_TASK", "DEFAULT_EVAL_DATA_SEED"]
 
 # The choices of --tasks and --tiny (checked against bilevel_dlm.tasks.TASKS and
 # bilevel_dlm.integrations.TINY_FAMILIES by the tests), spelled out so parsing imports nothing heavy.
 TASK_NAMES = ("mv", "vt", "cwe", "babi")
+# The synthetic suite's defaults; eval uses the run's recorded suite instead where it has one.
+DEFAULT_CONTEXT_LENGTHS, DEFAULT_EXAMPLES_PER_TASK, DEFAULT_EVAL_DATA_SEED = (128,), 16, 1
 FAMILY_NAMES = ("llada", "dream", "llada_moe", "mdlm", "llada2")
 
 DESCRIPTION = "bilevel-dlm: bilevel (MemDLM) training, evaluation and generation for masked diffusion LMs."
@@ -73,25 +76,35 @@ def _add_generation_arguments(parser: argparse.ArgumentParser, note: str = "") -
     group.add_argument("--seed", type=int, help="seed of the sampler and the prompt memory (default: the config seed)")
 
 
-def _add_data_arguments(parser: argparse.ArgumentParser, default_data_seed: int) -> None:
+def _add_data_arguments(parser: argparse.ArgumentParser, *, from_run: bool) -> None:
+    """--data / --synthetic and the suite's options. With ``from_run`` (eval) the suite's options default
+    to None, filled in from the checkpoint's recorded training suite (``bilevel_dlm.cli.evaluate``)."""
     source = parser.add_argument_group("data (one of --data / --synthetic)").add_mutually_exclusive_group(required=True)
     source.add_argument("--data", metavar="PATH", help='JSONL file; each line {"input_ids": [...], "labels": [...]} '
                         '(labels -100 on the prompt; optional "attention_mask") or {"prompt": str, "answer": str} '
                         "(encoded with the tokenizer)")
     source.add_argument("--synthetic", action="store_true", help="the built-in offline long-context task suite")
-    synthetic = parser.add_argument_group("synthetic suite")
-    synthetic.add_argument("--tasks", nargs="+", choices=TASK_NAMES, default=list(TASK_NAMES), metavar="TASK",
-                           help=f"tasks to draw from: {' '.join(TASK_NAMES)} (default: all)")
-    synthetic.add_argument("--context-lengths", nargs="+", type=_positive_int, default=[128], metavar="N",
-                           help="context lengths in tokens (default: 128; mv and vt need >= 72)")
-    synthetic.add_argument("--examples-per-task", type=_positive_int, default=16, metavar="N",
-                           help="examples per task, spread over the context lengths (default: 16)")
-    synthetic.add_argument("--data-seed", type=int, default=default_data_seed, metavar="SEED",
-                           help=f"seed of the synthetic examples (default: {default_data_seed}; train uses 0 "
-                                "and eval 1, so eval examples are held out)")
+    synthetic = parser.add_argument_group(
+        "synthetic suite" + (" (each option defaults to the run's recorded training suite, else to the "
+                             "value named)" if from_run else ""))
+    lengths = " ".join(map(str, DEFAULT_CONTEXT_LENGTHS))
+    synthetic.add_argument("--tasks", nargs="+", choices=TASK_NAMES, default=None if from_run else list(TASK_NAMES),
+                           metavar="TASK", help=f"tasks to draw from: {' '.join(TASK_NAMES)} (default: all)")
+    synthetic.add_argument("--context-lengths", nargs="+", type=_positive_int, metavar="N",
+                           default=None if from_run else list(DEFAULT_CONTEXT_LENGTHS),
+                           help=f"context lengths in tokens (default: {lengths}; mv and vt need >= 72)")
+    synthetic.add_argument("--examples-per-task", type=_positive_int, metavar="N",
+                           default=None if from_run else DEFAULT_EXAMPLES_PER_TASK,
+                           help="examples per task, spread over the context lengths "
+                                f"(default: {DEFAULT_EXAMPLES_PER_TASK})")
+    synthetic.add_argument("--data-seed", type=int, default=None if from_run else 0, metavar="SEED",
+                           help="seed of the synthetic examples " + (
+                               f"(default: the run's data seed + 1, held-out examples, else {DEFAULT_EVAL_DATA_SEED})"
+                               if from_run else "(default: 0; eval uses the run's seed + 1, held-out examples)"))
+    recorded = "with --synthetic the run's --max-length if it gave one, else " if from_run else ""
     parser.add_argument("--max-length", type=_positive_int, metavar="N",
-                        help="row length of encoded prompt/answer records: answer + EOS padding "
-                             "(default: the longest example)")
+                        help=f"row length of encoded prompt/answer records: answer + EOS padding (default: {recorded}"
+                             "the longest example)")
 
 
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Bilevel training of a masked diffusion LM with parametric memory.")
     train.add_argument("--config", metavar="YAML", help="MemDLMConfig YAML (default: the saved config of "
                        "--model/--resume checkpoints, else the MemDLM preset)")
-    _add_data_arguments(train, default_data_seed=0)
+    _add_data_arguments(train, from_run=False)
     model = train.add_argument_group("model (default: --tiny llada)").add_mutually_exclusive_group()
     model.add_argument("--model", metavar="PATH", help="save_pretrained folder of a built-in backbone (its "
                        "tokenizer, if saved there, encodes text data) or a bilevel_dlm checkpoint folder")
@@ -136,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    description="MDLM loss on the response with memory off and with memory "
                                                "adapted on each prompt; optionally exact-match accuracy.")
     evaluate.add_argument("--checkpoint", required=True, metavar="DIR", help="a bilevel_dlm checkpoint folder")
-    _add_data_arguments(evaluate, default_data_seed=1)
+    _add_data_arguments(evaluate, from_run=True)
     evaluate.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
                           help="rows per batch (default: 8)")
     evaluate.add_argument("--accuracy", action="store_true",

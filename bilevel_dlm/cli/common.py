@@ -24,8 +24,9 @@ from ..tasks.tokenizer import IGNORE_INDEX
 from ..wrapper import MemoryWrapper
 from . import CLIError
 
-__all__ = ["Data", "Rows", "Source", "reported", "existing", "read_jsonl", "load_data", "check_vocabulary",
-           "load_model_folder", "wrap", "load_checkpoint", "resolve_device", "effective_config", "progress_bars"]
+__all__ = ["Data", "Rows", "Source", "reported", "existing", "read_jsonl", "load_data", "data_record",
+           "check_vocabulary", "load_model_folder", "wrap", "load_checkpoint", "resolve_device", "effective_config",
+           "progress_bars"]
 
 
 @contextmanager
@@ -145,6 +146,16 @@ def load_data(args: argparse.Namespace, tokenizer: Any, tokenizer_source: str) -
     if not any(_supervised(row).any() for row in rows):
         raise CLIError("no record has a supervised token (every label is -100): nothing to train on or score")
     return Data(rows, [(row, answer) for row, (_, answer) in zip(encoded, pairs)])
+
+
+def data_record(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``train`` records of its data in the checkpoint (``MemoryWrapper.trained_on``): the synthetic
+    suite's options, which ``eval --synthetic`` defaults to, or the JSONL file."""
+    if args.synthetic:
+        return {"source": "synthetic", "tasks": list(args.tasks), "context_lengths": list(args.context_lengths),
+                "examples_per_task": args.examples_per_task, "data_seed": args.data_seed,
+                "max_length": args.max_length}
+    return {"source": "jsonl", "path": str(Path(args.data).resolve())}
 
 
 def _supervised(row: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -24,8 +24,8 @@ from ..tasks import build_tokenizer
 from ..training import History, TrainingDiverged
 from ..wrapper import MemoryWrapper
 from . import CLIError
-from .common import (Data, Rows, Source, check_vocabulary, effective_config, existing, load_data, load_model_folder,
-                     progress_bars, reported, resolve_device, wrap)
+from .common import (Data, Rows, Source, check_vocabulary, data_record, effective_config, existing, load_data,
+                     load_model_folder, progress_bars, reported, resolve_device, wrap)
 
 __all__ = ["run"]
 
@@ -138,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
             source = Source(tiny_model(args.tiny or "llada", tokenizer, max_length=longest), tokenizer)
         check_vocabulary(data.rows + (evaluation.rows if evaluation else []), source.model)
         wrapper = wrap(source.model, config, device, tokenizer=tokenizer, backbone=args.backbone, saved=source.saved)
+        wrapper.trained_on = data_record(args)  # saved with every checkpoint: eval --synthetic defaults to it
 
         started = time.perf_counter()
         try:

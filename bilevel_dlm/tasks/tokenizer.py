@@ -1,17 +1,17 @@
-"""A small word-level tokenizer for the synthetic suite, built locally (nothing is downloaded), and the
-encoding of one (prompt, answer) pair into a supervised training row."""
+"""Small tokenizers built locally (nothing is downloaded): a word-level one for the synthetic suite and a
+byte-level BPE for any text; and the encoding of one (prompt, answer) pair into a supervised training row."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from .vocab import TOKEN_REGEX, split_tokens, vocabulary
 
-__all__ = ["SPECIAL_TOKENS", "build_tokenizer", "encode_example", "IGNORE_INDEX"]
+__all__ = ["SPECIAL_TOKENS", "build_tokenizer", "build_byte_level_tokenizer", "encode_example", "IGNORE_INDEX"]
 
 # Fixed order: these take ids 0..4 in every tokenizer built here.
 SPECIAL_TOKENS = {
@@ -53,6 +53,20 @@ def build_tokenizer(vocabulary_words: Sequence[str] | None = None) -> PreTrained
         single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])]
     )
     return PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS)
+
+
+def build_byte_level_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (the GPT-2 / Qwen scheme: any string encodes, a space belongs to the next word's token,
+    " Paris" -> "ĠParis") trained on ``corpus``; special tokens ``<pad>`` (0), ``<eos>`` (1), ``<mask>`` (2)
+    and no BOS, like Dream's and Qwen's tokenizers."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    specials = {"pad_token": "<pad>", "eos_token": "<eos>", "mask_token": "<mask>"}
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials.values()), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
 
 
 def encode_example(

@@ -27,6 +27,7 @@ class DreamBackbone(Backbone):
     protected_prefix = 1
     hidden_lookback = 1
     default_sampler = "dream"
+    likelihood_protocol = "dream"
 
     def output_head(self, model: nn.Module) -> nn.Module:
         return model.lm_head
