@@ -13,7 +13,10 @@
    prefix cache (refreshed every 8 steps, and never) and in blocks of 32 (uncached, prefix and dual cache
    refreshed once per block), LLaDA2's block-diffusion sampler with its exact prefix cache.
 6. Decoding the trained model of 4: exact match, forwards and seconds under (b)-(f) and (g) factor-based
-   parallel decoding (``factor=1``).
+   parallel decoding (``factor=1``), (e) and (f) by Fast-dLLM's threshold rule (the default), beside (h) the
+   share rule with one step per token and (i) the share rule with Fast-dLLM's published steps (one per block).
+7. LLaDA2.1's token editing against LLaDA2.0's decoding, interleaved on a random tiny LLaDA2 whose head is
+   scaled so that thresholds fire and tokens get edited: tokens/s, forwards per token, share of equal tokens.
 
     python benchmarks/generation.py --threads 1                          # every section
     python benchmarks/generation.py --threads 1 --sections speed cache   # sections 1-3 and 5
@@ -202,7 +205,9 @@ def trained_decoding(args: argparse.Namespace, seeds: int = 3) -> None:
     pairs = 6
     variants = {"(b) no cache": {}, "(c) prefix cache": dict(cache="prefix"), "(d) dual cache": dict(cache="dual"),
                 "(e) threshold 0.9": dict(threshold=0.9), "(f) dual + threshold 0.9": dict(cache="dual", threshold=0.9),
-                "(g) factor 1": dict(factor=1.0)}
+                "(g) factor 1": dict(factor=1.0),
+                "(h) threshold 0.9, share": dict(threshold=0.9, threshold_rule="share", steps=pairs + 2),
+                "(i) share, 1 step a block": dict(threshold=0.9, threshold_rule="share", steps=1)}
     scores, calls, seconds = ({name: [] for name in variants} for _ in range(3))
     for seed in range(seeds):
         trained, tokenizer, test, _ = trained_recall_model(args, pairs, seed)
@@ -227,7 +232,21 @@ def trained_decoding(args: argparse.Namespace, seeds: int = 3) -> None:
               f"forwards {calls[name]}, {statistics.median(seconds[name]):.2f} s")
 
 
-SECTIONS = {"speed": speed, "memory": memory_while_decoding, "cache": cached_decoding, "decode": trained_decoding}
+def token_editing(args: argparse.Namespace) -> None:
+    wrapper = random_llada2(args)
+    with torch.no_grad():
+        wrapper.model.lm_head.weight.mul_(args.head_scale)
+    variants = {"LLaDA2.0, threshold 0.95": BlockDiffusionSampler(),
+                "LLaDA2.1, editing 0.9": BlockDiffusionSampler(editing_threshold=0.9),
+                "LLaDA2.1, editing 0.9, cache": BlockDiffusionSampler(editing_threshold=0.9, cache="prefix")}
+    print(f"7. LLaDA2 block diffusion, release defaults (blocks of 32, threshold 0.95), d_model {args.d_model}, "
+          f"{args.layers} blocks, vocab {args.vocab}, head x{args.head_scale}, batch {args.batch}, temperature 0 "
+          f"(medians of {args.repeats}); (ratio against LLaDA2.0) [share of new tokens equal to its] {{forwards}}")
+    print_ratios(wrapper, args, variants, "LLaDA2.0, threshold 0.95", "LLaDA2.0, threshold 0.95", new_lengths=(64,))
+
+
+SECTIONS = {"speed": speed, "memory": memory_while_decoding, "cache": cached_decoding, "decode": trained_decoding,
+            "editing": token_editing}
 
 
 def main() -> None:
@@ -238,6 +257,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--head-scale", type=float, default=30.0, help="section 7: the random model's head scale")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     parser.add_argument("--device", default="cpu", help="where sections 1-3 and 5 run (4 and 6 train on the CPU)")
     parser.add_argument("--sections", nargs="+", choices=sorted(SECTIONS), default=list(SECTIONS))

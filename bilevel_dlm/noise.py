@@ -104,23 +104,11 @@ def keyed_anchor(
     """An anchor whose draws depend only on (seed, the example's real tokens, the position among them).
 
     Used for evaluation: an example gets the same t and mask whatever batch, padding, data order or
-    process it is scored in, so aggregate losses are independent of the batching. Every example with a
-    maskable token has at least one masked: where the draw at t masks none, the maskable token with the
-    smallest draw (the first the forward process would mask as t grows) is masked, t unchanged, so no
-    example is scored as a zero loss for lack of a masked token.
+    process it is scored in, so aggregate losses are independent of the batching.
     """
     keys = content_keys(x0, attention_mask)
     positions = attention_mask.long().cumsum(1) - 1
     t_draw = keyed_uniform(seed, keys, torch.full_like(keys[:, None], -1))[:, 0]
     draws = keyed_uniform(seed, keys, positions)
     dtype = torch.float32
-    anchor = anchor_from_draws(x0, maskable, schedule, mask_token_id, t_eps, t_draw.to(dtype), draws.to(dtype))
-    masked = anchor.masked | _first_to_mask(draws, maskable, anchor.masked)
-    return Anchor(t=anchor.t, masked=masked, input_ids=torch.where(masked, mask_token_id, x0))
-
-
-def _first_to_mask(draws: torch.Tensor, maskable: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-    """Bool [B, L]: in each row with a maskable token but none masked, its maskable token of smallest draw."""
-    smallest = draws.masked_fill(~maskable, float("inf")).argmin(1)
-    chosen = torch.zeros_like(maskable).scatter_(1, smallest[:, None], True)
-    return chosen & maskable & ~masked.any(1, keepdim=True)
+    return anchor_from_draws(x0, maskable, schedule, mask_token_id, t_eps, t_draw.to(dtype), draws.to(dtype))

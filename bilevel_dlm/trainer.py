@@ -38,7 +38,7 @@ from .data import PreparedBatch, pad_collate
 from .peft_utils import base_model_of, with_requested_outer_lora
 from .training import SKIPS_WITHOUT_AN_EPOCH, skip_nonfinite
 from .trajectory import TrajectorySimulator
-from .wrapper import MemoryWrapper
+from .wrapper import EVAL_SEED, MemoryWrapper, loss_from_terms
 
 __all__ = ["MemDLMTrainingArguments", "MemDLMTrainer", "NonFiniteGuard", "ddp_forward", "eval_shard"]
 
@@ -368,14 +368,12 @@ class MemDLMTrainer(Trainer):
                 metrics.update(self.evaluate(part, ignore_keys, f"{metric_key_prefix}_{name}"))
             return metrics
         modes = {"loss": "off", "loss_prompt_memory": "prompt"} if self.args.eval_prompt_memory else {"loss": "off"}
-        terms = torch.zeros(len(modes), 2, device=self.memdlm.device, dtype=torch.float64)
+        terms = torch.zeros(len(modes), 3, device=self.memdlm.device, dtype=torch.float64)
         for batch in self._eval_shard_loader(dataset):
-            terms += torch.stack([self.memdlm.eval_loss_terms([batch], memory=mode) for mode in modes.values()])
-        numerators, denominators = self.accelerator.reduce(terms, reduction="sum").T.tolist()
-        if not any(denominators):
-            raise ValueError("eval data has no maskable (response) token")
-        metrics = {f"{metric_key_prefix}_{name}": numerator / denominator
-                   for name, numerator, denominator in zip(modes, numerators, denominators)}
+            terms += torch.stack([self.memdlm.eval_loss_terms([batch], memory=mode, seed=EVAL_SEED)
+                                  for mode in modes.values()])
+        totals = self.accelerator.reduce(terms, reduction="sum")
+        metrics = {f"{metric_key_prefix}_{name}": loss_from_terms(row, EVAL_SEED) for name, row in zip(modes, totals)}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics

@@ -36,7 +36,9 @@ from .sampling import Sampler, SampleOutput, default_sampler
 from .training import History, fit, train_step
 from .trajectory import TrajectorySimulator, make_simulator, masked_fraction, random_subset
 
-__all__ = ["MemoryWrapper", "History"]
+__all__ = ["MemoryWrapper", "History", "EVAL_SEED", "loss_from_terms"]
+
+EVAL_SEED = 1234  # the default seed of evaluation anchors
 
 
 class MemoryWrapper:
@@ -437,7 +439,7 @@ class MemoryWrapper:
         memory: str = "off",
         *,
         batch_size: int = 8,
-        seed: int = 1234,
+        seed: int = EVAL_SEED,
     ) -> float:
         """MDLM loss on ``data`` with memory ``off`` or adapted on each sample's ``prompt``.
 
@@ -448,10 +450,7 @@ class MemoryWrapper:
         the tokens it scores: with ``prompt`` it adapts on the prompt positions alone (responses hidden
         from attention), then scores the response.
         """
-        numerator, denominator = self.eval_loss_terms(data, memory, batch_size=batch_size, seed=seed).tolist()
-        if denominator == 0:
-            raise ValueError("eval data has no maskable (response) token")
-        return numerator / denominator
+        return loss_from_terms(self.eval_loss_terms(data, memory, batch_size=batch_size, seed=seed), seed)
 
     @torch.no_grad()
     def eval_loss_terms(
@@ -460,15 +459,15 @@ class MemoryWrapper:
         memory: str = "off",
         *,
         batch_size: int = 8,
-        seed: int = 1234,
+        seed: int = EVAL_SEED,
     ) -> torch.Tensor:
-        """(numerator, denominator) [2] of :meth:`eval_loss`, summed over the data: add the terms of
-        several shards (processes) and divide to get the loss of their union."""
+        """(numerator, denominator, masked tokens) [3] of :meth:`eval_loss`, summed over the data: add the
+        terms of several shards (processes) and give them to :func:`loss_from_terms` for their union's loss."""
         if memory not in ("off", "prompt"):
             raise ValueError(f"memory must be 'off' or 'prompt', got {memory!r}")
         was_training = self.model.training
         self.model.eval()
-        totals = torch.zeros(2, device=self.device, dtype=torch.float64)
+        totals = torch.zeros(3, device=self.device, dtype=torch.float64)
         try:
             for raw in iterate_batches(data, batch_size, pad_token_id=self.pad_token_id(), shuffle=False, repeat=False):
                 batch = self.prepare(raw)
@@ -482,7 +481,20 @@ class MemoryWrapper:
                     bound = adapted.bind()
                 with bound:
                     terms = self.outer.loss_terms(batch.x0, batch.maskable, anchor, batch.model_attention_mask)
-                totals += torch.stack(terms).double()
+                totals += torch.stack([*terms, anchor.masked.sum()]).double()
         finally:
             self.model.train(was_training)
         return totals
+
+
+def loss_from_terms(terms: torch.Tensor, seed: int) -> float:
+    """The evaluation loss of summed :meth:`MemoryWrapper.eval_loss_terms`; refused when the data has no
+    maskable token, or when no anchor masked a token (a loss of 0 would measure nothing: each example's
+    anchor masks a fraction t ~ U(0, 1) of its tokens, so a few short examples can mask none)."""
+    numerator, denominator, masked = terms.tolist()
+    if denominator == 0:
+        raise ValueError("eval data has no maskable (response) token")
+    if masked == 0:
+        raise ValueError(f"no evaluation anchor (seed {seed}) masked a token of this data, so there is no loss to "
+                         "report; evaluate more (or longer) examples, or another seed")
+    return numerator / denominator

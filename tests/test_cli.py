@@ -121,8 +121,9 @@ def test_eval_synthetic_scores_the_runs_own_suite_and_says_so(trained, capsys):
     assert off == pytest.approx(expected_off, abs=6e-5) and prompt == pytest.approx(expected_prompt, abs=6e-5)
 
 
-def test_eval_of_one_short_record_reports_a_positive_loss(trained, tmp_path, capsys):
-    """Its one anchor draw masks no token (t below the answer token's draw): the loss once printed 0.0000."""
+def test_eval_of_one_short_record_whose_anchor_masks_nothing_is_refused(trained, tmp_path, capsys):
+    """Its one anchor draw masks no token (t below the answer token's draw): the loss once printed 0.0000;
+    now one line says that nothing was masked and what to do (an unbiased estimate has no other answer)."""
     record = {"input_ids": [2, 48, 43, 48], "labels": [-100, -100, -100, 48]}
     keys = content_keys(torch.tensor([record["input_ids"]]), torch.ones(1, 4))
     t = keyed_uniform(1234, keys, torch.full((1, 1), -1))[0, 0]  # eval_loss's default seed, linear schedule
@@ -130,10 +131,7 @@ def test_eval_of_one_short_record_reports_a_positive_loss(trained, tmp_path, cap
     path = tmp_path / "one.jsonl"
     path.write_text(json.dumps(record) + "\n")
     code, out, err = run(capsys, "eval", "--checkpoint", str(trained), "--data", str(path))
-    assert code == 0, err
-    assert f"scored: {path}, 1 row of up to 4 tokens" in out
-    (off,), (prompt,) = numbers_after("memory off:", out), numbers_after("prompt memory:", out)
-    assert 0 < off < math.inf and 0 < prompt < math.inf
+    assert code == 2 and "no evaluation anchor (seed 1234) masked a token" in err and "0.0000" not in out
 
 
 @pytest.mark.parametrize("command, options", [
@@ -305,21 +303,41 @@ def test_decode_stops_at_the_first_eos_and_drops_special_tokens():
     assert decode(tokenizer, torch.tensor(words)) == "where is mary"
 
 
+@pytest.fixture(scope="module")
+def untrained_llada2(tmp_path_factory) -> Path:
+    """A checkpoint of the randomly initialised tiny LLaDA2 (lr 0)."""
+    output = tmp_path_factory.mktemp("run") / "random_llada2"
+    assert main(["train", *SYNTHETIC, *FAST, "--tiny", "llada2", "--steps", "1", "--lr", "0", "--output", str(output)]) == 0
+    return output
+
+
 @pytest.mark.parametrize("options, settings", [
     ([], {}),
     (["--no-adapt"], {"adapt": False}),
     (["--sampler", "steps=2", "--sampler", "temperature=0.5", "--seed", "7"],
      {"steps": 2, "temperature": 0.5, "seed": 7}),
+    (["--sampler", "threshold=0.02", "--sampler", "threshold_rule=share", "--sampler", "steps=4"],
+     {"threshold": 0.02, "threshold_rule": "share", "steps": 4}),
 ])
 def test_generate_prints_one_decoded_line_per_prompt(untrained, capsys, options, settings):
+    assert_generate_prints_the_library_s_generations(untrained, capsys, options, settings)
+
+
+def test_generate_takes_llada21_token_editing(untrained_llada2, capsys):
+    options = ["--sampler", "editing_threshold=0.05", "--sampler", "block_length=4", "--sampler", "threshold=0.5"]
+    assert_generate_prints_the_library_s_generations(untrained_llada2, capsys, options, {
+        "editing_threshold": 0.05, "block_length": 4, "threshold": 0.5})
+
+
+def assert_generate_prints_the_library_s_generations(checkpoint: Path, capsys, options: list[str], settings: dict):
     prompts = ["mary went to the kitchen .\nquestion: where is mary ?\nanswer:", "var alpha = 1 2 .\nanswer:"]
-    code, out, err = run(capsys, "generate", "--checkpoint", str(untrained), "--max-new-tokens", "4",
+    code, out, err = run(capsys, "generate", "--checkpoint", str(checkpoint), "--max-new-tokens", "4",
                          *[arg for prompt in prompts for arg in ("--prompt", prompt)], *options)
     assert code == 0, err
     assert out.endswith("\n")
     lines = out.split("\n")[:-1]  # a generation may be empty (EOS first); its line is still printed
 
-    wrapper = MemoryWrapper.from_pretrained(untrained)
+    wrapper = MemoryWrapper.from_pretrained(checkpoint)
     tokenizer = wrapper.tokenizer
     expected = []
     for prompt in prompts:

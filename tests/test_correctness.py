@@ -11,16 +11,13 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from bilevel_dlm import InnerConfig, MemDLMConfig, MemoryConfig, MemoryWrapper, TrajectoryConfig
 from bilevel_dlm.integrations import llada, mdlm
 from bilevel_dlm.losses import token_loss
-from bilevel_dlm.noise import keyed_anchor, make_schedule
 from bilevel_dlm.sampling import LLaDASampler
 from bilevel_dlm.diagnostics import HostSyncCounter, LiveTensorBytes
-from test_backbones_bilevel import FAMILIES, MASK, make_batch, recipe
+from test_backbones_bilevel import FAMILIES, make_batch, recipe
 from test_option_matrix import PAD, one_step
 
 ALL = sorted(FAMILIES)
@@ -302,39 +299,6 @@ def test_keyed_anchors_ignore_padding_and_batch_position() -> None:
         for i, single in enumerate(alone):
             assert float(together.t[i]) == float(single.t[0])
             assert torch.equal(together.masked[i, mask[i].bool()], single.masked[0])
-
-
-@st.composite
-def _keyed_rows(draw) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """1-6 rows of 1-12 tokens, each position maskable or not (some rows have none, many just one)."""
-    rows, maskable = [], []
-    for _ in range(draw(st.integers(1, 6))):
-        length = draw(st.integers(1, 12))
-        rows.append(torch.tensor(draw(st.lists(st.integers(2, 99), min_size=length, max_size=length))))
-        maskable.append(torch.tensor(draw(st.lists(st.booleans(), min_size=length, max_size=length))))
-    return rows, maskable
-
-
-@settings(max_examples=300, deadline=None)
-@given(_keyed_rows(), st.sampled_from(["left", "right"]), st.sampled_from(["linear", "cosine"]),
-       st.integers(0, 2**31 - 1))
-def test_keyed_anchor_masks_a_token_of_every_row_that_has_one(rows_and_maskable, side, schedule, seed) -> None:
-    """A single eval record once scored 0.0 because its anchor masked no token. Every row with a maskable
-    token gets at least one masked token, only maskable ones, and the same ones alone as in the batch."""
-    rows, maskable_rows = rows_and_maskable
-    ids, mask = _layout(rows, side)
-    maskable = torch.zeros_like(mask, dtype=torch.bool)
-    for i, row_maskable in enumerate(maskable_rows):
-        maskable[i, mask[i].bool()] = row_maskable
-    anchor = keyed_anchor(ids, maskable, mask, make_schedule(schedule), MASK, 1e-3, seed)
-    has_maskable = maskable.any(1)
-    assert torch.equal(anchor.masked.any(1), has_maskable)
-    assert not (anchor.masked & ~maskable).any()
-    assert torch.equal(anchor.input_ids, torch.where(anchor.masked, MASK, ids))
-    for i, (row, row_maskable) in enumerate(zip(rows, maskable_rows)):
-        alone = keyed_anchor(row[None], row_maskable[None], torch.ones_like(row)[None], make_schedule(schedule),
-                             MASK, 1e-3, seed)
-        assert torch.equal(anchor.masked[i, mask[i].bool()], alone.masked[0]) and float(anchor.t[i]) == float(alone.t[0])
 
 
 # ----- 9. teachers of trajectories whose stages repeat ---------------------------------------------------

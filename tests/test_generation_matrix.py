@@ -1,8 +1,9 @@
 """Generation under every pair of the options a user can switch, for each sampler of the native models.
 
 Factors per sampler: backbone family, blocks (Dream), KV cache and its refresh interval, threshold or factor
-decoding, the head on every position (``full_logits``), memory (none, the prompt's, re-adapted after each
-block) and left padding. For each combination of a greedy all-pairs design (``all_pairs`` of the training option matrix):
+decoding and its rule (Fast-dLLM's or the share), block diffusion's release conventions (schedule, whole
+blocks, softmax over the mask token, stop at EOS) and LLaDA2.1's editing, the head on every position
+(``full_logits``), memory (none, the prompt's, re-adapted after each block) and left padding. For each combination of a greedy all-pairs design (``all_pairs`` of the training option matrix):
 
 - every new token is revealed (no mask left) and the prompt is kept;
 - each row of the left-padded batch decodes exactly as that prompt alone (per-sample memory, padding and
@@ -24,14 +25,18 @@ from test_option_matrix import all_pairs
 
 MASK, NEW = 127, 8
 PARALLEL = {None: {}, "threshold": dict(threshold=0.7), "factor": dict(factor=1.0)}  # how many tokens a step reveals
+RULES = ("fast_dllm", "share")  # how a parallel step counts its reveals
 LLADA = {"family": ("llada", "llada_moe"), "cache": ("none", "prefix", "dual"), "cache_refresh": (None, 1),
-         "parallel": (None, "threshold", "factor"), "full_logits": (False, True),
+         "parallel": (None, "threshold", "factor"), "threshold_rule": RULES, "full_logits": (False, True),
          "adapt": (False, True, "blocks"), "padding": ("none", "left")}
 DREAM = {"family": ("dream",), "block_length": (None, 4), "cache": ("none", "prefix", "dual"),
          "cache_refresh": (None, 1, 2), "alg": ("entropy", "maskgit_plus"), "parallel": (None, "threshold", "factor"),
-         "full_logits": (False, True), "adapt": (False, True, "blocks"), "padding": ("none", "left")}
-BLOCK = {"family": ("llada2",), "cache": ("none", "prefix"), "threshold": (0.7, 0.95),
-         "full_logits": (False, True), "adapt": (False, True, "blocks"), "padding": ("none", "left")}
+         "threshold_rule": RULES, "full_logits": (False, True), "adapt": (False, True, "blocks"),
+         "padding": ("none", "left")}
+BLOCK = {"family": ("llada2",), "cache": ("none", "prefix"), "threshold": (0.7, 0.95), "editing_threshold": (None, 0.5),
+         "schedule": ("release", "masked"), "whole_blocks": (True, False), "softmax_over_mask": (True, False),
+         "stop_at_eos": (True, False), "full_logits": (False, True), "adapt": (False, True, "blocks"),
+         "padding": ("none", "left")}
 FIXED = {"llada": dict(block_length=4, steps=8), "llada_moe": dict(block_length=4, steps=8),
          "dream": dict(steps=6), "llada2": dict(block_length=4)}
 
@@ -43,6 +48,8 @@ def valid(factors: dict[str, tuple]):
         settings = dict(zip(names, row))
         if settings.get("cache_refresh") is not None and settings["cache"] == "none":
             return False  # refused: a refresh interval without a cache
+        if settings.get("editing_threshold") is not None and settings.get("schedule") == "masked":
+            return False  # refused: LLaDA2.1's editing loop has no step schedule
         return settings.get("parallel") is None or settings.get("alg", "maskgit_plus") == "maskgit_plus"
 
     return check

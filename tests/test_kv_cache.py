@@ -141,6 +141,75 @@ def test_with_a_full_forward_every_step_the_cached_sampler_is_the_plain_one(cach
                        w.generate(ids, mask, cache=cache, **settings))
 
 
+@torch.no_grad()
+def stale_key_value_logits(model: LLaDAModelLM, canvas: torch.Tensor, stored: dict | None, window: slice) -> tuple:
+    """Logits of ``canvas`` as Fast-dLLM's cache computes them, from the model's own full forward: every
+    block's key and value projections outside ``window`` are replaced by those ``stored`` at the last full
+    forward (None: this is one; the projections are returned to be stored)."""
+    recorded, handles = {}, []
+    for index, block in enumerate(model.model.transformer.blocks):
+        for name in ("k_proj", "v_proj"):
+            def patch(module, args, output, key=(index, name)):
+                if stored is None:
+                    recorded[key] = output.clone()
+                    return output
+                patched = stored[key].clone()
+                patched[:, window] = output[:, window]
+                return patched
+            handles.append(getattr(block, name).register_forward_hook(patch))
+    try:
+        logits = model(canvas).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logits, recorded if stored is None else stored
+
+
+@torch.no_grad()
+def stale_cache_decoding(model: LLaDAModelLM, prompt: torch.Tensor, new_tokens: int, block_length: int, steps: int,
+                         refresh: int, cache: str) -> torch.Tensor:
+    """LLaDA's low-confidence schedule (one row) on Fast-dLLM's prefix / dual cache, refreshed by a full forward
+    at every ``refresh``-th step of a block: the window is the block and what follows it (prefix) or the
+    block alone (dual)."""
+    mask_id = model.config.mask_token_id
+    canvas = torch.cat([prompt, torch.full((1, new_tokens), mask_id)], 1)
+    per_block = steps // (new_tokens // block_length)
+    for start in range(prompt.shape[1], canvas.shape[1], block_length):
+        block = slice(start, start + block_length)
+        window = slice(start, canvas.shape[1] if cache == "prefix" else start + block_length)
+        masked = int((canvas[0, block] == mask_id).sum())
+        counts = [masked // per_block + (i < masked % per_block) for i in range(per_block)]
+        stored = None
+        for step in range(per_block):
+            logits, stored = stale_key_value_logits(model, canvas, None if step % refresh == 0 else stored, window)
+            logits = logits[0, block].double()
+            logits[:, mask_id] = float("-inf")
+            confidence, token = logits.softmax(-1).max(-1)
+            confidence[canvas[0, block] != mask_id] = float("-inf")
+            for position in confidence.argsort(descending=True, stable=True)[:counts[step]]:
+                canvas[0, start + int(position)] = token[position]
+    return canvas
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("refresh", [None, 2, 3])
+def test_the_windowed_path_is_fast_dllm_s_stale_key_value_decoding(cache: str, refresh) -> None:
+    """Four steps a block, refreshed at the block's first step only or every 2 / 3 steps: the windowed
+    forwards in between give the tokens of an independent reference that runs the model's full forward
+    with the keys and values outside the window taken from the last full forward (float64)."""
+    torch.manual_seed(5)
+    model = confident(LLaDAModelLM(tiny_config(init_std=0.3)), 4.0).double().eval()
+    w = MemoryWrapper(model, MemDLMConfig(memory=MemoryConfig(rank=4, layer_fraction=0.5)))
+    for seed in range(3):
+        prompt = torch.randint(2, 120, (1, 6), generator=torch.Generator().manual_seed(seed))
+        expected = stale_cache_decoding(model, prompt, 12, 4, 12, refresh or 4, cache)
+        out = w.generate(prompt, max_new_tokens=12, block_length=4, steps=12, adapt=False, cache=cache,
+                         cache_refresh=refresh)
+        assert torch.equal(out, expected), seed
+    plain = w.generate(prompt, max_new_tokens=12, block_length=4, steps=12, adapt=False)
+    assert not torch.equal(out, plain) or refresh == 2, "the stale keys and values changed nothing: a weak case"
+
+
 def decoding_columns(model: torch.nn.Module, run) -> list[int]:
     """The number of canvas columns each decoding forward of ``run()`` embeds (adaptation forwards, which
     run with gradients, are left out)."""
@@ -222,7 +291,8 @@ def test_block_diffusion_computes_the_canvas_to_the_current_block_end(cache: str
     ids = torch.randint(2, 120, (3, 10), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, :3] = mask[2, :5] = 0
-    settings = dict(max_new_tokens=12, block_length=4, threshold=1.0, cache=cache, adapt=adapt)  # one reveal per row per step
+    settings = dict(max_new_tokens=12, block_length=4, threshold=1.0, cache=cache, adapt=adapt,  # one reveal a step
+                    schedule="masked", whole_blocks=False, stop_at_eos=False)
     widths = decoding_columns(w.model, lambda: w.generate(ids, mask, **settings))
     # Steps per block: the most new tokens any row has in it (rows' counts: [2, 1, 3], [4, 4, 4], [4, 4, 4], [2, 3, 1]).
     uncached = [13] * 3 + [17] * 4 + [21] * 4 + [22] * 3

@@ -205,7 +205,7 @@ def test_block_decoding_fills_blocks_left_to_right_with_the_step_share(steps: in
     model = build()
     view = ModelView(LLaDA2Backbone(), model, MASK)
     prompt = torch.randint(2, 120, (1, 6))
-    sampler = BlockDiffusionSampler(block_length=4, steps=steps, threshold=1.0)  # never above: step shares only
+    sampler = BlockDiffusionSampler(block_length=4, steps=steps, threshold=1.0, **OWN_RULES)  # step shares only
     out = sampler.sample(view, prompt, max_new_tokens=10, return_history=True)
     assert torch.equal(out.sequences[:, :6], prompt) and not bool((out.sequences == MASK).any())
     # Blocks counted from the first real token: the prompt ends inside block 1 (positions 4..7).
@@ -216,6 +216,12 @@ def test_block_decoding_fills_blocks_left_to_right_with_the_step_share(steps: in
         assert all(c == len(blocks[i]) for i, c in enumerate(counts) if i > first_open)
     expected_calls = sum(min(steps, len(b)) for b in blocks)  # one call per step that still has a share
     assert out.model_calls == expected_calls == len(out.history)
+
+
+# The sampler's own options where it departs from the release (tested against the release in
+# tests/test_decoding_parity.py): the block's masked count split over the steps, the canvas to max_new_tokens,
+# the mask token never proposed, no stop at EOS.
+OWN_RULES = dict(schedule="masked", whole_blocks=False, softmax_over_mask=False, stop_at_eos=False)
 
 
 def full_canvas_block_decoding(model: LLaDA2MoeModelLM, prompt: torch.Tensor, new_tokens: int, block_length: int,
@@ -252,7 +258,7 @@ def test_block_decoding_equals_full_canvas_decoding(seed: int) -> None:
         for threshold in (0.7, 1.0):
             expected = full_canvas_block_decoding(model, prompt, 13, 4, 3, threshold)
             for cache in ("none", "prefix"):
-                sampler = BlockDiffusionSampler(block_length=4, steps=3, threshold=threshold, cache=cache)
+                sampler = BlockDiffusionSampler(block_length=4, steps=3, threshold=threshold, cache=cache, **OWN_RULES)
                 out = sampler.sample(view, prompt, max_new_tokens=13)
                 assert torch.equal(out.sequences, expected), (threshold, cache)
                 calls[threshold] = out.model_calls
@@ -267,14 +273,20 @@ def test_threshold_zero_reveals_a_whole_block_per_step() -> None:
     assert out.model_calls == 2 and not bool((out.sequences == MASK).any())
 
 
-def test_block_decoding_of_a_left_padded_batch_equals_each_prompt_alone() -> None:
-    model = build()
-    wrapper = MemoryWrapper(model, MemDLMConfig(memory=MemoryConfig(rank=4, layer_fraction=0.5)))
+def left_padded_rows() -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Prompts of 5, 9 and 7 tokens, and the same as one left-padded batch (ids, attention mask)."""
     rows = [torch.randint(2, 120, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 9, 7)]
     ids = torch.full((3, 9), 1, dtype=torch.long)
     mask = torch.zeros(3, 9, dtype=torch.long)
     for i, row in enumerate(rows):
         ids[i, 9 - len(row):], mask[i, 9 - len(row):] = row, 1
+    return rows, ids, mask
+
+
+def test_block_decoding_of_a_left_padded_batch_equals_each_prompt_alone() -> None:
+    model = build()
+    wrapper = MemoryWrapper(model, MemDLMConfig(memory=MemoryConfig(rank=4, layer_fraction=0.5)))
+    rows, ids, mask = left_padded_rows()
     settings = dict(max_new_tokens=8, adapt=True, seed=4, block_length=4, steps=2, threshold=0.3)
     together = wrapper.generate(ids, mask, **settings)
     for i, row in enumerate(rows):

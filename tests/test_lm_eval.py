@@ -204,7 +204,7 @@ def test_over_length_inputs_are_left_truncated_and_no_forward_runs_past_max_leng
     context_ids, target = lm._encode_pair(context, " kitchen")
     context_ids, target, _ = fit_to_length(context_ids, target, 64)
     assert len(context_ids) + len(target) == 64
-    assert value == lm.score_tokens(context_ids, target, lm.adapted_memory(context_ids))[0]
+    assert value == lm.score_tokens(context_ids, target, lm.adapted_memory(context_ids), lm.protocol)[0]
     with pytest.raises(ValueError, match="leaves no room for a context"):
         lm.generate_until([request("generate_until", context, {"until": [], "max_gen_toks": 64})])
 

@@ -64,7 +64,7 @@ def request(kind: str, *args) -> Instance:
 class Recording(BilevelDLM):
     """The model, recording every (context, continuation) it scores."""
 
-    def score_tokens(self, context, continuation, memory, protocol=None):
+    def score_tokens(self, context, continuation, memory, protocol):
         self.scored.append((list(context), list(continuation)))
         return super().score_tokens(context, continuation, memory, protocol)
 
@@ -103,7 +103,7 @@ def test_rolling_windows_are_lm_eval_s_and_each_is_scored_after_the_text_before_
     assert lm.scored == [(list(c), list(t)) for c, t in expected] and len(expected) > 2
     assert lm.scored[0][0] == [lm.prefix_token_id]
     assert all(len(c) + len(t) == 24 for c, t in lm.scored[1:])  # max_length - len(window) tokens before it
-    alone = sum(lm.score_tokens(c, t, None)[0] for c, t in expected)
+    alone = sum(lm.score_tokens(c, t, None, lm.protocol)[0] for c, t in expected)
     assert total == pytest.approx(alone, abs=1e-9)
 
 
@@ -115,7 +115,7 @@ def test_a_short_last_window_is_scored_after_the_text_before_it(bpe_wrapper) -> 
         lm = recording(bpe_wrapper, mc_num=4, batch_size=4, max_length=24)
         total = lm.loglikelihood_rolling([request("loglikelihood_rolling", head + tail)])[0]
         windows.append(lm.scored[-1])
-        scores.append(total - lm.score_tokens(*lm.scored[0], None)[0])  # the later windows' part
+        scores.append(total - lm.score_tokens(*lm.scored[0], None, lm.protocol)[0])  # the later windows' part
     assert len(windows) == 2 and windows[0][1] == windows[1][1] and windows[0][0] != windows[1][0]
     assert len(windows[0][0]) > 1 and scores[0] != pytest.approx(scores[1], abs=1e-6)
 
@@ -248,17 +248,21 @@ def test_is_greedy_is_llada_s_one_token_per_step_decoding(bpe_wrapper) -> None:
     changed[2] = 5 if int(decoded[2]) != 5 else 6
     assert not greedy_reproduces(bpe_wrapper.view, torch.cat([prefix, changed]), len(prefix))
     lm = BilevelDLM(wrapper=bpe_wrapper, mc_num=2, batch_size=2)
-    assert lm.is_check_greedy and lm.score_tokens(prefix.tolist(), decoded.tolist(), None)[1] is True
-    assert lm.score_tokens(prefix.tolist(), changed.tolist(), None)[1] is False
+    assert lm.is_check_greedy and lm.score_tokens(prefix.tolist(), decoded.tolist(), None, lm.protocol)[1] is True
+    assert lm.score_tokens(prefix.tolist(), changed.tolist(), None, lm.protocol)[1] is False
 
 
-def test_dream_is_scored_by_dllm_s_rule(dream_wrapper) -> None:
+@pytest.mark.parametrize("context,continuation", [("mary went to the kitchen . where is mary ? answer :", " kitchen"),
+                                                  ("john is in the garden . where is john ? answer : ", "garden")])
+def test_dream_is_scored_by_dllm_s_rule(dream_wrapper, context, continuation) -> None:
     lm = BilevelDLM(wrapper=dream_wrapper, batch_size=16)
     assert (lm.protocol.name, lm.mc_num, lm.is_check_greedy) == ("dream", 128, False)
-    context, continuation = "mary went to the kitchen . where is mary ? answer :", " kitchen"
     (value, greedy), = lm.loglikelihood([request("loglikelihood", context, continuation)])
     tokenizer = dream_wrapper.tokenizer
-    whole = tokenizer.encode(context + continuation) + [tokenizer.eos_token_id]  # dllm's _encode_pair
+    spaces = len(context) - len(context.rstrip())  # dllm's _encode_pair
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer.encode(context + continuation) + [tokenizer.eos_token_id]
     prefix = tokenizer.encode(context)
     target = whole[len(prefix):]
     generator = torch.Generator().manual_seed(lm.seed)
@@ -267,6 +271,22 @@ def test_dream_is_scored_by_dllm_s_rule(dream_wrapper) -> None:
         expected = dream_reference(dream_wrapper.model.eval(), torch.tensor(prefix), torch.tensor(target), draws)
     assert value == pytest.approx(expected, abs=1e-6) and greedy is False
     assert target[-1] == tokenizer.eos_token_id
+
+
+def test_an_empty_context_under_the_dream_rule_scores_every_continuation_token(dream_wrapper) -> None:
+    """lm-eval's prefix token as the context and dllm's EOS at the end: the one word is scored (masked in
+    some draws), not left in a never-masked end position."""
+    lm = recording(dream_wrapper, batch_size=16)
+    tokenizer = dream_wrapper.tokenizer
+    (value, _), = lm.loglikelihood([request("loglikelihood", "", " kitchen")])
+    kitchen = tokenizer(" kitchen", add_special_tokens=False)["input_ids"]
+    assert lm.scored == [([tokenizer.bos_token_id], kitchen + [tokenizer.eos_token_id])] and len(kitchen) == 1
+    assert value < -1e-3
+
+
+def test_lm_eval_s_batch_size_forms_are_taken(bpe_wrapper) -> None:
+    assert [BilevelDLM(wrapper=bpe_wrapper, batch_size=size).batch_size for size in ("auto", "auto:4", "3", 2)] == \
+        [1, 1, 3, 2]
 
 
 def test_protocol_settings_are_checked(bpe_wrapper) -> None:

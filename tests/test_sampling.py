@@ -442,8 +442,29 @@ def test_dream_threshold_decoding_needs_a_probability_confidence():
     view, prompt = dream_view(), prompts(2, 5)
     eager = DreamSampler(alg="maskgit_plus", threshold=1e-9, steps=8).sample(view, prompt, max_new_tokens=8)
     assert eager.model_calls == 1 and not bool((eager.sequences == MASK).any())
-    never = DreamSampler(alg="maskgit_plus", threshold=1.0, steps=8).sample(view, prompt, max_new_tokens=8)
-    assert torch.equal(never.sequences, DreamSampler(alg="maskgit_plus", steps=8).sample(view, prompt, max_new_tokens=8).sequences)
+    never = DreamSampler(alg="maskgit_plus", threshold=1.0).sample(view, prompt, max_new_tokens=8, return_history=True)
+    assert never.model_calls == 8, "Fast-dLLM's rule with nothing above the threshold: the top token, one a step"
+    assert revealed_per_step(never.history, prompt.shape[1]) == [[1] * 8] * 2
+
+
+def revealed_per_step(history: list[torch.Tensor], prompt_length: int) -> list[list[int]]:
+    """Tokens each row revealed at each step of a sampler's history."""
+    masked = torch.stack([(canvas[:, prompt_length:] == MASK).sum(1) for canvas in history], 1)
+    before = torch.cat([torch.full_like(masked[:, :1], history[0].shape[1] - prompt_length), masked[:, :-1]], 1)
+    return (before - masked).tolist()
+
+
+@pytest.mark.parametrize("sampler", [DreamSampler(alg="maskgit_plus", steps=8, threshold=0.99, threshold_rule="share"),
+                                     LLaDASampler(steps=16, block_length=8, threshold=0.99, threshold_rule="share")])
+def test_the_share_rule_reveals_at_least_one_token_a_step(sampler) -> None:
+    """Dream's schedule gives shares of 0 (floor(masked x fraction)) and LLaDA's gives 0 when a block has more
+    steps than tokens; with a threshold that fires nowhere the share rule still reveals one token a step."""
+    view = dream_view() if isinstance(sampler, DreamSampler) else llada_view()
+    prompt = prompts(2, 5)
+    plain = sampler.model_copy(update={"threshold": None}).sample(view, prompt, max_new_tokens=8, return_history=True)
+    assert any(0 in row for row in revealed_per_step(plain.history, 5)), "the schedule no longer has an empty step"
+    out = sampler.sample(view, prompt, max_new_tokens=8, return_history=True)
+    assert all(min(row) >= 1 for row in revealed_per_step(out.history, 5)) and out.model_calls == 8
 
 
 # ----- factor-based parallel decoding --------------------------------------------------------------

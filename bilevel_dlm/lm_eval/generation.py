@@ -23,8 +23,9 @@ def decoding_run(sampler: Sampler, wanted: int) -> tuple[int, Sampler]:
 
     A block sampler generates ``wanted`` rounded up to whole blocks. Its ``steps`` (the whole generation's)
     are capped at one per generated token (beyond that LLaDA's schedule only adds steps that reveal
-    nothing, so the tokens are the same) and rounded down to a multiple of the block count (at least one
-    step per block), so any ``max_gen_toks`` runs with any ``block_length`` and ``steps``."""
+    nothing: with deterministic decoding the tokens are the same) and rounded down to a multiple of the
+    block count (at least one step per block), so any ``max_gen_toks`` runs with any ``block_length`` and
+    ``steps``."""
     if not isinstance(sampler, BlockSampler) or sampler.block_length is None:
         return wanted, sampler
     length = math.ceil(wanted / sampler.block_length) * sampler.block_length

@@ -12,13 +12,14 @@ from typing import Any
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.models.utils import (Collator, handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs,
+                                  postprocess_generated_text)
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 from ..contracts import FastWeights
 from ..evaluation import left_pad
-from ..sampling import default_sampler
+from ..sampling import SAMPLERS, default_sampler
 from ..wrapper import MemoryWrapper
 from .generation import answer_tokens, decoding_run, stop_token_ids
 from .protocols import PROTOCOLS, DreamProtocol, LikelihoodProtocol, LLaDAProtocol, fit_to_length
@@ -28,9 +29,7 @@ __all__ = ["BilevelDLM"]
 
 logger = logging.getLogger(__name__)
 
-SAMPLER_SETTINGS = ("steps", "block_length", "remasking", "temperature", "cfg_scale", "threshold", "factor", "alg",
-                    "top_p", "top_k", "alg_temp", "cache", "cache_refresh")
-DEFAULT_MAX_LENGTH = 4096  # LLaDA's and dllm's evaluations, for a model that states no maximum
+DEFAULT_MAX_LENGTH = 4096  # LLaDA's evaluation (dllm: 4096 for LLaDA and Dream), for a model that states none
 
 
 def _load(pretrained: str, device: str) -> MemoryWrapper:
@@ -97,10 +96,11 @@ class BilevelDLM(TemplateLM):
             raise ValueError("BilevelDLM needs exactly one of pretrained=<path> or wrapper=<MemoryWrapper>")
         if memory not in ("off", "prompt"):
             raise ValueError(f"memory must be 'off' or 'prompt', got {memory!r}")
-        unknown = sorted(set(sampler_settings) - set(SAMPLER_SETTINGS))
-        if unknown:
-            raise ValueError(f"unknown model_args {unknown}; sampler settings are {list(SAMPLER_SETTINGS)}")
         self.wrapper = wrapper or _load(pretrained, device)
+        fields = sorted(SAMPLERS[self.wrapper.backbone.default_sampler].model_fields)
+        unknown = sorted(set(sampler_settings) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown model_args {unknown}; the settings of this model's sampler are {fields}")
         if tokenizer is not None:
             from transformers import AutoTokenizer
 
@@ -109,12 +109,12 @@ class BilevelDLM(TemplateLM):
             raise ValueError("BilevelDLM needs a tokenizer: save the checkpoint with one, or give the wrapper one")
         self.tokenizer = self.wrapper.tokenizer
         self.memory, self.seed = memory, int(seed)
-        self.batch_size = 1 if str(batch_size) == "auto" else int(batch_size)
+        self.batch_size = 1 if str(batch_size).startswith("auto") else int(batch_size)  # "auto", "auto:N"
         self.mc_num, self.max_gen_toks = int(mc_num), int(max_gen_toks)
         self.gen_length = None if gen_length is None else int(gen_length)
         if self.mc_num < 1 or self.batch_size < 1:
             raise ValueError(f"mc_num and batch_size must be positive, got {self.mc_num} and {self.batch_size}")
-        self.sampler_settings = {key: _value(value) for key, value in sampler_settings.items()}
+        self.sampler_settings = sampler_settings
         self.sampler = default_sampler(self.wrapper.backbone, **self.sampler_settings)  # validated now, not mid-run
         self.cfg_scale = float(self.sampler_settings.get("cfg_scale", 0.0))
         self.protocol = self._protocol(protocol or self.wrapper.backbone.likelihood_protocol, sampling_eps,
@@ -122,7 +122,7 @@ class BilevelDLM(TemplateLM):
         self.is_check_greedy = self.protocol.checks_greedy if is_check_greedy is None else bool(is_check_greedy)
         self.max_length = self._max_length(max_length)
         self.stops = stop_token_ids(self.tokenizer, self.wrapper.model)
-        self.adaptations = 0  # memories adapted so far (one per distinct context and call)
+        self.adaptations = 0  # memories adapted for log-likelihoods so far (one per distinct context and call)
         self.last_memory: FastWeights | None = None  # the memory the last log-likelihood was scored with
 
     @staticmethod
@@ -145,7 +145,7 @@ class BilevelDLM(TemplateLM):
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "BilevelDLM":
         pairs = dict(item.split("=", 1) for item in arg_string.split(",") if item)
-        return cls.create_from_arg_obj({k: _value(v) for k, v in pairs.items()}, additional_config)
+        return cls.create_from_arg_obj(pairs, additional_config)
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict | None = None) -> "BilevelDLM":
@@ -165,15 +165,24 @@ class BilevelDLM(TemplateLM):
         return bos if bos is not None else self.eot_token_id
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
-        """The tokenizer's ids, special tokens added by default (as LLaDA's and dllm's evaluations call it)."""
-        return self.tokenizer(string, add_special_tokens=True if add_special_tokens is None else add_special_tokens,
-                              **kwargs)["input_ids"]
+        """The tokenizer's ids, its special tokens added by default (as LLaDA's and dllm's evaluations and
+        lm-eval's HF model call it), except for a string that already starts with BOS (a chat template's
+        output), which lm-eval's HF model encodes without adding another."""
+        if add_special_tokens is None:
+            bos = self.tokenizer.bos_token
+            add_special_tokens = not (bos is not None and has_bos_prefix(string, bos))
+        return self.tokenizer(string, add_special_tokens=add_special_tokens, **kwargs)["input_ids"]
 
     def tok_decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         return self.protocol.encode_pair(self, context, continuation)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """``TemplateLM.loglikelihood`` with the protocol's encoding, empty contexts included."""
+        return self._loglikelihood_tokens([(request.args, *self.protocol.encode(self, *request.args))
+                                           for request in requests], disable_tqdm=disable_tqdm)
 
     @property
     def tokenizer_name(self) -> str:
@@ -229,30 +238,31 @@ class BilevelDLM(TemplateLM):
         return results
 
     def score_tokens(self, context: list[int], continuation: list[int], memory: FastWeights | None,
-                     protocol: LikelihoodProtocol | None = None) -> tuple[float, bool]:
+                     protocol: LikelihoodProtocol) -> tuple[float, bool]:
         """(Monte Carlo log-likelihood of the continuation given the context, is_greedy), with ``memory``."""
         if not continuation:
             return 0.0, True
-        protocol = protocol or self.protocol
         view = self.wrapper.view
         sequence = torch.tensor(context + continuation, dtype=torch.long, device=self.wrapper.device)
         generator = torch.Generator().manual_seed(self.seed)
-        draws = [protocol.draw(len(context), len(continuation), min(self.batch_size, self.mc_num - first), generator)
-                 for first in range(0, self.mc_num, self.batch_size)]
+        draws = [protocol.draw(len(context), len(continuation), rows, generator)
+                 for rows in protocol.group_sizes(self.mc_num, self.batch_size)]
+        cfg_scale = self.cfg_scale if protocol.guides else 0.0
         with self.scoring(memory):
-            value = monte_carlo_loglikelihood(view, sequence, len(context), draws, self.cfg_scale)
-            greedy = self.is_check_greedy and greedy_reproduces(view, sequence, len(context), self.cfg_scale)
+            value = monte_carlo_loglikelihood(view, sequence, len(context), draws, cfg_scale)
+            greedy = self.is_check_greedy and greedy_reproduces(view, sequence, len(context), cfg_scale)
         return value, greedy
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        """Log-likelihood of each whole string over lm-eval's rolling windows (``get_rolling_token_windows`` +
-        ``make_disjoint_window``, context length 1): each window's tokens scored after up to
-        ``max_length - len(window)`` preceding tokens (the first after the prefix token), by LLaDA's estimator
-        for every protocol (the last position of a window is a real token, which dllm's Dream rule never masks)."""
+        """Log-likelihood of each whole string over lm-eval's rolling windows (the string encoded as lm-eval's
+        HF model encodes it, ``get_rolling_token_windows`` + ``make_disjoint_window``, context length 1): each
+        window's tokens scored after up to ``max_length - len(window)`` preceding tokens (the first after the
+        prefix token), by LLaDA's estimator for every protocol (the last position of a window is a real
+        token, which dllm's Dream rule never masks)."""
         results = []
         for (text,) in tqdm([request.args for request in requests], disable=disable_tqdm, desc="loglikelihood_rolling"):
             windows = [make_disjoint_window(window) for window in get_rolling_token_windows(
-                token_list=self.tok_encode(text, add_special_tokens=False), prefix_token=self.prefix_token_id,
+                token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
                 max_seq_len=self.max_length - 1, context_len=1)]
             scores = self._loglikelihood_tokens([(None, context, target) for context, target in windows],
                                                 disable_tqdm=True, protocol=LLaDAProtocol())

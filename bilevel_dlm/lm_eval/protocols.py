@@ -1,5 +1,6 @@
 """How a log-likelihood request is tokenized and which Monte Carlo masks score it: the published rules of
-LLaDA's evaluation (``eval_llada.py``, also dllm's MDLM / LLaDA harness) and of dllm's Dream evaluation.
+LLaDA's evaluation (``eval_llada.py``; dllm's MDLM / LLaDA harness draws the same masks) and of dllm's
+Dream evaluation.
 
 Both estimate ``log p(continuation | context)`` by the masked-diffusion ELBO: for draw d with masked set
 M_d of the continuation and masked fraction p_d, ``-(1 / D) sum_d sum_{i in M_d} CE_i / p_d``. They
@@ -15,7 +16,9 @@ differ in how the masks are drawn:
 and in how a pair is tokenized: ``llada`` is lm-eval's ``TemplateLM._encode_pair`` (the context's trailing
 whitespace moves into the continuation; the whole string is encoded and split at the context's length),
 ``dream`` is dllm's variant of it, which appends EOS to the whole string (so the last, never-masked
-position is EOS) and can prefix the BOS text (``add_bos_token``).
+position is EOS) and can prefix the BOS text (``add_bos_token``). An empty context is lm-eval's prefix
+token for both (dllm's Dream harness would leave it empty, so that its first, never-masked position would
+be the continuation's first token).
 """
 
 from __future__ import annotations
@@ -34,10 +37,27 @@ class LikelihoodProtocol(ABC):
 
     name: ClassVar[str]
     checks_greedy: ClassVar[bool]  # the reference's default for computing is_greedy
+    guides: ClassVar[bool]  # whether the reference applies classifier-free guidance to log-likelihoods
+
+    @abstractmethod
+    def group_sizes(self, mc_num: int, batch_size: int) -> list[int]:
+        """How many draws each forward scores, for ``mc_num`` draws ``batch_size`` at a time."""
 
     @abstractmethod
     def encode_pair(self, lm: TemplateLM, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """Token ids of a non-empty context and of the continuation."""
+
+    def encode(self, lm: TemplateLM, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Token ids of the context and of the continuation; an empty context is lm-eval's prefix token
+        (``TemplateLM.loglikelihood``: BOS, else EOS, unless the continuation starts with it)."""
+        if context:
+            return self.encode_pair(lm, context, continuation)
+        target = self.encode_target(lm, continuation)
+        return ([lm.prefix_token_id], target) if target[:1] != [lm.prefix_token_id] else (target[:1], target[1:])
+
+    def encode_target(self, lm: TemplateLM, continuation: str) -> list[int]:
+        """The continuation alone, for an empty context."""
+        return lm.tok_encode(continuation, add_special_tokens=False)
 
     @abstractmethod
     def draw(self, context_length: int, target_length: int, rows: int,
@@ -51,6 +71,11 @@ class LLaDAProtocol(LikelihoodProtocol):
 
     name = "llada"
     checks_greedy = True  # LLaDAEvalHarness(is_check_greedy=True)
+    guides = True  # its cfg
+
+    def group_sizes(self, mc_num: int, batch_size: int) -> list[int]:
+        """``mc_num / batch_size`` groups (LLaDA asserts that it divides; here the last group is smaller)."""
+        return [min(batch_size, mc_num - first) for first in range(0, mc_num, batch_size)]
 
     def encode_pair(self, lm: TemplateLM, context: str, continuation: str) -> tuple[list[int], list[int]]:
         return TemplateLM._encode_pair(lm, context, continuation)
@@ -72,6 +97,11 @@ class DreamProtocol(LikelihoodProtocol):
 
     name = "dream"
     checks_greedy = False  # dllm's Dream harness returns is_greedy=False
+    guides = False  # dllm's Dream harness guides only its sampler
+
+    def group_sizes(self, mc_num: int, batch_size: int) -> list[int]:
+        """``max(mc_num // batch_size, 1)`` full groups, as dllm runs them."""
+        return [batch_size] * max(mc_num // batch_size, 1)
 
     def __init__(self, sampling_eps: float = 1e-3, add_bos_token: bool = False) -> None:
         if not 0 < sampling_eps < 1:
@@ -92,6 +122,11 @@ class DreamProtocol(LikelihoodProtocol):
         whole = lm.tok_encode(context + continuation) + [tokenizer.eos_token_id]
         context_ids = lm.tok_encode(context)
         return context_ids, whole[len(context_ids):]
+
+    def encode_target(self, lm: TemplateLM, continuation: str) -> list[int]:
+        """With EOS appended, as every scored string here: the last, never-masked position is EOS, not a
+        token of the continuation."""
+        return super().encode_target(lm, continuation) + [lm.tokenizer.eos_token_id]
 
     def draw(self, context_length: int, target_length: int, rows: int,
              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

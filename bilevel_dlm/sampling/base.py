@@ -8,8 +8,9 @@ bound by the caller (``with memory.bind(): sampler.sample(...)``) apply to every
 
 from __future__ import annotations
 
+import itertools
 from abc import abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -20,7 +21,7 @@ from ..forward import ModelView
 from ..kv_cache import KVCache, supports_kv_cache
 
 __all__ = ["Sampler", "BlockSampler", "SampleOutput", "GenerationRun", "even_split", "top_per_row", "reveal_confident",
-           "factor_count"]
+           "reveal_fast_dllm", "reveal_share", "factor_count", "REVEAL_RULES"]
 
 
 @dataclass
@@ -66,10 +67,11 @@ class GenerationRun:
         attention_mask: torch.Tensor | None = None,
         columns: slice | None = None,
         kv_cache: KVCache | None = None,
+        allow_mask: bool = False,
     ) -> torch.Tensor:
         """Aligned logits [B, L, V] of the canvas (or [B, n, V] at ``columns``; the sampler's ``full_logits``
-        applies the head everywhere first), forbidden tokens (the mask first) at -inf. With ``kv_cache``
-        the model computes the cache's window only (:meth:`ModelView.logits`).
+        applies the head everywhere first), forbidden tokens (the mask first, unless ``allow_mask``) at -inf.
+        With ``kv_cache`` the model computes the cache's window only (:meth:`ModelView.logits`).
 
         With ``unconditional`` (the canvas with its prompt masked) a second forward gives u and the result
         is classifier-free guided: ``u + (cfg_scale + 1) (c - u)``. The two passes are separate forwards so
@@ -83,7 +85,8 @@ class GenerationRun:
             plain = self.view.logits(unconditional, attention, mask_ratio, columns, head_everywhere=self.full_logits)
             self.model_calls += 1
             logits = plain + (cfg_scale + 1) * (logits - plain)
-        return logits.index_fill(-1, torch.tensor(self.forbidden, device=logits.device), float("-inf"))
+        forbidden = self.forbidden[1:] if allow_mask else self.forbidden
+        return logits.index_fill(-1, torch.tensor(forbidden, device=logits.device, dtype=torch.long), float("-inf"))
 
     def open_cache(self, sampler: str, mode: str) -> KVCache | None:
         """A fresh :class:`KVCache` for ``mode`` other than ``"none"``; refuses a model whose forward takes none."""
@@ -184,10 +187,15 @@ class BlockSampler(Sampler):
     decodes_in_blocks: ClassVar[bool] = True
 
     block_length: int | None = Field(None, gt=0, description="tokens per block, filled left to right; None = one block")
-    threshold: float | None = Field(None, gt=0.0, le=1.0, description="reveal every masked token of the block "
-                                    "above this confidence (at least the step's share); None = the share only")
+    threshold: float | None = Field(None, gt=0.0, le=1.0, description="parallel decoding: also reveal the masked "
+                                    "tokens of the block this confident (see threshold_rule); None = the share only")
     factor: float | None = Field(None, gt=0.0, description="factor-based parallel decoding: reveal the n most "
-                                 "confident, (i + 1)(1 - c_i) <= factor for each (at least the step's share)")
+                                 "confident, (i + 1)(1 - c_i) <= factor for each (see threshold_rule)")
+    threshold_rule: Literal["fast_dllm", "share"] = Field(
+        "fast_dllm", description="with threshold / factor: 'fast_dllm' (Fast-dLLM's rule: the most confident masked "
+        "token plus every one >= threshold, or the factor count, at least one, each step until the block is full; the "
+        "step schedule and steps are unused) or 'share' (every one > threshold if at least the step's share are, else "
+        "the share; at least one; at most steps forwards per block)")
     cache: Literal["none", "prefix", "dual"] = Field("none", description="reuse keys and values between the "
                                                      "steps of a block: of the prefix, or of prefix and suffix")
     cache_refresh: int | None = Field(None, gt=0, description="with a cache: a full forward every this many steps "
@@ -206,6 +214,17 @@ class BlockSampler(Sampler):
     def decodes_in_parallel(self) -> bool:
         """Whether a step may reveal more than its share (threshold or factor decoding is set)."""
         return self.threshold is not None or self.factor is not None
+
+    def _block_steps(self, per_block: int) -> Iterable[int]:
+        """The step indices of one block: ``per_block`` of them, or until the block is full under Fast-dLLM's
+        rule, which ignores the schedule (every step reveals at least one token, so it ends)."""
+        return itertools.count() if self.decodes_in_parallel and self.threshold_rule == "fast_dllm" else range(per_block)
+
+    def _reveal(self, confidence: torch.Tensor, masked: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
+        """The masked positions [B, N] to reveal in one step whose schedule gives ``share`` [B] tokens a row."""
+        if not self.decodes_in_parallel:
+            return reveal_confident(confidence, masked, share)
+        return REVEAL_RULES[self.threshold_rule](confidence, masked, share, self.threshold, self.factor)
 
     def _blocks(self, prompt_length: int, length: int, steps: int) -> tuple[list[slice], int]:
         """The blocks of new tokens (canvas columns) and the steps each gets; refused unless the new tokens
@@ -260,6 +279,28 @@ def reveal_confident(confidence: torch.Tensor, masked: torch.Tensor, minimum: to
         return scheduled
     above = masked & (confidence > threshold)
     return torch.where((above.sum(1) >= minimum)[:, None], above, scheduled)
+
+
+def reveal_share(confidence: torch.Tensor, masked: torch.Tensor, share: torch.Tensor, threshold: float | None = None,
+                 factor: float | None = None) -> torch.Tensor:
+    """Parallel decoding bounded by the schedule: :func:`reveal_confident` with at least one token a step (a
+    share of 0, which Dream's schedule and a block with more steps than tokens give, would waste the forward)."""
+    return reveal_confident(confidence, masked, share.clamp_min(1), threshold, factor)
+
+
+def reveal_fast_dllm(confidence: torch.Tensor, masked: torch.Tensor, share: torch.Tensor | None = None,
+                     threshold: float | None = None, factor: float | None = None) -> torch.Tensor:
+    """Fast-dLLM's ``get_transfer_index`` with a threshold: the most confident masked position of each row
+    plus every masked position with confidence >= ``threshold``; with ``factor``, the :func:`factor_count`
+    most confident (at least one). The schedule's ``share`` is ignored, as Fast-dLLM ignores it."""
+    one = masked.any(-1).long()
+    confidence = confidence.masked_fill(~masked, float("-inf"))
+    if factor is not None:
+        return top_per_row(confidence, torch.maximum(factor_count(confidence, masked, factor), one)) & masked
+    return (top_per_row(confidence, one) | (confidence >= threshold)) & masked
+
+
+REVEAL_RULES = {"share": reveal_share, "fast_dllm": reveal_fast_dllm}
 
 
 def factor_count(confidence: torch.Tensor, masked: torch.Tensor, factor: float) -> torch.Tensor:

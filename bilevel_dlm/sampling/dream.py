@@ -5,12 +5,15 @@ still-masked positions, everything at the last step. ``origin`` picks those posi
 confidence algorithms pick the most confident ones (or sample them from ``softmax(confidence / alg_temp)``):
 ``maskgit_plus`` the probability of the drawn token, ``topk_margin`` top-1 minus top-2 probability,
 ``entropy`` the negative entropy. Each reveal is exact per row, so a batch decodes like its rows alone.
-With ``threshold`` (maskgit_plus / topk_margin) a step also reveals every masked position above that
-confidence, with ``factor`` the n most confident of Fast-dLLM's factor rule (``reveal_confident``), and
-a block ends once nothing in it is masked.
+With ``threshold`` (maskgit_plus / topk_margin) or ``factor``, steps reveal by ``threshold_rule`` (see
+:class:`~bilevel_dlm.sampling.base.BlockSampler`: Fast-dLLM's rule by default, or the schedule's share, at
+least one token a step), and a block ends once nothing in it is masked.
 
-``block_length`` (Fast-dLLM's block-wise Dream) fills the new tokens in blocks, left to right, each with
-its own ``steps / blocks`` steps and schedule; None is one block of every new token (the reference).
+``block_length`` fills the new tokens in blocks, left to right, each with its own ``steps / blocks`` steps
+and schedule; None is one block of every new token (the reference). This is Dream's own schedule run per
+block, not Fast-dLLM's block-wise Dream code (``generation_utils_block.py``), which differs: its first
+step of a block is a full forward that reveals exactly the block's first token, the other steps always
+run on its cache, and its schedule path orders positions by entropy over ``steps_per_block - 1`` steps.
 With a KV cache (``bilevel_dlm.kv_cache``) a block's first step is a full forward that stores every
 layer's keys and values, and its other steps compute the block and what follows it (``"prefix"``) or
 the block alone (``"dual"``), each with the column before the block, whose hidden state predicts the
@@ -25,7 +28,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from .base import BlockSampler, GenerationRun, reveal_confident
+from .base import BlockSampler, GenerationRun
 
 __all__ = ["DreamSampler"]
 
@@ -53,7 +56,7 @@ class DreamSampler(BlockSampler):
         mask_id = run.view.mask_token_id
         cache = run.open_cache(type(self).__name__, self.cache)
         for block in blocks:
-            for step in range(per_block):
+            for step in self._block_steps(per_block):
                 fraction = 1.0 - times[step + 1] / times[step] if step < per_block - 1 else 1.0
                 current = canvas[:, block]
                 masked = current == mask_id
@@ -69,7 +72,7 @@ class DreamSampler(BlockSampler):
                     if self.alg_temp > 0:  # Gumbel-top-k: positions drawn without replacement from the softmax
                         scores = (scores.masked_fill(~masked, float("-inf")) / self.alg_temp
                                   + run.gumbel(scores.shape, scores.device))
-                    reveal = reveal_confident(scores, masked, counts, self.threshold, self.factor)
+                    reveal = self._reveal(scores, masked, counts)
                 canvas[:, block] = torch.where(reveal, tokens, current)
                 run.record(canvas)
             if block.stop < canvas.shape[1]:

@@ -3,10 +3,12 @@
 The new tokens are split into blocks filled left to right. Within a block every step predicts the
 block's positions, then reveals the most confident masked positions of the block; a revealed token is
 never masked again. The block's mask count is split evenly over its steps (remainder to the first
-steps). With ``threshold`` (Fast-dLLM's parallel decoding) a step reveals every masked position above
-that confidence, at least its share, and a block that is full early ends early; ``factor`` (Fast-dLLM's
-factor-based variant) reveals the n most confident, n the largest with ``(i + 1)(1 - c_i) <= factor`` for
-the i-th most confident, again at least the share. With ``cache``
+steps). With ``threshold`` (Fast-dLLM's parallel decoding) a step reveals, under ``threshold_rule=
+"fast_dllm"`` (the default, Fast-dLLM's ``get_transfer_index``), the most confident masked position and every
+one at least that confident, step after step until the block is full (``steps`` unused); under ``"share"``
+every masked position above it if at least the step's share (at least one) are, else the share, within
+``steps``. ``factor`` (Fast-dLLM's factor-based variant) reveals the n most confident, n the largest with
+``(i + 1)(1 - c_i) <= factor`` for the i-th most confident (at least one, or the share). With ``cache``
 (Fast-dLLM's prefix / dual cache) the first step of a block runs the whole canvas and stores every
 layer's keys and values; the block's other steps compute only the block and what follows it (``prefix``)
 or the block alone (``dual``) and reuse the stored keys and values elsewhere (``bilevel_dlm.kv_cache``:
@@ -22,7 +24,7 @@ import torch
 from pydantic import Field, model_validator
 
 from ..kv_cache import KVCache
-from .base import BlockSampler, GenerationRun, even_split, reveal_confident
+from .base import BlockSampler, GenerationRun, even_split
 
 __all__ = ["LLaDASampler"]
 
@@ -50,13 +52,14 @@ class LLaDASampler(BlockSampler):
         cache = run.open_cache(type(self).__name__, self.cache)
         for block in blocks:
             counts = even_split((canvas[:, block] == mask_id).sum(1), per_block)
-            for step in range(per_block):
+            for step in self._block_steps(per_block):
                 current = canvas[:, block]
                 if self.decodes_in_parallel and not bool((current == mask_id).any()):
                     break  # parallel decoding filled the block early
                 self._cache_step(run, cache, step, block, canvas.shape[1])
                 proposal, confidence = self._propose(run, self._logits(run, canvas, prompt_length, block, cache))
-                reveal = reveal_confident(confidence, current == mask_id, counts[:, step], self.threshold, self.factor)
+                share = counts[:, min(step, per_block - 1)]  # (past the schedule only under Fast-dLLM's rule)
+                reveal = self._reveal(confidence, current == mask_id, share)
                 canvas[:, block] = torch.where(reveal, proposal, current)
                 run.record(canvas)
             if block.stop < canvas.shape[1]:
