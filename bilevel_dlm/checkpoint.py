@@ -1,5 +1,7 @@
 """Checkpoints of a MemoryWrapper: model (safetensors), tokenizer, MemDLMConfig (YAML) and the training
-state needed to resume ``fit`` exactly (optimizer, scheduler, random generators, step, history).
+state needed to resume ``fit`` exactly (optimizer, scheduler, random generators, step, history; tensors in
+safetensors and the rest in JSON, :mod:`bilevel_dlm.state_files`). Loading runs no code the checkpoint
+carries: no pickle, and the model class it names must be one the library knows (:func:`resolve_model_class`).
 
 Writes are atomic: everything goes into a temporary sibling directory that replaces the target only
 once complete, so an interruption mid-save leaves the previous checkpoint intact. The last file written
@@ -23,11 +25,11 @@ from typing import Any
 import torch
 
 __all__ = ["atomic_directory_write", "resolve_checkpoint", "verify_checkpoint", "newest_valid_checkpoint",
-           "CheckpointError", "model_class_path", "import_model_class", "load_weights", "write_meta", "read_meta",
-           "TRAINING_STATE", "META", "CONFIG", "MODEL_DIR", "TOKENIZER_DIR", "MANIFEST", "HISTORY"]
+           "CheckpointError", "model_class_path", "resolve_model_class", "load_weights", "write_meta", "read_meta",
+           "META", "CONFIG", "MODEL_DIR", "TOKENIZER_DIR", "MANIFEST", "HISTORY"]
 
 MODEL_DIR, TOKENIZER_DIR = "model", "tokenizer"
-CONFIG, META, TRAINING_STATE = "memdlm.yaml", "bilevel_dlm.json", "training_state.pt"
+CONFIG, META = "memdlm.yaml", "bilevel_dlm.json"
 MANIFEST, HISTORY = "manifest.json", "history.json"
 _STEP = re.compile(r"checkpoint-(\d+)$")
 
@@ -164,9 +166,36 @@ def model_class_path(model: torch.nn.Module) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def import_model_class(path: str) -> Any:
+def resolve_model_class(path: str, model_dir: Path, *, trust_remote_code: bool = False) -> type:
+    """The class named ``path`` ("module:Name") in a checkpoint, if the library knows it: a built-in
+    family's native class, or a transformers class while the model folder's ``config.json`` names a
+    ``model_type`` transformers knows. Anything else would mean importing a module the checkpoint chose, which
+    only ``trust_remote_code=True`` allows (as transformers' ``from_pretrained`` does)."""
+    from .integrations import native_model_class
+
+    known = native_model_class(path) or _transformers_class(path, model_dir)
+    if known is not None:
+        return known
+    if not trust_remote_code:
+        raise CheckpointError(
+            f"checkpoint {model_dir.parent} names the model class {path!r}, which is neither a built-in family's "
+            "class nor a transformers class: loading it would import and run that module. If you trust the "
+            "checkpoint's author, pass trust_remote_code=True (--trust-remote-code on the command line)")
     module, _, name = path.partition(":")
     return getattr(importlib.import_module(module), name)
+
+
+def _transformers_class(path: str, model_dir: Path) -> type | None:
+    """``path``'s class if it is one transformers exports and the folder's model_type is one it knows."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    module, _, name = path.partition(":")
+    if not module.startswith("transformers.") or not (model_dir / "config.json").exists():
+        return None
+    model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+    found = getattr(transformers, name, None) if model_type in CONFIG_MAPPING_NAMES else None
+    return found if isinstance(found, type) and issubclass(found, transformers.PreTrainedModel) else None
 
 
 def write_meta(directory: Path, meta: dict[str, Any]) -> None:

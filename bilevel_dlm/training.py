@@ -133,6 +133,7 @@ def fit(
     save_every: int | None = None,
     output_dir: str | Path | None = None,
     resume_from: str | Path | None = None,
+    allow_pickle: bool = False,
     progress: bool = True,
 ) -> History:
     """Bilevel training for ``max_steps`` outer steps; see :meth:`MemoryWrapper.fit`."""
@@ -149,7 +150,7 @@ def fit(
     wrapper.configure_optimizers(max_steps)
     history, step, consumed = History(variant=variant_name(wrapper)), 0, 0
     if resume_from is not None:
-        history, step, consumed = wrapper.restore_training(resume_from)
+        history, step, consumed = wrapper.restore_training(resume_from, allow_pickle=allow_pickle)
     data_generator = torch.Generator().manual_seed(wrapper.config.seed)
     batches = iterate_batches(train_data, batch_size, pad_token_id=wrapper.pad_token_id(), generator=data_generator)
     for _ in range(consumed):

@@ -19,8 +19,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .backbone import Backbone, detect_backbone, get_backbone
-from .checkpoint import (CONFIG, HISTORY, MODEL_DIR, TOKENIZER_DIR, TRAINING_STATE, atomic_directory_write,
-                         import_model_class, load_weights, model_class_path, read_meta, resolve_checkpoint, write_meta)
+from .checkpoint import (CONFIG, HISTORY, MODEL_DIR, TOKENIZER_DIR, atomic_directory_write, load_weights,
+                         model_class_path, read_meta, resolve_checkpoint, resolve_model_class, write_meta)
 from .config import MemDLMConfig
 from .contracts import FastWeights, InnerMethod, OuterObjective
 from .data import PreparedBatch, iterate_batches, leading_real_tokens, prepare_batch
@@ -33,6 +33,7 @@ from .peft_utils import base_model_of, is_peft_model, with_requested_outer_lora
 from .prefix import PrefixReplay, random_state, same_random_state
 from .rng import RowSharedRandom, leading_padding
 from .sampling import Sampler, SampleOutput, default_sampler
+from .state_files import read_state, write_state
 from .training import History, fit, train_step
 from .trajectory import TrajectorySimulator, make_simulator, masked_fraction, random_subset
 
@@ -208,6 +209,7 @@ class MemoryWrapper:
         save_every: int | None = None,
         output_dir: str | Path | None = None,
         resume_from: str | Path | None = None,
+        allow_pickle: bool = False,
         progress: bool = True,
     ) -> History:
         """Bilevel training for ``max_steps`` outer steps (the data is cycled).
@@ -217,12 +219,13 @@ class MemoryWrapper:
         (memory off, and adapted on the prompt when ``eval_prompt_memory``) is measured every
         ``eval_every`` steps and at the end. With ``save_every``, a checkpoint is written to
         ``output_dir/checkpoint-<step>``; ``resume_from`` such a checkpoint continues with exactly the
-        trajectory of an uninterrupted run. Batches without a maskable token are skipped, and a whole
+        trajectory of an uninterrupted run (``allow_pickle``: a checkpoint of an earlier release, see
+        :meth:`from_pretrained`). Batches without a maskable token are skipped, and a whole
         pass of them raises; non-finite steps are skipped (``History.nonfinite_steps``).
         """
         return fit(self, train_data, eval_data=eval_data, max_steps=max_steps, batch_size=batch_size,
                    eval_every=eval_every, eval_prompt_memory=eval_prompt_memory, save_every=save_every,
-                   output_dir=output_dir, resume_from=resume_from, progress=progress)
+                   output_dir=output_dir, resume_from=resume_from, allow_pickle=allow_pickle, progress=progress)
 
     # ----- checkpoints ---------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, *, training_state: dict[str, Any] | None = None) -> Path:
@@ -246,7 +249,7 @@ class MemoryWrapper:
             if self.optimizer is not None:
                 state["optimizer"] = self.optimizer.state_dict()
                 state["scheduler"] = self.scheduler.state_dict()
-            torch.save(state, tmp / TRAINING_STATE)
+            write_state(state, tmp)
             if "history" in state:  # a fit checkpoint: its History as JSON too, for people and plots
                 (tmp / HISTORY).write_text(json.dumps(state["history"], indent=1))
             write_meta(tmp, {"model_class": model_class_path(self.model), "backbone": self.backbone.name,
@@ -263,15 +266,19 @@ class MemoryWrapper:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, device: str | torch.device | None = None,
-                        **kwargs: Any) -> "MemoryWrapper":
+                        allow_pickle: bool = False, trust_remote_code: bool = False, **kwargs: Any) -> "MemoryWrapper":
         """Rebuild a wrapper saved with :meth:`save_pretrained` (model class, backbone, config,
         tokenizer, RNG and meta-parameters; the optimizer is restored by ``fit(resume_from=...)``).
 
         ``device`` places the model; the anchor generator's state is restored when it was saved from a
-        device of the same type, and re-seeded from the config (with a warning) otherwise."""
+        device of the same type, and re-seeded from the config (with a warning) otherwise. Loading runs no
+        code from the checkpoint: ``allow_pickle`` opts in to the pickled training state of an earlier
+        release, ``trust_remote_code`` to a model class the library does not know (:mod:`.checkpoint`)."""
         path = resolve_checkpoint(directory)
         meta = read_meta(path)
-        model = import_model_class(meta["model_class"]).from_pretrained(path / MODEL_DIR)
+        model_class = resolve_model_class(meta["model_class"], path / MODEL_DIR, trust_remote_code=trust_remote_code)
+        state = read_state(path, allow_pickle=allow_pickle)
+        model = model_class.from_pretrained(path / MODEL_DIR)
         if device is not None:
             model.to(device)
         tokenizer = None
@@ -281,7 +288,6 @@ class MemoryWrapper:
             tokenizer = AutoTokenizer.from_pretrained(path / TOKENIZER_DIR)
         wrapper = cls(model, MemDLMConfig.from_yaml(path / CONFIG), backbone=meta["backbone"],
                       tokenizer=tokenizer, mask_token_id=meta["mask_token_id"], **kwargs)
-        state = torch.load(path / TRAINING_STATE, weights_only=False)
         wrapper._load_state(state)
         wrapper.trained_on = state.get("trained_on")  # not restored on resume: the caller describes its data
         return wrapper
@@ -313,10 +319,11 @@ class MemoryWrapper:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
 
-    def restore_training(self, directory: str | Path) -> tuple[History, int, int]:
-        """Load weights and training state from a ``fit`` checkpoint into this wrapper."""
+    def restore_training(self, directory: str | Path, *, allow_pickle: bool = False) -> tuple[History, int, int]:
+        """Load weights and training state from a ``fit`` checkpoint into this wrapper (``allow_pickle``: see
+        :meth:`from_pretrained`)."""
         path = resolve_checkpoint(directory)
-        state = torch.load(path / TRAINING_STATE, weights_only=False)
+        state = read_state(path, allow_pickle=allow_pickle)
         if "step" not in state:
             raise ValueError(f"{path} was not written by fit(save_every=...): it holds no training progress to resume")
         load_weights(self.model, path / MODEL_DIR)

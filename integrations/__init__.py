@@ -14,7 +14,8 @@ from torch import nn
 
 from . import dream, llada, llada2, llada_moe, mdlm
 
-__all__ = ["dream", "llada", "llada2", "llada_moe", "mdlm", "TINY_FAMILIES", "tiny_model", "model_class_for", "load_pretrained"]
+__all__ = ["dream", "llada", "llada2", "llada_moe", "mdlm", "TINY_FAMILIES", "tiny_model", "model_class_for",
+           "native_model_class", "load_pretrained"]
 
 _FAMILIES = (dream, llada, llada2, llada_moe, mdlm)
 
@@ -54,6 +55,18 @@ def model_class_for(architectures: list[str]) -> type[nn.Module] | None:
         for family in _FAMILIES:
             found = getattr(family, name, None)
             if isinstance(found, type) and issubclass(found, nn.Module):
+                return found
+    return None
+
+
+def native_model_class(path: str) -> type[nn.Module] | None:
+    """The built-in family's model class whose "module:Name" is ``path`` (as a checkpoint records it), or
+    None; found among the families' exports, never by importing ``path``."""
+    for family in _FAMILIES:
+        for name in family.__all__:
+            found = getattr(family, name)
+            if isinstance(found, type) and issubclass(found, nn.Module) and \
+                    f"{found.__module__}:{found.__qualname__}" == path:
                 return found
     return None
 

@@ -18,7 +18,8 @@ import torch
 from pydantic import ValidationError
 
 from bilevel_dlm import InnerConfig, MemDLMConfig, MemoryConfig, MemoryWrapper, OuterConfig, TrajectoryConfig
-from bilevel_dlm.checkpoint import CONFIG, HISTORY, META, MODEL_DIR, TRAINING_STATE, CheckpointError, resolve_checkpoint
+from bilevel_dlm.checkpoint import CONFIG, HISTORY, META, MODEL_DIR, CheckpointError, resolve_checkpoint
+from bilevel_dlm.state_files import STATE_JSON, STATE_TENSORS
 from bilevel_dlm.cli import main
 from bilevel_dlm.integrations.dream import DreamModel
 from bilevel_dlm.integrations.dream import tiny_config as dream_config
@@ -164,7 +165,7 @@ def _truncate(path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
-@pytest.mark.parametrize("name", [CONFIG, f"{MODEL_DIR}/model.safetensors", TRAINING_STATE, META])
+@pytest.mark.parametrize("name", [CONFIG, f"{MODEL_DIR}/model.safetensors", STATE_TENSORS, STATE_JSON, META])
 def test_a_damaged_checkpoint_file_is_named_with_the_fix(checkpoints, name: str) -> None:
     target = checkpoints / "checkpoint-4" / name
     if name == CONFIG:
@@ -180,7 +181,7 @@ def test_a_damaged_checkpoint_file_is_named_with_the_fix(checkpoints, name: str)
 
 def test_the_newest_valid_checkpoint_is_chosen_from_a_folder(checkpoints) -> None:
     assert resolve_checkpoint(checkpoints) == checkpoints / "checkpoint-4"
-    _truncate(checkpoints / "checkpoint-4" / TRAINING_STATE)
+    _truncate(checkpoints / "checkpoint-4" / STATE_TENSORS)
     assert resolve_checkpoint(checkpoints) == checkpoints / "checkpoint-2"
     loaded = MemoryWrapper.from_pretrained(checkpoints)
     assert (loaded.config.inner.lr, loaded.config.inner.steps, loaded.config.seed) == (0.05, 3, 7)
@@ -324,7 +325,7 @@ def test_checkpoints_carry_their_history_and_resume_takes_the_newest_valid(tmp_p
     assert history["steps"] == [1, 2, 3, 4] and history["eval_steps"] == [2, 4] and history["variant"] == "MemDLM"
     assert json.loads((output / HISTORY).read_text())["eval_steps"] == [2, 4]
     folder = output.with_name("run-checkpoints")
-    (folder / "checkpoint-4" / TRAINING_STATE).write_bytes(b"")
+    (folder / "checkpoint-4" / STATE_TENSORS).write_bytes(b"")
     code, out, err = cli(capsys, "train", *SYNTHETIC, *FAST, "--steps", "6", "--save-every", "2",
                          "--resume", str(folder), "--output", str(tmp_path / "resumed"))
     assert code == 0, err

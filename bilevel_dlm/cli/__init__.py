@@ -3,6 +3,7 @@
     bilevel-dlm train --synthetic --steps 200 --lr 1e-3 --output runs/tiny
     bilevel-dlm eval --checkpoint runs/tiny --synthetic --accuracy
     bilevel-dlm generate --checkpoint runs/tiny --prompt "mary went to the kitchen. question: where is mary? answer:"
+    bilevel-dlm convert-checkpoint old_run/          # an earlier release's checkpoint, rewritten without pickles
 
 Every command is also callable in-process as ``main([...])``, which returns the exit status: 0 on
 success, 2 for bad arguments, missing files, unusable data or a failed save (a one-line message, no
@@ -110,6 +111,11 @@ def _add_data_arguments(parser: argparse.ArgumentParser, *, from_run: bool) -> N
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    trust = parser.add_argument_group("loading checkpoints of untrusted origin (off: nothing a checkpoint carries runs)")
+    trust.add_argument("--allow-pickle", action="store_true", help="read the pickled training state of a checkpoint "
+                       "written by an earlier bilevel_dlm (torch's restricted unpickler); or run convert-checkpoint once")
+    trust.add_argument("--trust-remote-code", action="store_true", help="import a model class the checkpoint names "
+                       "that is neither a built-in family's nor a transformers class (runs that module's code)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,6 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_arguments(generate)
     _add_common_arguments(generate)
     generate.set_defaults(handler="generation")
+
+    convert = commands.add_parser("convert-checkpoint", help="rewrite an earlier release's checkpoint without pickles",
+                                  description="Rewrite checkpoints written by an earlier bilevel_dlm, whose training "
+                                              "state is a pickle, in the current format (safetensors + JSON). Read "
+                                              "with torch's restricted unpickler; run it on checkpoints you trust.")
+    convert.add_argument("path", metavar="DIR", help="a checkpoint, or a folder of checkpoint-<step> folders (each)")
+    convert.set_defaults(handler="convert")
     return parser
 
 

@@ -25,7 +25,7 @@ from ..wrapper import MemoryWrapper
 from . import CLIError
 
 __all__ = ["Data", "Rows", "Source", "reported", "existing", "read_jsonl", "load_data", "data_record",
-           "check_vocabulary", "load_model_folder", "wrap", "load_checkpoint", "resolve_device", "effective_config",
+           "check_vocabulary", "load_model_folder", "loading_options", "wrap", "load_checkpoint", "resolve_device", "effective_config",
            "progress_bars"]
 
 
@@ -183,11 +183,16 @@ class Source:
     saved: MemoryWrapper | None = None
 
 
-def load_model_folder(path: Path) -> Source:
+def loading_options(args: argparse.Namespace) -> dict[str, bool]:
+    """The opt-ins of ``MemoryWrapper.from_pretrained`` given on the command line."""
+    return {"allow_pickle": args.allow_pickle, "trust_remote_code": args.trust_remote_code}
+
+
+def load_model_folder(path: Path, options: dict[str, bool]) -> Source:
     """A MemoryWrapper checkpoint (``bilevel_dlm.json``) or a ``save_pretrained`` folder of a built-in backbone."""
     if (path / META).exists():
         with reported(f"checkpoint {path}"):
-            saved = MemoryWrapper.from_pretrained(path)
+            saved = MemoryWrapper.from_pretrained(path, **options)
         return Source(saved.model, saved.tokenizer, saved)
     if not (path / "config.json").exists():
         raise CLIError(f"{path} is neither a bilevel_dlm checkpoint ({META}) nor a save_pretrained model "
@@ -225,12 +230,12 @@ def wrap(model: nn.Module, config: MemDLMConfig, device: torch.device, *, tokeni
     return wrapper
 
 
-def load_checkpoint(path: str, device: torch.device) -> MemoryWrapper:
+def load_checkpoint(path: str, device: torch.device, options: dict[str, bool]) -> MemoryWrapper:
     """``MemoryWrapper.from_pretrained`` on ``device`` (a checkpoint, or the newest valid one of a folder)."""
     folder = existing(path, "--checkpoint")
     with reported(f"--checkpoint {folder}"):
         try:
-            return MemoryWrapper.from_pretrained(folder, device=device)
+            return MemoryWrapper.from_pretrained(folder, device=device, **options)
         except FileNotFoundError as error:
             raise ValueError(f"not a bilevel_dlm checkpoint ({error}); write one with train --output") from error
 

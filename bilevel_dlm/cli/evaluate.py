@@ -16,7 +16,8 @@ from ..tasks import exact_match
 from ..tasks.tokenizer import IGNORE_INDEX
 from ..wrapper import MemoryWrapper
 from . import DEFAULT_CONTEXT_LENGTHS, DEFAULT_EVAL_DATA_SEED, DEFAULT_EXAMPLES_PER_TASK, TASK_NAMES, CLIError
-from .common import Data, check_vocabulary, load_checkpoint, load_data, progress_bars, reported, resolve_device
+from .common import (Data, check_vocabulary, load_checkpoint, load_data, loading_options, progress_bars, reported,
+                     resolve_device)
 from .generation import decode, generation_settings
 
 __all__ = ["run", "accuracy", "with_suite_defaults", "scored"]
@@ -81,7 +82,7 @@ def accuracy(wrapper: MemoryWrapper, answered: list[tuple[dict[str, torch.Tensor
 
 def run(args: argparse.Namespace) -> int:
     with progress_bars(not args.no_progress):
-        wrapper = load_checkpoint(args.checkpoint, resolve_device(args.device))
+        wrapper = load_checkpoint(args.checkpoint, resolve_device(args.device), loading_options(args))
     args, origin = with_suite_defaults(args, wrapper.trained_on)
     data = load_data(args, wrapper.tokenizer, f"--checkpoint {args.checkpoint}")
     check_vocabulary(data.rows, wrapper.model)

@@ -10,7 +10,7 @@ import torch
 from ..sampling import default_sampler
 from ..wrapper import MemoryWrapper
 from . import CLIError
-from .common import load_checkpoint, progress_bars, reported, resolve_device
+from .common import load_checkpoint, loading_options, progress_bars, reported, resolve_device
 
 __all__ = ["run", "decode", "generation_settings"]
 
@@ -32,7 +32,7 @@ def decode(tokenizer: Any, ids: torch.Tensor) -> str:
 
 def run(args: argparse.Namespace) -> int:
     with progress_bars(not args.no_progress):
-        wrapper = load_checkpoint(args.checkpoint, resolve_device(args.device))
+        wrapper = load_checkpoint(args.checkpoint, resolve_device(args.device), loading_options(args))
     if wrapper.tokenizer is None:
         raise CLIError(f"--checkpoint {args.checkpoint} has no tokenizer, so prompts cannot be encoded")
     settings = generation_settings(args, wrapper)

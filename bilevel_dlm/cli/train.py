@@ -25,7 +25,7 @@ from ..training import History, TrainingDiverged
 from ..wrapper import MemoryWrapper
 from . import CLIError
 from .common import (Data, Rows, Source, check_vocabulary, data_record, effective_config, existing, load_data,
-                     load_model_folder, progress_bars, reported, resolve_device, wrap)
+                     load_model_folder, loading_options, progress_bars, reported, resolve_device, wrap)
 
 __all__ = ["run"]
 
@@ -62,10 +62,10 @@ def _resume_point(resume: str | None) -> Path | None:
 def _training_source(args: argparse.Namespace, resume: Path | None) -> tuple[Source | None, Any, str]:
     """(the loaded model or None for a tiny one, the tokenizer, where the tokenizer comes from)."""
     if args.model is not None:
-        source = load_model_folder(existing(args.model, "--model"))
+        source = load_model_folder(existing(args.model, "--model"), loading_options(args))
         return source, source.tokenizer, f"--model {args.model}"
     if resume is not None and args.tiny is None:
-        source = load_model_folder(resume)
+        source = load_model_folder(resume, loading_options(args))
         return source, source.tokenizer, f"--resume {args.resume}"
     return None, build_tokenizer(), "the built-in tokenizer"
 
@@ -146,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
                 history = wrapper.fit(Rows(data.rows), eval_data=evaluation.rows if evaluation else None,
                                       eval_every=args.eval_every, max_steps=args.steps, batch_size=args.batch_size,
                                       save_every=args.save_every, output_dir=checkpoints, resume_from=resume,
+                                      allow_pickle=args.allow_pickle,
                                       progress=not args.no_progress)
         except KeyboardInterrupt:
             return _interrupted(args, checkpoints)

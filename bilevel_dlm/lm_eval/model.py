@@ -32,13 +32,14 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_LENGTH = 4096  # LLaDA's evaluation (dllm: 4096 for LLaDA and Dream), for a model that states none
 
 
-def _load(pretrained: str, device: str) -> MemoryWrapper:
-    """A MemoryWrapper checkpoint, or a model folder of a built-in family (with its tokenizer)."""
+def _load(pretrained: str, device: str, **loading: bool) -> MemoryWrapper:
+    """A MemoryWrapper checkpoint (``loading``: the opt-ins of ``from_pretrained``), or a model folder of a
+    built-in family (with its tokenizer)."""
     from ..checkpoint import META
 
     path = Path(pretrained)
     if (path / META).exists() or any(path.glob("checkpoint-*")):
-        return MemoryWrapper.from_pretrained(path, device=device)
+        return MemoryWrapper.from_pretrained(path, device=device, **loading)
     from transformers import AutoTokenizer
 
     from ..integrations import load_pretrained
@@ -81,6 +82,8 @@ class BilevelDLM(TemplateLM):
         seed: of the sampler, the adaptation and the Monte Carlo masks (the same for every request).
         tokenizer: a tokenizer folder to use instead of the checkpoint's (RULER's tasks read it too).
         max_batch_size: accepted for lm-eval's command line (which always passes it); unused.
+        allow_pickle, trust_remote_code: the opt-ins of ``MemoryWrapper.from_pretrained`` for a checkpoint of an
+            earlier release / one naming a model class the library does not know (off: no code it carries runs).
         sampler settings (``steps``, ``block_length``, ``remasking``, ``temperature``, ``cfg_scale``, ...): the
             backbone's default sampler; ``cfg_scale`` also guides log-likelihoods (LLaDA's ``cfg``).
     """
@@ -90,13 +93,15 @@ class BilevelDLM(TemplateLM):
                  is_check_greedy: bool | None = None, sampling_eps: float | None = None,
                  add_bos_token: bool | None = None, max_length: int | None = None, max_gen_toks: int = 256,
                  gen_length: int | None = None, seed: int = 1234, tokenizer: str | None = None,
-                 max_batch_size: int | None = None, **sampler_settings: Any) -> None:
+                 max_batch_size: int | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
+                 **sampler_settings: Any) -> None:
         super().__init__()
         if (pretrained is None) == (wrapper is None):
             raise ValueError("BilevelDLM needs exactly one of pretrained=<path> or wrapper=<MemoryWrapper>")
         if memory not in ("off", "prompt"):
             raise ValueError(f"memory must be 'off' or 'prompt', got {memory!r}")
-        self.wrapper = wrapper or _load(pretrained, device)
+        self.wrapper = wrapper or _load(pretrained, device, allow_pickle=bool(allow_pickle),
+                                        trust_remote_code=bool(trust_remote_code))
         fields = sorted(SAMPLERS[self.wrapper.backbone.default_sampler].model_fields)
         unknown = sorted(set(sampler_settings) - set(fields))
         if unknown:
