@@ -18,14 +18,16 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 __all__ = ["atomic_directory_write", "resolve_checkpoint", "verify_checkpoint", "newest_valid_checkpoint",
-           "CheckpointError", "model_class_path", "resolve_model_class", "load_weights", "write_meta", "read_meta",
+           "CheckpointError", "CheckpointSaveError", "model_class_path", "resolve_model_class", "load_weights", "write_meta", "read_meta",
            "META", "CONFIG", "MODEL_DIR", "TOKENIZER_DIR", "MANIFEST", "HISTORY"]
 
 MODEL_DIR, TOKENIZER_DIR = "model", "tokenizer"
@@ -36,6 +38,10 @@ _STEP = re.compile(r"checkpoint-(\d+)$")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: names the file, the problem and the fix."""
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (disk full, read-only, ...); the target keeps its previous contents."""
 
 
 def _umask() -> int:
@@ -52,12 +58,20 @@ def atomic_directory_write(target: str | Path, write: Callable[[Path], None]) ->
     The directory gets the permissions of the user's umask (a temporary directory starts as 0700).
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as error:
+        raise CheckpointSaveError(f"writing {target} failed ({error.strerror or error})") from error
     try:
         write(tmp)
         _write_manifest(tmp)
         os.chmod(tmp, 0o777 & ~_umask())
+    except (OSError, SafetensorError) as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = "its previous contents are intact" if target.exists() else "nothing was written"
+        raise CheckpointSaveError(f"writing {target} failed ({getattr(error, 'strerror', None) or error}); "
+                                  f"{kept}") from error
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -110,6 +124,10 @@ def _problem(directory: Path) -> tuple[str, str] | None:
     return None
 
 
+def _step_of(checkpoint: Path) -> int:
+    return int(_STEP.match(checkpoint.name).group(1))
+
+
 def _checkpoint_steps(folder: Path) -> list[tuple[int, Path]]:
     found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _STEP.match(p.name))]
     return sorted(found, reverse=True)
@@ -151,11 +169,20 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if newest is None:
             raise CheckpointError(f"{path}: none of its checkpoint-<step> folders is valid "
                                   f"({', '.join(p.name for _, p in _checkpoint_steps(path)[:3])}, ...)")
+        skipped = [p for _, p in _checkpoint_steps(path) if _step_of(p) > _step_of(newest)]
+        if skipped:
+            name, what = _problem(skipped[0]) or ("?", "is damaged")
+            warnings.warn(f"{skipped[0]} is damaged ({name} {what}); using {newest}, the newest valid checkpoint "
+                          f"of {path}", stacklevel=2)
         path = newest
     if not (path / META).exists():
         old = path.with_name(f".{path.name}.old")
         if not (old / META).exists():
-            raise FileNotFoundError(f"no bilevel_dlm checkpoint at {path} (missing {META}); save one with save_pretrained")
+            found = "it does not exist" if not path.exists() else (
+                "it is empty" if path.is_dir() and not any(path.iterdir()) else f"it holds no {META}")
+            raise FileNotFoundError(f"no bilevel_dlm checkpoint at {path} ({found}): expected a checkpoint folder "
+                                    f"(with {META}, written by save_pretrained or train --output) or a folder of "
+                                    "checkpoint-<step> folders (train --save-every)")
         path = old
     verify_checkpoint(path)
     return path

@@ -44,9 +44,9 @@ def leading_real_tokens(attention_mask: torch.Tensor, count: int) -> torch.Tenso
     return attention_mask.bool() & (attention_mask.long().cumsum(1) <= count)
 
 
-def _as_long(value: Any, name: str, where: str) -> torch.Tensor:
+def _as_long(value: Any, name: str, where: str, *, bool_ok: bool = False) -> torch.Tensor:
     tensor = torch.as_tensor(value)
-    if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
+    if tensor.dtype.is_floating_point or tensor.dtype.is_complex or (tensor.dtype == torch.bool and not bool_ok):
         raise TypeError(f"{where}: {name!r} must hold integers, got dtype {tensor.dtype}; pass token ids "
                         "(torch.long), not embeddings, probabilities or masks")
     return tensor.long()
@@ -59,18 +59,20 @@ def prepare_batch(
     *,
     vocab_size: int | None = None,
     max_length: int | None = None,
+    mask_token_id: int | None = None,
     where: str = "batch",
 ) -> PreparedBatch:
     """Validate a batch dict and derive the maskable positions (labels != -100, attended, and not among
     the first ``protected_prefix`` real tokens of the row).
 
-    Checked, with messages naming ``where``, the field and the fix: keys, integer dtypes, shapes, empty
-    batches, token ids in ``[0, vocab_size)``, an attention mask of 0 / 1 and lengths up to
+    Checked, with messages naming ``where``, the field and the fix: keys, integer dtypes (an attention mask
+    may be bool), shapes, empty batches, token ids in ``[0, vocab_size)``, no mask token among the attended
+    inputs, labels that are -100 or the input token, an attention mask of 0 / 1 and lengths up to
     ``max_length``. The value checks and the batch's flags are read from the device in one sync.
     """
     if not isinstance(batch, Mapping) or "input_ids" not in batch:
         keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
-        raise KeyError(f"{where}: a batch needs 'input_ids' (and optionally 'labels', 'attention_mask'); got {keys}")
+        raise ValueError(f"{where}: a batch needs 'input_ids' (and optionally 'labels', 'attention_mask'); got {keys}")
     x0 = _as_long(batch["input_ids"], "input_ids", where).to(device)
     if x0.dim() != 2:
         raise ValueError(f"{where}: 'input_ids' must be [batch, length], got shape {tuple(x0.shape)} "
@@ -81,19 +83,20 @@ def prepare_batch(
         raise ValueError(f"{where}: sequences of {x0.shape[1]} tokens exceed the model's maximum length {max_length}; "
                          "truncate or split them")
     attention = batch.get("attention_mask")
-    attention = torch.ones_like(x0) if attention is None else _as_long(attention, "attention_mask", where).to(device)
+    attention = (torch.ones_like(x0) if attention is None
+                 else _as_long(attention, "attention_mask", where, bool_ok=True).to(device))
+    _check_shape(attention, x0, "attention_mask", where)
     labels = batch.get("labels")
     labels = torch.where(attention.bool(), x0, -100) if labels is None else _as_long(labels, "labels", where).to(device)
-    for name, tensor in (("attention_mask", attention), ("labels", labels)):
-        if tensor.shape != x0.shape:
-            raise ValueError(f"{where}: {name!r} has shape {tuple(tensor.shape)} but 'input_ids' {tuple(x0.shape)}; "
-                             "they must match position by position")
+    _check_shape(labels, x0, "labels", where)
     maskable = (labels != -100) & attention.bool()
     if protected_prefix:  # the first real tokens of each row (left padding moves them)
         maskable &= ~leading_real_tokens(attention, protected_prefix)
+    masks_in_input = (x0 == mask_token_id) & attention.bool() if mask_token_id is not None else torch.zeros_like(maskable)
     checks = torch.stack([attention.bool().all(), maskable.any(), x0.min(), x0.max(), attention.min(), attention.max(),
-                          attention.bool().any(1).all()]).tolist()
-    full, has_maskable, smallest, largest, low, high, every_row_attended = checks
+                          attention.bool().any(1).all(), masks_in_input.sum(),
+                          ((labels != -100) & (labels != x0)).sum()]).tolist()
+    full, has_maskable, smallest, largest, low, high, every_row_attended, masks, foreign_labels = checks
     if low < 0 or high > 1:
         raise ValueError(f"{where}: 'attention_mask' holds values in [{low}, {high}]; it must be 1 (real token) or 0 (padding)")
     if not every_row_attended:
@@ -102,7 +105,21 @@ def prepare_batch(
         valid = f"0..{vocab_size - 1}" if vocab_size is not None else "non-negative ids"
         raise ValueError(f"{where}: 'input_ids' holds token ids in [{smallest}, {largest}] but the model takes {valid}; "
                          "encode the data with the model's tokenizer (padding included)")
+    if masks:
+        raise ValueError(f"{where}: 'input_ids' holds the mask token (id {mask_token_id}) at {masks} attended "
+                         "position(s); it marks the positions the model predicts, so data and prompts must not contain "
+                         "it (encode text without the mask token, or pad with another id)")
+    if foreign_labels:
+        raise ValueError(f"{where}: {foreign_labels} label(s) are neither -100 nor the input token at their position; a "
+                         "masked diffusion model predicts its own input tokens, so labels are a copy of input_ids "
+                         "with -100 on the prompt and padding")
     return PreparedBatch(x0=x0, maskable=maskable, attention_mask=attention, padded=not full, has_maskable=has_maskable)
+
+
+def _check_shape(tensor: torch.Tensor, x0: torch.Tensor, name: str, where: str) -> None:
+    if tensor.shape != x0.shape:
+        raise ValueError(f"{where}: {name!r} has shape {tuple(tensor.shape)} but 'input_ids' {tuple(x0.shape)}; "
+                         "they must match position by position")
 
 
 def pad_collate(examples: Sequence[Mapping[str, Any]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:

@@ -5,15 +5,20 @@ update, with a single host sync for its metrics. A step whose loss or gradients 
 reaches the weights: it is skipped, counted and warned about, and ``max_nonfinite_steps`` of them in a
 row stop training with an error that names the step and the last finite metrics (the weights are then
 those of the last finite step). ``fit`` cycles the data and stops with an error, instead of looping
-forever, when a whole pass over the data brings no batch with a maskable token.
+forever, when a whole pass over the data brings no batch with a maskable token. Ctrl-C lands between steps
+(``deferred_interrupt``); with an ``output_dir`` the state after the last complete step is then saved as a
+checkpoint before ``TrainingInterrupted`` is raised.
 """
 
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,13 +26,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
+from .checkpoint import CheckpointSaveError
 from .contracts import InnerMethod
 from .data import iterate_batches
+from .run_definition import run_changes, run_definition
 
 if TYPE_CHECKING:
     from .wrapper import MemoryWrapper
 
-__all__ = ["History", "TrainingDiverged", "train_step", "fit", "skip_nonfinite"]
+__all__ = ["History", "TrainingDiverged", "TrainingInterrupted", "train_step", "fit", "skip_nonfinite",
+           "check_resume", "deferred_interrupt"]
 
 # Without epochs (an endless iterable) a run of skipped batches this long counts as "no usable data".
 SKIPS_WITHOUT_AN_EPOCH = 10_000
@@ -37,13 +45,40 @@ class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row; the model keeps the weights of the last finite step."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``fit``: the state after the last complete step was saved to ``checkpoint`` (None: it
+    could not be, and ``reason`` says why)."""
+
+    def __init__(self, step: int, checkpoint: Path | None, reason: str = "") -> None:
+        super().__init__(f"interrupted after step {step}; " + (f"saved {checkpoint}" if checkpoint else reason))
+        self.step, self.checkpoint, self.reason = step, checkpoint, reason
+
+
+@contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block ends, so that it lands between steps, never halfway through an
+    update and its bookkeeping. A no-op outside the main thread (where signals are not delivered)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda number, _frame: received.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        if received:
+            raise KeyboardInterrupt
+
+
 @dataclass
 class History:
     """What ``fit`` measured: one entry per optimizer step, evaluations at ``eval_steps``.
 
     ``nonfinite_steps`` lists the steps that were attempted with a non-finite loss or gradient and
     skipped (the step was then retried on the next batch); ``variant`` is the inner method's ``name``
-    ("MemDLM"), or "MDLM" for an inner method that adapts nothing (the plain baseline).
+    ("MemDLM"), or "MDLM" for an inner method that adapts nothing (the plain baseline); ``changes`` the
+    step and settings of every resume that was allowed to change the run.
     """
 
     steps: list[int] = field(default_factory=list)
@@ -57,6 +92,7 @@ class History:
     nonfinite_steps: list[int] = field(default_factory=list)
     variant: str = "MemDLM"
     step_seconds: list[float] = field(default_factory=list)
+    changes: list[dict[str, Any]] = field(default_factory=list)  # settings a resume changed (allow_changes)
 
 
 def variant_name(wrapper: "MemoryWrapper") -> str:
@@ -134,6 +170,7 @@ def fit(
     output_dir: str | Path | None = None,
     resume_from: str | Path | None = None,
     allow_pickle: bool = False,
+    allow_changes: bool = False,
     progress: bool = True,
 ) -> History:
     """Bilevel training for ``max_steps`` outer steps; see :meth:`MemoryWrapper.fit`."""
@@ -148,51 +185,101 @@ def fit(
     if save_every:
         wrapper.check_savable()
     wrapper.configure_optimizers(max_steps)
+    definition = run_definition(wrapper.config, train_data, batch_size=batch_size, max_steps=max_steps)
     history, step, consumed = History(variant=variant_name(wrapper)), 0, 0
     if resume_from is not None:
-        history, step, consumed = wrapper.restore_training(resume_from, allow_pickle=allow_pickle)
+        history, step, consumed, saved_run = wrapper.restore_training(resume_from, allow_pickle=allow_pickle)
+        check_resume(resume_from, step, saved_run, definition, history, allow_changes)
     data_generator = torch.Generator().manual_seed(wrapper.config.seed)
     batches = iterate_batches(train_data, batch_size, pad_token_id=wrapper.pad_token_id(), generator=data_generator)
     for _ in range(consumed):
         next(batches)
+    if save_every and max_steps - step < save_every:
+        warnings.warn(f"save_every={save_every} but only {max_steps - step} step(s) to train: no periodic checkpoint "
+                      "will be written", stacklevel=3)
     bar = tqdm(total=max_steps, initial=step, disable=not progress, desc=history.variant, dynamic_ncols=True)
     skipped_run = 0
-    while step < max_steps:
-        batch = next(batches)
-        started = time.perf_counter()
-        metrics = wrapper.step(batch)  # ends with a host sync, so the time is the device's too
-        seconds = time.perf_counter() - started
-        consumed += 1
-        if "skipped" in metrics:
-            history.skipped_batches += 1
-            skipped_run += 1
+
+    def save(directory: Path) -> Path:
+        state = {"step": step, "consumed_batches": consumed, "history": asdict(history), "run": definition}
+        return wrapper.save_pretrained(directory, training_state=state)
+
+    try:
+        while step < max_steps:
+            batch = next(batches)
+            with deferred_interrupt():  # a step and its bookkeeping happen whole, or not at all
+                started = time.perf_counter()
+                metrics = wrapper.step(batch)  # ends with a host sync, so the time is the device's too
+                seconds = time.perf_counter() - started
+                consumed += 1
+                if "skipped" in metrics:
+                    history.skipped_batches += 1
+                    skipped_run += 1
+                elif "nonfinite" in metrics:
+                    skipped_run = 0
+                    history.nonfinite_steps.append(step + 1)
+                else:
+                    skipped_run = 0
+                    step += 1
+                    record(history, step, metrics, seconds)
             if skipped_run >= (batches.epoch_batches or SKIPS_WITHOUT_AN_EPOCH):
                 raise ValueError(
                     f"{skipped_run} batches in a row (a full pass over the training data) had no maskable token: "
                     "every label is -100 or every position is padding. Labels mark the response; -100 only the "
                     "prompt."
                 )
-            continue
-        skipped_run = 0
-        if "nonfinite" in metrics:
-            history.nonfinite_steps.append(step + 1)
-            continue
-        step += 1
-        k = sum(name.startswith("inner_loss_") for name in metrics)
-        history.steps.append(step)
-        history.step_seconds.append(seconds)
-        history.outer_loss.append(metrics["outer_loss"])
-        history.inner_losses.append([metrics[f"inner_loss_{i}"] for i in range(k)])
-        history.inner_grad_norms.append([metrics[f"inner_grad_norm_{i}"] for i in range(k)])
-        bar.update(1)
-        bar.set_postfix(outer=f"{metrics['outer_loss']:.3f}")
-        if eval_data is not None and (step == max_steps or (eval_every and step % eval_every == 0)):
-            history.eval_steps.append(step)
-            history.eval_loss.append(wrapper.eval_loss(eval_data, memory="off", batch_size=batch_size))
-            if eval_prompt_memory:
-                history.eval_loss_prompt_memory.append(wrapper.eval_loss(eval_data, memory="prompt", batch_size=batch_size))
-        if save_every and step % save_every == 0:
-            progress_state = {"step": step, "consumed_batches": consumed, "history": asdict(history)}
-            wrapper.save_pretrained(Path(output_dir) / f"checkpoint-{step}", training_state=progress_state)
+            if skipped_run or "nonfinite" in metrics:
+                continue
+            bar.update(1)
+            bar.set_postfix(outer=f"{metrics['outer_loss']:.3f}")
+            if eval_data is not None and (step == max_steps or (eval_every and step % eval_every == 0)):
+                history.eval_steps.append(step)
+                history.eval_loss.append(wrapper.eval_loss(eval_data, memory="off", batch_size=batch_size))
+                if eval_prompt_memory:
+                    history.eval_loss_prompt_memory.append(
+                        wrapper.eval_loss(eval_data, memory="prompt", batch_size=batch_size))
+            if save_every and step % save_every == 0:
+                save(Path(output_dir) / f"checkpoint-{step}")
+    except KeyboardInterrupt:
+        bar.close()
+        if output_dir is None:
+            raise TrainingInterrupted(step, None, "no output_dir to save a checkpoint to") from None
+        try:
+            checkpoint = save(Path(output_dir) / f"checkpoint-{step}")
+        except (CheckpointSaveError, NotImplementedError) as error:
+            raise TrainingInterrupted(step, None, f"saving the state failed: {error}") from None
+        raise TrainingInterrupted(step, checkpoint) from None
     bar.close()
     return history
+
+
+def record(history: History, step: int, metrics: dict[str, float], seconds: float) -> None:
+    """Append a finished optimizer step's metrics to ``history``."""
+    k = sum(name.startswith("inner_loss_") for name in metrics)
+    history.steps.append(step)
+    history.step_seconds.append(seconds)
+    history.outer_loss.append(metrics["outer_loss"])
+    history.inner_losses.append([metrics[f"inner_loss_{i}"] for i in range(k)])
+    history.inner_grad_norms.append([metrics[f"inner_grad_norm_{i}"] for i in range(k)])
+
+
+def check_resume(checkpoint: str | Path, step: int, saved: dict[str, Any] | None, current: dict[str, Any],
+                 history: History, allow_changes: bool) -> None:
+    """Refuse a resume that would not continue the checkpoint's run (past its steps, or other settings);
+    with ``allow_changes`` the differences are warned about and recorded in ``history.changes``."""
+    if step > current["max_steps"]:
+        raise ValueError(f"{checkpoint} is at step {step}, past max_steps={current['max_steps']}: there is nothing "
+                         f"to train; resume with max_steps >= {step}")
+    if saved is None:
+        warnings.warn(f"{checkpoint} records no run definition (written by an earlier bilevel_dlm), so this resume "
+                      "cannot be checked against it", stacklevel=3)
+        return
+    changes = run_changes(saved, current)
+    if not changes:
+        return
+    if not allow_changes:
+        raise ValueError(f"resuming {checkpoint} would change the run: {'; '.join(changes)}. Resume with the same "
+                         "settings, or allow_changes=True (--allow-changes) to continue with these (recorded in the "
+                         "history)")
+    warnings.warn(f"resuming {checkpoint} with changes: {'; '.join(changes)}", stacklevel=3)
+    history.changes.append({"step": step, "changes": changes})

@@ -159,7 +159,7 @@ class MemoryWrapper:
     def prepare(self, batch: Mapping[str, Any], where: str = "batch") -> PreparedBatch:
         """Validate a batch against this model (vocabulary, maximum length) and derive its maskable positions."""
         return prepare_batch(batch, self.device, self.backbone.protected_prefix, vocab_size=self.vocab_size,
-                             max_length=self.max_length, where=where)
+                             max_length=self.max_length, mask_token_id=self.mask_token_id, where=where)
 
     # ----- training ----------------------------------------------------------------------------
     @contextmanager
@@ -210,6 +210,7 @@ class MemoryWrapper:
         output_dir: str | Path | None = None,
         resume_from: str | Path | None = None,
         allow_pickle: bool = False,
+        allow_changes: bool = False,
         progress: bool = True,
     ) -> History:
         """Bilevel training for ``max_steps`` outer steps (the data is cycled).
@@ -220,12 +221,14 @@ class MemoryWrapper:
         ``eval_every`` steps and at the end. With ``save_every``, a checkpoint is written to
         ``output_dir/checkpoint-<step>``; ``resume_from`` such a checkpoint continues with exactly the
         trajectory of an uninterrupted run (``allow_pickle``: a checkpoint of an earlier release, see
-        :meth:`from_pretrained`). Batches without a maskable token are skipped, and a whole
+        :meth:`from_pretrained`); a resume with other settings (config, data, batch size, max_steps) is
+        refused unless ``allow_changes`` (then recorded in ``History.changes``). Batches without a maskable token are skipped, and a whole
         pass of them raises; non-finite steps are skipped (``History.nonfinite_steps``).
         """
         return fit(self, train_data, eval_data=eval_data, max_steps=max_steps, batch_size=batch_size,
                    eval_every=eval_every, eval_prompt_memory=eval_prompt_memory, save_every=save_every,
-                   output_dir=output_dir, resume_from=resume_from, allow_pickle=allow_pickle, progress=progress)
+                   output_dir=output_dir, resume_from=resume_from, allow_pickle=allow_pickle,
+                   allow_changes=allow_changes, progress=progress)
 
     # ----- checkpoints ---------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, *, training_state: dict[str, Any] | None = None) -> Path:
@@ -319,16 +322,17 @@ class MemoryWrapper:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
 
-    def restore_training(self, directory: str | Path, *, allow_pickle: bool = False) -> tuple[History, int, int]:
+    def restore_training(self, directory: str | Path, *, allow_pickle: bool = False
+                         ) -> tuple[History, int, int, dict[str, Any] | None]:
         """Load weights and training state from a ``fit`` checkpoint into this wrapper (``allow_pickle``: see
-        :meth:`from_pretrained`)."""
+        :meth:`from_pretrained`): its history, step, consumed batches and run definition (None if not recorded)."""
         path = resolve_checkpoint(directory)
         state = read_state(path, allow_pickle=allow_pickle)
         if "step" not in state:
             raise ValueError(f"{path} was not written by fit(save_every=...): it holds no training progress to resume")
         load_weights(self.model, path / MODEL_DIR)
         self._load_state(state)
-        return History(**state["history"]), state["step"], state["consumed_batches"]
+        return History(**state["history"]), state["step"], state["consumed_batches"], state.get("run")
 
     def pad_token_id(self) -> int:
         for source in (self.tokenizer, getattr(self.model, "config", None)):
@@ -413,6 +417,14 @@ class MemoryWrapper:
             raise ValueError(f"adapt must be True, False, 'prompt' or 'blocks', got {adapt!r}")
         sampler = sampler or default_sampler(self.backbone, **sampler_settings)
         self.prepare({"input_ids": input_ids, "attention_mask": attention_mask}, where="generate")  # validation
+        needed = input_ids.shape[-1] + max_new_tokens
+        if self.max_length is not None and needed > self.max_length:
+            fix = (f"shorten the prompt (e.g. keep its last {self.max_length - max_new_tokens} tokens) or generate "
+                   f"at most {self.max_length - input_ids.shape[-1]} tokens" if max_new_tokens < self.max_length
+                   else f"generate at most {self.max_length - input_ids.shape[-1]} tokens after this prompt")
+            raise ValueError(
+                f"a prompt of {input_ids.shape[-1]} tokens (padding included) + max_new_tokens={max_new_tokens} needs "
+                f"{needed} positions, more than the model's maximum length {self.max_length}: {fix}")
         seed = self.config.seed if seed is None else seed
         input_ids = input_ids.to(self.device)
         attention_mask = None if attention_mask is None else attention_mask.to(self.device)

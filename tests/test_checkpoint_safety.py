@@ -144,7 +144,8 @@ def test_an_earlier_release_s_checkpoint_loads_by_opt_in_or_after_conversion(tmp
     assert converted["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
     assert converted["history"] == state["history"] and converted["scheduler"] == state["scheduler"]
     resumed, _ = saved(tmp_path / "resumed")
-    resumed.fit(examples(), max_steps=3, batch_size=2, resume_from=checkpoint, progress=False)  # no opt-in needed
+    resumed.fit(examples(), max_steps=3, batch_size=2, resume_from=checkpoint, allow_changes=True,
+                progress=False)  # no allow_pickle needed (3 steps where the run had 2: an allowed change)
 
 
 def test_the_trainer_reads_its_rng_state_with_the_restricted_unpickler(tmp_path) -> None:

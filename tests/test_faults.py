@@ -327,10 +327,11 @@ def test_checkpoints_carry_their_history_and_resume_takes_the_newest_valid(tmp_p
     folder = output.with_name("run-checkpoints")
     (folder / "checkpoint-4" / STATE_TENSORS).write_bytes(b"")
     code, out, err = cli(capsys, "train", *SYNTHETIC, *FAST, "--steps", "6", "--save-every", "2",
-                         "--resume", str(folder), "--output", str(tmp_path / "resumed"))
+                         "--resume", str(folder), "--output", str(tmp_path / "resumed"), "--allow-changes")
     assert code == 0, err
     resumed = json.loads((tmp_path / "resumed" / HISTORY).read_text())
     assert resumed["steps"] == [1, 2, 3, 4, 5, 6]  # from checkpoint-2: steps 3..6 trained again
+    assert resumed["changes"] == [{"step": 2, "changes": ["max_steps: 4 -> 6"]}]
 
 
 def test_every_command_takes_no_progress(tmp_path, capsys) -> None:
@@ -370,7 +371,7 @@ def test_ctrl_c_prints_the_resume_command_and_exits_130(tmp_path) -> None:
     assert command[0] == "bilevel-dlm" and command[1:command.index("--resume")] == argv
     step = int(checkpoint.name.split("-")[1])
     command[command.index("--steps") + 1] = str(step + 2)
-    assert main(command[1:]) == 0
+    assert main([*command[1:], "--allow-changes"]) == 0
     assert json.loads((output / HISTORY).read_text())["steps"][-1] == step + 2
 
 

@@ -116,6 +116,7 @@ def test_prompt_memory_never_sees_the_scored_tokens():
     data = batch(2, 16, prompt=6)
     other = copy.deepcopy(data)
     other["input_ids"][:, 6:] = (other["input_ids"][:, 6:] + 7) % 120 + 2
+    other["labels"] = torch.where(other["labels"] != -100, other["input_ids"], -100)
     states = []
     for d in (data, other):
         prepared = wrapper.prepare(d)

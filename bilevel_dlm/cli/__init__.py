@@ -7,8 +7,9 @@
 
 Every command is also callable in-process as ``main([...])``, which returns the exit status: 0 on
 success, 2 for bad arguments, missing files, unusable data or a failed save (a one-line message, no
-traceback), 130 when interrupted. This module holds the parser only and imports torch lazily, so
-``--help`` is fast; each command lives in its own module.
+traceback), 130 when interrupted (``train`` first saves the state after its last complete step). This
+module holds the parser only and imports torch lazily, so ``--help`` is fast; each command lives in its
+own module.
 """
 
 from __future__ import annotations
@@ -145,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="DIR", help="continue from a --save-every checkpoint, or from the newest "
                        "valid one in a DIR-checkpoints folder (same data, batch size and --steps as the interrupted "
                        "run reproduce it exactly); also the model when --model/--tiny are not given")
+    train.add_argument("--allow-changes", action="store_true", help="with --resume: continue although the config, "
+                       "data, --batch-size or --steps differ from the checkpoint's run (recorded in its history)")
     train.add_argument("--eval-every", type=_positive_int, metavar="N", help="eval loss (memory off and prompt "
                        "memory) every N steps and at the end, on --eval-data or, with --synthetic, on held-out examples")
     train.add_argument("--eval-data", metavar="PATH", help="JSONL evaluation records (as --data) for --eval-every")
@@ -195,9 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # --help (0) or an argument error (2), already printed by argparse
         return exit_.code if isinstance(exit_.code, int) else 2
     args.argv = argv
-    command = importlib.import_module(f".{args.handler}", __name__)
     try:
-        return command.run(args)
+        return importlib.import_module(f".{args.handler}", __name__).run(args)
     except CLIError as error:
         print(f"bilevel-dlm {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # train reports its own (with the checkpoint it saved); here: before or after it
+        print(f"bilevel-dlm {args.command}: interrupted", file=sys.stderr)
+        return 130

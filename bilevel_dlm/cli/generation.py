@@ -30,6 +30,20 @@ def decode(tokenizer: Any, ids: torch.Tensor) -> str:
     return tokenizer.decode(tokens, skip_special_tokens=True)
 
 
+def refuse_unknown_words(tokenizer: Any, prompt: str) -> None:
+    """A prompt with words the tokenizer can only encode as its unknown token is refused, as training refuses
+    such data (the model would read ``<unk>`` in their place)."""
+    unknown_id = tokenizer.unk_token_id
+    if unknown_id is None:
+        return
+    encoded = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    unknown = [prompt[start:end] for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"])
+               if token == unknown_id]
+    if unknown:
+        raise CLIError(f"--prompt {prompt if len(prompt) <= 40 else prompt[:40] + '...'!r}: words outside the tokenizer's vocabulary: {sorted(set(unknown))}; "
+                       "the model would read them as its unknown token")
+
+
 def run(args: argparse.Namespace) -> int:
     with progress_bars(not args.no_progress):
         wrapper = load_checkpoint(args.checkpoint, resolve_device(args.device), loading_options(args))
@@ -37,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--checkpoint {args.checkpoint} has no tokenizer, so prompts cannot be encoded")
     settings = generation_settings(args, wrapper)
     for prompt in args.prompt:
+        refuse_unknown_words(wrapper.tokenizer, prompt)
         ids = wrapper.tokenizer(prompt, return_tensors="pt")["input_ids"].to(wrapper.device)
         with reported("generation"):
             output = wrapper.generate(ids, max_new_tokens=args.max_new_tokens, **settings)

@@ -21,9 +21,10 @@ import torch
 from ..checkpoint import META, CheckpointError, newest_valid_checkpoint, resolve_checkpoint
 from ..integrations import tiny_model
 from ..tasks import build_tokenizer
-from ..training import History, TrainingDiverged
+from ..training import History, TrainingDiverged, TrainingInterrupted
 from ..wrapper import MemoryWrapper
 from . import CLIError
+from .lock import output_lock
 from .common import (Data, Rows, Source, check_vocabulary, data_record, effective_config, existing, load_data,
                      load_model_folder, loading_options, progress_bars, reported, resolve_device, wrap)
 
@@ -100,12 +101,19 @@ def _resume_command(argv: list[str], checkpoint: Path) -> str:
     return shlex.join(["bilevel-dlm", *kept, "--resume", str(checkpoint)])
 
 
-def _interrupted(args: argparse.Namespace, checkpoints: Path | None) -> int:
-    newest = newest_valid_checkpoint(checkpoints) if checkpoints is not None else None
-    message = "bilevel-dlm train: interrupted; " + _where_to_resume(checkpoints)
-    if newest is not None:
-        message += f"; resume with: {_resume_command(args.argv, newest)}"
-    print(message, file=sys.stderr)
+def _interrupted(args: argparse.Namespace, interrupted: TrainingInterrupted) -> int:
+    """Ctrl-C during training: one line naming the checkpoint of the state at the interrupt (or why there is
+    none, and the last periodic one) and the command that resumes from it; exit status 130."""
+    if interrupted.checkpoint is not None:
+        message = (f"interrupted after step {interrupted.step}, saved {interrupted.checkpoint}; resume with: "
+                   f"{_resume_command(args.argv, interrupted.checkpoint)}")
+    else:
+        checkpoints = Path(f"{args.output}-checkpoints") if args.output else None
+        newest = newest_valid_checkpoint(checkpoints) if checkpoints is not None and checkpoints.exists() else None
+        message = f"interrupted after step {interrupted.step}, not saved ({interrupted.reason or 'no --output'})"
+        if newest is not None:
+            message += f"; the last complete checkpoint is {newest}; resume with: {_resume_command(args.argv, newest)}"
+    print(f"bilevel-dlm train: {message}", file=sys.stderr)
     return 130
 
 
@@ -120,11 +128,17 @@ def run(args: argparse.Namespace) -> int:
     if args.save_every and not args.output:
         raise CLIError("--save-every needs --output DIR (checkpoints go to DIR-checkpoints/checkpoint-<step>)")
     output = Path(args.output) if args.output else None
-    checkpoints = Path(f"{output}-checkpoints") if output is not None and args.save_every else None
-    if output is not None:
-        _check_output(output)
-    if checkpoints is not None:
+    if output is None:
+        return _train(args, None, None)
+    _check_output(output)
+    checkpoints = Path(f"{output}-checkpoints")  # periodic checkpoints, and the state saved at Ctrl-C
+    if args.save_every:
         _check_writable(checkpoints, "--save-every: checkpoint folder")
+    with output_lock(output):
+        return _train(args, output, checkpoints)
+
+
+def _train(args: argparse.Namespace, output: Path | None, checkpoints: Path | None) -> int:
     resume = _resume_point(args.resume)
     device = resolve_device(args.device)
     with progress_bars(not args.no_progress):
@@ -146,15 +160,26 @@ def run(args: argparse.Namespace) -> int:
                 history = wrapper.fit(Rows(data.rows), eval_data=evaluation.rows if evaluation else None,
                                       eval_every=args.eval_every, max_steps=args.steps, batch_size=args.batch_size,
                                       save_every=args.save_every, output_dir=checkpoints, resume_from=resume,
-                                      allow_pickle=args.allow_pickle,
+                                      allow_pickle=args.allow_pickle, allow_changes=args.allow_changes,
                                       progress=not args.no_progress)
-        except KeyboardInterrupt:
-            return _interrupted(args, checkpoints)
+        except TrainingInterrupted as interrupted:
+            return _interrupted(args, interrupted)
         except (TrainingDiverged, CheckpointError, OSError) as error:
             raise CLIError(f"training stopped: {error}; {_where_to_resume(checkpoints)}") from error
         seconds = time.perf_counter() - started
         saved_to = _save(wrapper, output, history, checkpoints) if output is not None else None
+    try:
+        _report(args, wrapper, history, data, device, seconds)
+    except KeyboardInterrupt:  # the run is complete and saved: Ctrl-C only cut the report short
+        pass
+    if saved_to is not None:
+        print(f"saved to {saved_to}")
+    return 0
 
+
+def _report(args: argparse.Namespace, wrapper: MemoryWrapper, history: History, data: Data, device: torch.device,
+            seconds: float) -> None:
+    """What the run trained and measured, on standard output."""
     parameters = sum(p.numel() for p in wrapper.model.parameters())
     print(f"model: {type(wrapper.model).__name__} (backbone {wrapper.backbone.name}, "
           f"{parameters:,} parameters) on {device}")
@@ -166,6 +191,3 @@ def run(args: argparse.Namespace) -> int:
         print("inner losses at the final step: " + ", ".join(f"{v:.4f}" for v in history.inner_losses[-1]))
     for step, off, prompt in zip(history.eval_steps, history.eval_loss, history.eval_loss_prompt_memory):
         print(f"step {step}: eval loss {off:.4f} (memory off), {prompt:.4f} (prompt memory)")
-    if saved_to is not None:
-        print(f"saved to {saved_to}")
-    return 0
