@@ -27,7 +27,8 @@ import torch
 from safetensors import SafetensorError
 
 __all__ = ["atomic_directory_write", "resolve_checkpoint", "verify_checkpoint", "newest_valid_checkpoint",
-           "CheckpointError", "CheckpointSaveError", "model_class_path", "resolve_model_class", "load_weights", "write_meta", "read_meta",
+           "CheckpointError", "CheckpointSaveError", "model_class_path", "resolve_model_class", "check_weights_fit",
+           "load_weights", "write_meta", "read_meta",
            "META", "CONFIG", "MODEL_DIR", "TOKENIZER_DIR", "MANIFEST", "HISTORY"]
 
 MODEL_DIR, TOKENIZER_DIR = "model", "tokenizer"
@@ -210,6 +211,32 @@ def resolve_model_class(path: str, model_dir: Path, *, trust_remote_code: bool =
             "checkpoint's author, pass trust_remote_code=True (--trust-remote-code on the command line)")
     module, _, name = path.partition(":")
     return getattr(importlib.import_module(module), name)
+
+
+def check_weights_fit(model_class: type, model_dir: Path) -> None:
+    """Refuse, before anything large is allocated, weights that do not fit ``model_class`` built from the
+    folder's ``config.json``: the class is built on the meta device (no memory) and its parameter shapes
+    compared with the safetensors headers. (A checkpoint whose recorded class was edited to another family's
+    would otherwise be built at that family's default size: gigabytes.)"""
+    from safetensors import safe_open
+
+    config = model_class.config_class.from_pretrained(model_dir)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = {name: tuple(value.shape) for name, value in model_class(config).state_dict().items()}
+    stored: dict[str, tuple[int, ...]] = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            stored.update({name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()})
+    common = stored.keys() & expected.keys()
+    wrong = [f"{name} {stored[name]} (expected {expected[name]})" for name in sorted(common)
+             if stored[name] != expected[name]]
+    if wrong or len(common) < len(stored) / 2:
+        found = "; ".join(wrong[:3]) if wrong else f"{len(stored) - len(common)} of {len(stored)} stored tensors unknown to it"
+        raise CheckpointError(
+            f"checkpoint {model_dir.parent}: its weights do not fit {model_class.__name__} built from "
+            f"{model_dir / 'config.json'} ({found}); the model class in {META} or the config was edited, or the "
+            "weights belong to another model")
 
 
 def _transformers_class(path: str, model_dir: Path) -> type | None:

@@ -168,6 +168,10 @@ class MemDLMConfig(_Strict):
     max_nonfinite_steps: int = Field(
         3, gt=0, description="training stops with an error after this many non-finite steps in a row (each is skipped)"
     )
+    max_weight_norm_change: float | None = Field(
+        1.0, gt=0.0, description="training stops with an error when one update changes the norm of the trained weights "
+        "by more than this fraction (an outer learning rate far too high: the losses can stay finite while the "
+        "weights explode); None: not checked")
 
     @model_validator(mode="after")
     def _check(self) -> "MemDLMConfig":

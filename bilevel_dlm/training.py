@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from .wrapper import MemoryWrapper
 
 __all__ = ["History", "TrainingDiverged", "TrainingInterrupted", "train_step", "fit", "skip_nonfinite",
-           "check_resume", "deferred_interrupt"]
+           "check_weight_norm", "check_resume", "deferred_interrupt"]
 
 # Without epochs (an endless iterable) a run of skipped batches this long counts as "no usable data".
 SKIPS_WITHOUT_AN_EPOCH = 10_000
@@ -117,13 +117,21 @@ def train_step(wrapper: "MemoryWrapper", batch: Mapping[str, Any]) -> dict[str, 
     max_norm = wrapper.config.outer.max_grad_norm
     grad_norm = (torch.nn.utils.clip_grad_norm_(theta, max_norm) if max_norm is not None
                  else torch.nn.utils.get_total_norm([p.grad for p in theta]))
+    weight_norm = torch.nn.utils.get_total_norm([p.detach() for p in wrapper.trainable_parameters()])
     values = torch.cat([loss.detach()[None].float(), inner.losses.float(), inner.grad_norms.float(),
-                        grad_norm.detach()[None].float()]).tolist()
+                        grad_norm.detach()[None].float(), weight_norm[None].float()]).tolist()
     k = inner.losses.shape[0]
-    metrics = {"outer_loss": values[0], "grad_norm": values[-1]}
+    metrics = {"outer_loss": values[0], "grad_norm": values[-2]}
     metrics.update({f"inner_loss_{i}": values[1 + i] for i in range(k)})
     metrics.update({f"inner_grad_norm_{i}": values[1 + k + i] for i in range(k)})
     finite = all(math.isfinite(v) for v in values)
+    if finite:
+        try:
+            check_weight_norm(wrapper, values[-1])
+        except TrainingDiverged:
+            wrapper.inner.after_step(stepped=False)
+            wrapper.optimizer.zero_grad(set_to_none=True)
+            raise
     try:
         if finite:
             wrapper.optimizer.step()
@@ -137,6 +145,20 @@ def train_step(wrapper: "MemoryWrapper", batch: Mapping[str, Any]) -> dict[str, 
         wrapper.inner.after_step(stepped=finite)
         wrapper.optimizer.zero_grad(set_to_none=True)
     return metrics
+
+
+def check_weight_norm(wrapper: "MemoryWrapper", norm: float) -> None:
+    """Stop (:class:`TrainingDiverged`) when the last update changed the norm of theta by more than
+    ``config.max_weight_norm_change`` (a fraction): the update is measured by the norm before this step
+    against the norm before the previous one, so checking costs no copy of the weights and no extra sync."""
+    previous, wrapper.weight_norm = wrapper.weight_norm, norm
+    limit = wrapper.config.max_weight_norm_change
+    if limit is None or previous is None or previous == 0 or abs(norm - previous) <= limit * previous:
+        return
+    raise TrainingDiverged(
+        f"training diverged: update {wrapper.updates} changed the norm of the trained weights from {previous:.4g} to "
+        f"{norm:.4g} ({abs(norm - previous) / previous:.3g} of it, more than max_weight_norm_change={limit}); the "
+        "weights are those after that update. Lower outer.lr (or raise max_weight_norm_change, or set it to None)")
 
 
 def skip_nonfinite(wrapper: "MemoryWrapper", metrics: dict[str, float]) -> None:

@@ -19,8 +19,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .backbone import Backbone, detect_backbone, get_backbone
-from .checkpoint import (CONFIG, HISTORY, MODEL_DIR, TOKENIZER_DIR, atomic_directory_write, load_weights,
-                         model_class_path, read_meta, resolve_checkpoint, resolve_model_class, write_meta)
+from .checkpoint import (CONFIG, HISTORY, MODEL_DIR, TOKENIZER_DIR, atomic_directory_write, check_weights_fit,
+                         load_weights, model_class_path, read_meta, resolve_checkpoint, resolve_model_class, write_meta)
 from .config import MemDLMConfig
 from .contracts import FastWeights, InnerMethod, OuterObjective
 from .data import PreparedBatch, iterate_batches, leading_real_tokens, prepare_batch
@@ -115,6 +115,7 @@ class MemoryWrapper:
         self.updates = 0
         self.nonfinite_run = 0
         self.last_finite: tuple[int, dict[str, float]] | None = None
+        self.weight_norm: float | None = None  # of theta before the last step: how much each update moved it
         self.prompt_memory: FastWeights | None = None
         # Reuse the anchor stage's pass through the blocks below the first fast weight in the outer
         # pass (bilevel_dlm.prefix); off only to measure what it saves.
@@ -280,6 +281,7 @@ class MemoryWrapper:
         path = resolve_checkpoint(directory)
         meta = read_meta(path)
         model_class = resolve_model_class(meta["model_class"], path / MODEL_DIR, trust_remote_code=trust_remote_code)
+        check_weights_fit(model_class, path / MODEL_DIR)
         state = read_state(path, allow_pickle=allow_pickle)
         model = model_class.from_pretrained(path / MODEL_DIR)
         if device is not None:

@@ -239,3 +239,40 @@ def test_the_mask_token_in_inputs_and_labels_other_than_the_input_are_refused() 
         wrapper.step({"input_ids": ids, "labels": labels})
     with pytest.raises(ValueError, match="holds the mask token"):
         wrapper.generate(ids.index_fill(1, torch.tensor([2]), wrapper.mask_token_id), max_new_tokens=4)
+
+
+# ----- 3. an edited checkpoint is refused before anything large is allocated -----------------------------------
+def test_weights_under_another_family_s_class_are_refused_before_they_are_built(tmp_path) -> None:
+    """bilevel_dlm.json edited to name Dream's class over LLaDA weights: Dream's config would default to a
+    6.5B-parameter model; the shapes are compared on the meta device first."""
+    import json
+
+    from bilevel_dlm.checkpoint import META, CheckpointError, _write_manifest
+    from bilevel_dlm.integrations.dream import DreamModel
+
+    path = MemoryWrapper(tiny(), recipe()).save_pretrained(tmp_path / "ckpt")
+    meta = json.loads((path / META).read_text())
+    (path / META).write_text(json.dumps({**meta, "model_class": f"{DreamModel.__module__}:{DreamModel.__qualname__}"}))
+    _write_manifest(path)
+    with pytest.raises(CheckpointError, match=r"weights do not fit DreamModel .*model class in bilevel_dlm.json"):
+        MemoryWrapper.from_pretrained(path)
+
+
+# ----- 6. weights that explode with finite losses --------------------------------------------------------------
+def test_an_update_that_blows_up_the_weights_stops_training_though_the_losses_stay_finite() -> None:
+    """Outer lr 1e6: the losses stay near 5 while the weights grow to ~4e6; the first update multiplies the
+    norm of the weights by ~1e7, so training stops at the next step with the numbers."""
+    from bilevel_dlm import OuterConfig
+    from bilevel_dlm.training import TrainingDiverged
+
+    config = recipe(outer=OuterConfig(lr=1e6, warmup_ratio=0.0, lr_schedule="constant"))
+    wrapper = MemoryWrapper(tiny(), config)
+    with pytest.raises(TrainingDiverged, match=r"update 1 changed the norm of the trained weights from [\d.]+ to [\d.e+]+"):
+        wrapper.fit(examples(8), max_steps=8, batch_size=2, progress=False)
+    assert wrapper.updates == 1
+    unchecked = MemoryWrapper(tiny(), config.model_copy(update={"max_weight_norm_change": None}))
+    history = unchecked.fit(examples(8), max_steps=8, batch_size=2, progress=False)
+    assert all(loss == loss and loss < 100 for loss in history.outer_loss)  # what went unnoticed before
+    assert max(p.abs().max().item() for p in unchecked.model.parameters()) > 1e5
+    ordinary = MemoryWrapper(tiny(), recipe())
+    assert len(ordinary.fit(examples(8), max_steps=8, batch_size=2, progress=False).steps) == 8
