@@ -36,7 +36,7 @@ from .backbone import Backbone
 from .config import MemDLMConfig
 from .data import PreparedBatch, pad_collate
 from .peft_utils import base_model_of, with_requested_outer_lora
-from .training import SKIPS_WITHOUT_AN_EPOCH, skip_nonfinite
+from .training import SKIPS_WITHOUT_AN_EPOCH, check_weight_norm, skip_nonfinite
 from .trajectory import TrajectorySimulator
 from .wrapper import EVAL_SEED, MemoryWrapper, loss_from_terms
 
@@ -172,14 +172,18 @@ def eval_shard(dataset: Any, rank: int, world_size: int) -> Dataset:
 class NonFiniteGuard(TrainerCallback):
     """Skips an optimizer step whose (all-reduced) gradient is not finite, as ``MemoryWrapper.step`` does:
     every gradient is dropped, so AdamW leaves the weights as they are; ``memdlm.max_nonfinite_steps`` such
-    steps in a row raise :class:`~bilevel_dlm.training.TrainingDiverged`. Every rank sees the same reduced
-    gradient, so all ranks decide alike."""
+    steps in a row raise :class:`~bilevel_dlm.training.TrainingDiverged`, and so does an update that changed
+    the norm of the trained weights by more than ``memdlm.max_weight_norm_change``. Every rank sees the
+    same reduced gradient and the same weights, so all ranks decide alike."""
 
     def __init__(self, wrapper: MemoryWrapper) -> None:
         self.wrapper = wrapper
         self.skipped_steps: list[int] = []
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        weights = [p.detach() for p in model.parameters() if p.requires_grad]
+        self.wrapper.updates = state.global_step
+        check_weight_norm(self.wrapper, float(torch.nn.utils.get_total_norm(weights)))  # the previous update's size
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
         values = {"grad_norm": float(norm)}

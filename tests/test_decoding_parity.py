@@ -41,6 +41,7 @@ def fast_dllm_transfer(confidence: torch.Tensor, masked: torch.Tensor, threshold
 @given(st.integers(1, 12), st.integers(0, 2**31), st.sampled_from([0.3, 0.5, 0.9]), st.booleans())
 @settings(max_examples=300, deadline=None)
 def test_the_fast_dllm_rule_is_get_transfer_index(width: int, seed: int, threshold: float, ties: bool) -> None:
+    """300 random cases of 3 rows each."""
     generator = torch.Generator().manual_seed(seed)
     confidence = torch.rand(3, width, generator=generator, dtype=torch.float64)
     if ties:  # few distinct values: ties at and around the threshold
@@ -57,6 +58,38 @@ def test_the_fast_dllm_rule_is_get_transfer_index(width: int, seed: int, thresho
         # the one position revealed below the threshold (if any) is a most confident one; topk breaks ties freely
         assert torch.equal(ours[row] & (confidence[row] >= threshold), reference & (confidence[row] >= threshold))
         assert bool((confidence[row][ours[row]] >= min(threshold, float(top))).all())
+
+
+def fast_dllm_factor_transfer(confidence: torch.Tensor, masked: torch.Tensor, factor: float) -> int:
+    """How many positions Fast-dLLM's get_transfer_index_dynamic reveals in one row: thresholds 1 - factor / (n + 1),
+    the first always passing; the loop's index where the sorted confidences first fall below them, plus one
+    when that is the first or the last index."""
+    count = int(masked.sum())
+    thresholds = [1 - factor / (n + 1) for n in range(1, count + 1)]
+    thresholds[0] = -1
+    ranked = torch.sort(confidence[masked], descending=True)[0]
+    for top in range(count):
+        if ranked[top] < thresholds[top]:
+            break
+    if top == 0 or top == count - 1:
+        top += 1
+    return top
+
+
+@given(st.integers(1, 12), st.integers(0, 2**31), st.sampled_from([0.5, 1.0, 2.0]))
+@settings(max_examples=300, deadline=None)
+def test_the_fast_dllm_factor_rule_is_get_transfer_index_dynamic(width: int, seed: int, factor: float) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    confidence = torch.rand(3, width, generator=generator, dtype=torch.float64) ** 0.3  # mostly confident
+    masked = torch.rand(3, width, generator=generator) < 0.8
+    ours = reveal_fast_dllm(confidence, masked, factor=factor)
+    for row in range(3):
+        if bool(masked[row].any()):
+            count = fast_dllm_factor_transfer(confidence[row], masked[row], factor)
+            top = torch.topk(confidence[row].masked_fill(~masked[row], -1), count).indices
+            assert set(ours[row].nonzero()[:, 0].tolist()) == set(top.tolist())
+        else:
+            assert not bool(ours[row].any())
 
 
 @torch.no_grad()
@@ -185,8 +218,11 @@ def llada20_generate(model, prompt, gen_length, block_length=32, steps=32, thres
 
 @torch.no_grad()
 def llada21_generate(model, prompt, gen_length, block_length=32, threshold=0.95, editing_threshold=0.9,
-                     max_post_steps=16, eos_id=1, mask_id=MASK, num_to_transfer=1) -> tuple[torch.Tensor, int]:
-    """The LLaDA2.1 release's generate (temperature 0, eos_early_stop off), and how many tokens it edited."""
+                     max_post_steps=16, eos_id=1, mask_id=MASK, num_to_transfer=1,
+                     max_passes: int | None = None) -> tuple[torch.Tensor, int]:
+    """The LLaDA2.1 release's generate (temperature 0, eos_early_stop off), and how many tokens it edited;
+    ``max_passes`` stops a block after that many passes (the release has no such bound: where the argmax of a
+    masked position is the mask token it loops forever)."""
     x, attention, positions, num_blocks = release_canvas(prompt, gen_length, block_length, mask_id)
     edits = 0
     prompt_length = prompt.shape[1]
@@ -194,8 +230,9 @@ def llada21_generate(model, prompt, gen_length, block_length=32, threshold=0.95,
         end = (num_block + 1) * block_length
         cur_x = x[:, :end]
         block_start = num_block * block_length
-        post_steps = 0
-        while True:
+        post_steps = passes = 0
+        while max_passes is None or passes < max_passes:
+            passes += 1
             old = cur_x[:, -block_length:].clone()
             active = cur_x[:, -block_length:] == mask_id
             if not torch.any(active):
@@ -303,6 +340,51 @@ def test_block_diffusion_with_editing_is_the_llada21_release_generate(prompt_len
                 out = sampler.sample(view, prompt, max_new_tokens=gen_length)
             assert_release_output(out.sequences[0], expected, prompt_length, 1)
     assert edited > 0, "no token was edited: the editing path is not compared"
+
+
+@pytest.mark.parametrize("steps,minimal_topk", [(3, 1), (12, 1), (32, 2), (32, 5)])
+def test_the_llada20_release_s_step_settings(steps, minimal_topk) -> None:
+    """steps below and above the block's tokens, and minimal_topk capping them at max_new_tokens // minimal_topk."""
+    for prompt_length, gen_length, block_length in CASES[:4]:
+        view = llada2_view(prompt_length, 6.0)
+        prompt = torch.randint(2, 120, (1, prompt_length), generator=torch.Generator().manual_seed(gen_length))
+        expected = llada20_generate(view.model, prompt, gen_length, block_length, steps=steps, threshold=1.0,
+                                    minimal_topk=minimal_topk, eos_id=1)
+        sampler = BlockDiffusionSampler(block_length=block_length, steps=steps, minimal_topk=minimal_topk,
+                                        threshold=1.0, eos_token_id=1)
+        with torch.no_grad():
+            assert_release_output(sampler.sample(view, prompt, max_new_tokens=gen_length).sequences[0], expected,
+                                  prompt_length, 1)
+
+
+@pytest.mark.parametrize("num_to_transfer,max_post_steps", [(2, 4), (3, 0), (1, 0)])
+def test_the_llada21_release_s_transfer_and_post_step_settings(num_to_transfer, max_post_steps) -> None:
+    """A ragged left-padded batch, row by row against the release: rows finish their blocks after different
+    numbers of passes (one reaching max_post_steps while another still edits)."""
+    view = llada2_view(7, 30.0)
+    rows, ids, mask = left_padded_rows()
+    settings = dict(threshold=0.8, editing_threshold=0.3, max_post_steps=max_post_steps, num_to_transfer=num_to_transfer)
+    sampler = BlockDiffusionSampler(block_length=4, eos_token_id=1, **settings)
+    with torch.no_grad():
+        together = sampler.sample(view, ids, mask, max_new_tokens=10).sequences
+    edits = 0
+    for i, row in enumerate(rows):
+        expected, edited = llada21_generate(view.model, row[None], 10, 4, eos_id=1, **settings)
+        edits += edited
+        assert_release_output(together[i, -(10 + len(row)):], expected, len(row), 1)
+    assert edits > 0
+
+
+def test_editing_ends_a_block_whose_masked_argmax_is_the_mask_token() -> None:
+    """The release loops forever when a masked position's argmax is the mask token (nothing changes from pass to
+    pass); the sampler ends the block there, with the tokens of the release stopped after any number of passes."""
+    view = llada2_view(123, 6.0)
+    prompt = torch.randint(2, 120, (1, 4), generator=torch.Generator().manual_seed(20))
+    with torch.no_grad():
+        out = BlockDiffusionSampler(editing_threshold=0.9).sample(view, prompt, max_new_tokens=20)
+    expected, _ = llada21_generate(view.model, prompt, 20, 32, max_passes=200)
+    assert_release_output(out.sequences[0], expected, 4, 1)
+    assert out.model_calls < 60 and bool((out.sequences == MASK).any())
 
 
 def test_editing_batch_rows_equal_rows_alone_with_memory_cached_and_uncached() -> None:

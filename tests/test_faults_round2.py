@@ -276,3 +276,15 @@ def test_an_update_that_blows_up_the_weights_stops_training_though_the_losses_st
     assert max(p.abs().max().item() for p in unchecked.model.parameters()) > 1e5
     ordinary = MemoryWrapper(tiny(), recipe())
     assert len(ordinary.fit(examples(8), max_steps=8, batch_size=2, progress=False).steps) == 8
+
+
+def test_the_trainer_stops_too_when_an_update_blows_up_the_weights(tmp_path) -> None:
+    from bilevel_dlm import OuterConfig
+    from bilevel_dlm.trainer import MemDLMTrainer
+    from bilevel_dlm.training import TrainingDiverged
+    from test_trainer import arguments
+
+    config = recipe(outer=OuterConfig(lr=1e6, warmup_ratio=0.0, lr_schedule="constant"))
+    trainer = MemDLMTrainer(tiny(), arguments(tmp_path, config, 6), train_dataset=examples(8))
+    with pytest.raises(TrainingDiverged, match="update 1 changed the norm of the trained weights"):
+        trainer.train()

@@ -509,8 +509,11 @@ def test_factor_decoding_bounds_and_batch_equality():
     view, prompt = llada_view(), prompts(3, 5)
     base = LLaDASampler(block_length=4)
     plain = base.sample(view, prompt, max_new_tokens=8)
-    cautious = base.model_copy(update={"factor": 1e-9}).sample(view, prompt, max_new_tokens=8)
+    cautious = base.model_copy(update={"factor": 1e-9, "threshold_rule": "share"}).sample(view, prompt,
+                                                                                      max_new_tokens=8)
     assert torch.equal(cautious.sequences, plain.sequences) and cautious.model_calls == 8
+    fast = base.model_copy(update={"factor": 1e-9}).sample(view, prompt, max_new_tokens=8)
+    assert fast.model_calls == 6, "Fast-dLLM's rule reveals the last two tokens of a block together"
     eager = base.model_copy(update={"factor": 1e9}).sample(view, prompt, max_new_tokens=8)
     assert eager.model_calls == 2, "every bound holds: one step per block"
     confident(view.model, 2.0)  # confidences where factor 2 reveals more than one token in some steps only

@@ -193,9 +193,10 @@ class BlockSampler(Sampler):
                                  "confident, (i + 1)(1 - c_i) <= factor for each (see threshold_rule)")
     threshold_rule: Literal["fast_dllm", "share"] = Field(
         "fast_dllm", description="with threshold / factor: 'fast_dllm' (Fast-dLLM's rule: the most confident masked "
-        "token plus every one >= threshold, or the factor count, at least one, each step until the block is full; the "
-        "step schedule and steps are unused) or 'share' (every one > threshold if at least the step's share are, else "
-        "the share; at least one; at most steps forwards per block)")
+        "token plus every one >= threshold, or the factor count, at least one and all when only the last fails, each "
+        "step until the block is full; the step schedule and steps are unused) or 'share' (every one > threshold, or "
+        "the factor count, if at least the step's share are, else the share; at least one; at most steps forwards "
+        "per block)")
     cache: Literal["none", "prefix", "dual"] = Field("none", description="reuse keys and values between the "
                                                      "steps of a block: of the prefix, or of prefix and suffix")
     cache_refresh: int | None = Field(None, gt=0, description="with a cache: a full forward every this many steps "
@@ -291,13 +292,19 @@ def reveal_share(confidence: torch.Tensor, masked: torch.Tensor, share: torch.Te
 def reveal_fast_dllm(confidence: torch.Tensor, masked: torch.Tensor, share: torch.Tensor | None = None,
                      threshold: float | None = None, factor: float | None = None) -> torch.Tensor:
     """Fast-dLLM's ``get_transfer_index`` with a threshold: the most confident masked position of each row
-    plus every masked position with confidence >= ``threshold``; with ``factor``, the :func:`factor_count`
-    most confident (at least one). The schedule's ``share`` is ignored, as Fast-dLLM ignores it."""
-    one = masked.any(-1).long()
+    plus every masked position with confidence >= ``threshold``. With ``factor``, its
+    ``get_transfer_index_dynamic``: the :func:`factor_count` most confident (at least one), and all of them
+    when only the last one fails the bound (its code's rule, kept for parity). The schedule's ``share`` is
+    ignored, as Fast-dLLM ignores it."""
+    if threshold is None and factor is None:
+        raise ValueError("Fast-dLLM's rule needs a threshold or a factor")
+    masked_count = masked.sum(-1)
     confidence = confidence.masked_fill(~masked, float("-inf"))
     if factor is not None:
-        return top_per_row(confidence, torch.maximum(factor_count(confidence, masked, factor), one)) & masked
-    return (top_per_row(confidence, one) | (confidence >= threshold)) & masked
+        count = torch.maximum(factor_count(confidence, masked, factor), masked.any(-1).long())
+        count = torch.where(count == masked_count - 1, masked_count, count)
+        return top_per_row(confidence, count) & masked
+    return (top_per_row(confidence, masked.any(-1).long()) | (confidence >= threshold)) & masked
 
 
 REVEAL_RULES = {"share": reveal_share, "fast_dllm": reveal_fast_dllm}
@@ -306,8 +313,8 @@ REVEAL_RULES = {"share": reveal_share, "fast_dllm": reveal_fast_dllm}
 def factor_count(confidence: torch.Tensor, masked: torch.Tensor, factor: float) -> torch.Tensor:
     """[B]: the largest n such that the i-th most confident masked position of the row has
     ``(i + 1) (1 - confidence) <= factor`` for every i <= n; the most confident one always counts (0 for
-    a row with nothing masked). Fast-dLLM's rule; its code also reveals every position when only the
-    last one fails the bound, which this does not."""
+    a row with nothing masked). Fast-dLLM's rule (its code's last-position exception is
+    :func:`reveal_fast_dllm`'s)."""
     ranked = confidence.masked_fill(~masked, float("-inf")).sort(-1, descending=True).values
     rank = torch.arange(1, ranked.shape[-1] + 1, device=ranked.device, dtype=ranked.dtype)
     within = ((rank + 1) * (1 - ranked) <= factor) & (ranked > float("-inf"))

@@ -9,7 +9,7 @@ position and its confidence come from a softmax over the whole vocabulary, the m
 (``softmax_over_mask``: so the argmax can be the mask token, which leaves the position masked).
 
 LLaDA2.0 (``editing_threshold=None``): a block gets ``s = min(steps, max_new_tokens // minimal_topk)``
-steps; step i reveals every masked position whose confidence exceeds ``threshold`` if there are at least
+steps (at least one: the release runs none and returns masks when ``max_new_tokens < minimal_topk``); step i reveals every masked position whose confidence exceeds ``threshold`` if there are at least
 ``n_i`` of them, otherwise the ``n_i`` most confident, where ``n`` splits ``block_length`` over the s steps
 (remainder first) whatever the block's masked count (``schedule="release"``; ``"masked"`` splits the
 block's own masked count instead). A block ends when nothing in it is masked.
@@ -19,7 +19,10 @@ LLaDA2.1 (``editing_threshold`` set; the release's defaults are 0.9, ``max_post_
 ``threshold`` if at least ``num_to_transfer`` are, else the ``num_to_transfer`` most confident, and, in the
 same pass, replaces every already revealed new token of the block whose argmax differs from it with
 confidence above ``editing_threshold`` (token editing). Once the block has no mask it makes editing-only
-passes until one changes nothing or ``max_post_steps`` of them have run.
+passes until one changes nothing or ``max_post_steps`` of them have run. A pass that changes nothing while
+masks remain (the argmax there is the mask token) ends the block for that row at temperature 0, where every
+later pass would repeat it (the release loops forever there); at a temperature, after ``4 x block_length``
+such passes.
 
 After a block, a row whose new tokens hold EOS is done (``stop_at_eos``); decoding stops when every row is,
 and everything after a row's first EOS becomes EOS (the release stops there and cuts after the first EOS;
@@ -38,6 +41,7 @@ under the old memory are stale.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
@@ -119,14 +123,15 @@ class BlockDiffusionSampler(Sampler):
             current = new & in_block
             columns = current.any(0).nonzero()[:, 0]  # the span of the rows' current blocks: logits there only
             span = slice(int(columns[0]), int(columns[-1]) + 1)
-            block = _Block(canvas, attention, current[:, span], span, block_start, previous_start, cache)
+            block = _Block(canvas, attention, current[:, span], span, block_start, previous_start, cache,
+                           self.softmax_over_mask)
             if self.editing_threshold is None:
                 self._scheduled_block(run, block, per_block, mask_id)
             else:
                 self._editing_block(run, block, mask_id)
-            if eos:
+            if self.stop_at_eos and eos:
                 done |= torch.isin(canvas[:, prompt_length:span.stop], torch.tensor(eos, device=canvas.device)).any(1)
-                if self.stop_at_eos and bool(done.all()):
+                if bool(done.all()):
                     break
             if offset < blocks - 1:
                 run.block_done(canvas, span.stop)
@@ -145,7 +150,7 @@ class BlockDiffusionSampler(Sampler):
             masked = block.current & (canvas[:, span] == mask_id)
             if not bool(masked.any()):
                 break
-            proposal, confidence = self._propose(run, block.logits(run, self, step))
+            proposal, confidence = self._propose(run, block.logits(run, step))
             reveal = reveal_confident(confidence, masked, counts[:, step], self.threshold)
             canvas[:, span] = torch.where(reveal, proposal, canvas[:, span])
             run.record(canvas)
@@ -156,6 +161,8 @@ class BlockDiffusionSampler(Sampler):
         rows = canvas.shape[0]
         working = block.current.any(1)  # rows with new tokens in this block
         post_steps = torch.zeros(rows, dtype=torch.long, device=canvas.device)
+        idle = torch.zeros(rows, dtype=torch.long, device=canvas.device)  # passes in a row that changed nothing
+        patience = 1 if self.temperature == 0 else 4 * self.block_length
         minimum = torch.full((rows,), self.num_to_transfer, device=canvas.device)
         step = 0
         while True:
@@ -166,14 +173,16 @@ class BlockDiffusionSampler(Sampler):
             working &= ~(full & (post_steps > self.max_post_steps))
             if not bool(working.any()):
                 break
-            proposal, confidence = self._propose(run, block.logits(run, self, step))
+            proposal, confidence = self._propose(run, block.logits(run, step))
             reveal = reveal_confident(confidence, masked, minimum, self.threshold)
             editable = block.current & ~masked
             edit = editable & (confidence > self.editing_threshold) & (proposal != old)
             change = (reveal | edit) & working[:, None]
             canvas[:, span] = torch.where(change, proposal, old)
             run.record(canvas)
-            working &= ~(full & ~(edit & working[:, None]).any(1))
+            changed = (canvas[:, span] != old).any(1)
+            idle = torch.where(changed, 0, idle + 1)
+            working &= ~(full & ~(edit & working[:, None]).any(1)) & (idle < patience)
             step += 1
 
     def _propose(self, run: GenerationRun, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,8 +191,8 @@ class BlockDiffusionSampler(Sampler):
             proposal = (logits.double() / self.temperature + run.gumbel(logits.shape, logits.device)).argmax(-1)
         else:
             proposal = logits.argmax(-1)
-        probabilities = logits.float().softmax(-1) if self.temperature == 0 else (logits.float() / self.temperature).softmax(-1)
-        return proposal, probabilities.gather(-1, proposal[..., None]).squeeze(-1)
+        scaled = logits.float() if self.temperature == 0 else logits.float() / self.temperature
+        return proposal, scaled.softmax(-1).gather(-1, proposal[..., None]).squeeze(-1)
 
     def _to_whole_blocks(self, canvas: torch.Tensor, real: torch.Tensor, mask_id: int
                          ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,16 +224,21 @@ class BlockDiffusionSampler(Sampler):
         return sequences
 
 
+@dataclass
 class _Block:
     """One block being decoded: the canvas, its block-causal attention, the rows' new positions in the
-    block's column ``span``, and where its cached forwards start."""
+    block's column ``span``, where its cached forwards start, and whether the mask token keeps its logit."""
 
-    def __init__(self, canvas: torch.Tensor, attention: torch.Tensor, current: torch.Tensor, span: slice,
-                 block_start: int, previous_start: int | None, cache: KVCache | None) -> None:
-        self.canvas, self.attention, self.current, self.span = canvas, attention, current, span
-        self.block_start, self.previous_start, self.cache = block_start, previous_start, cache
+    canvas: torch.Tensor
+    attention: torch.Tensor
+    current: torch.Tensor
+    span: slice
+    block_start: int
+    previous_start: int | None
+    cache: KVCache | None
+    allow_mask: bool
 
-    def logits(self, run: GenerationRun, sampler: BlockDiffusionSampler, step: int) -> torch.Tensor:
+    def logits(self, run: GenerationRun, step: int) -> torch.Tensor:
         """Logits [B, span, V] of the canvas up to the block's end; cached forwards compute from the previous
         block (first step) or the block's start (later steps) only."""
         start = self.block_start if step else self.previous_start
@@ -232,4 +246,4 @@ class _Block:
         seen = self.canvas[:, : self.span.stop]
         seen_attention = self.attention[:, :, : self.span.stop, : self.span.stop]
         return run.logits(seen, attention_mask=seen_attention, columns=self.span, kv_cache=self.cache,
-                          allow_mask=sampler.softmax_over_mask)
+                          allow_mask=self.allow_mask)

@@ -5,10 +5,11 @@ block's positions, then reveals the most confident masked positions of the block
 never masked again. The block's mask count is split evenly over its steps (remainder to the first
 steps). With ``threshold`` (Fast-dLLM's parallel decoding) a step reveals, under ``threshold_rule=
 "fast_dllm"`` (the default, Fast-dLLM's ``get_transfer_index``), the most confident masked position and every
-one at least that confident, step after step until the block is full (``steps`` unused); under ``"share"``
-every masked position above it if at least the step's share (at least one) are, else the share, within
-``steps``. ``factor`` (Fast-dLLM's factor-based variant) reveals the n most confident, n the largest with
-``(i + 1)(1 - c_i) <= factor`` for the i-th most confident (at least one, or the share). With ``cache``
+one with confidence >= threshold, step after step until the block is full (``steps`` unused); under
+``"share"`` every masked position above it if at least the step's share (at least one) are, else the share,
+within ``steps``. ``factor`` (Fast-dLLM's factor-based variant) reveals the n most confident, n the largest
+with ``(i + 1)(1 - c_i) <= factor`` for the i-th most confident (at least one and, under Fast-dLLM's rule,
+all when only the last fails; or at least the share). With ``cache``
 (Fast-dLLM's prefix / dual cache) the first step of a block runs the whole canvas and stores every
 layer's keys and values; the block's other steps compute only the block and what follows it (``prefix``)
 or the block alone (``dual``) and reuse the stored keys and values elsewhere (``bilevel_dlm.kv_cache``:
