@@ -27,6 +27,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,12 +35,20 @@ from torch import nn
 
 if TYPE_CHECKING:
     from .config import AdaptConfig
-    from .inner import InnerResult
     from .noise import Anchor
     from .prefix import PrefixReplay
     from .rng import RandomSource
 
-__all__ = ["FastWeights", "InnerMethod", "OuterObjective"]
+__all__ = ["FastWeights", "InnerMethod", "InnerResult", "OuterObjective"]
+
+
+@dataclass
+class InnerResult:
+    """What an inner method's run reports: per-stage inner loss and fast-weight gradient norm, as tensors [K]
+    (no host sync)."""
+
+    losses: torch.Tensor
+    grad_norms: torch.Tensor
 
 
 class FastWeights(ABC):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass
 
 import torch
 import torchopt
@@ -21,7 +20,7 @@ from torchopt.base import GradientTransformation
 
 from .config import AdaptConfig, InnerConfig
 from .forward import ModelView
-from .contracts import InnerMethod
+from .contracts import InnerMethod, InnerResult
 from .losses import token_loss, weighted_mean
 from .memory import MemoryParams
 from .meta_init import MetaInit
@@ -35,14 +34,6 @@ from .trajectory import Stage, TrajectorySimulator, make_simulator, masked_fract
 Gradients = tuple[torch.Tensor | None, ...]
 
 __all__ = ["InnerLoop", "InnerResult"]
-
-
-@dataclass
-class InnerResult:
-    """Per-stage inner loss and fast-weight gradient norm, as tensors [K] (no host sync)."""
-
-    losses: torch.Tensor
-    grad_norms: torch.Tensor
 
 
 @contextmanager

@@ -18,12 +18,13 @@ import threading
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointSaveError
@@ -32,10 +33,14 @@ from .data import iterate_batches
 from .run_definition import run_changes, run_definition
 
 if TYPE_CHECKING:
-    from .wrapper import MemoryWrapper
+    from .config import MemDLMConfig
+    from .contracts import FastWeights, InnerResult
+    from .data import PreparedBatch
+    from .noise import Anchor
 
-__all__ = ["History", "TrainingDiverged", "TrainingInterrupted", "train_step", "fit", "skip_nonfinite",
-           "check_weight_norm", "check_resume", "deferred_interrupt"]
+
+__all__ = ["History", "TrainingDiverged", "TrainingInterrupted", "TrainingEngine", "train_step", "fit",
+           "skip_nonfinite", "check_weight_norm", "check_resume", "deferred_interrupt"]
 
 # Without epochs (an endless iterable) a run of skipped batches this long counts as "no usable data".
 SKIPS_WITHOUT_AN_EPOCH = 10_000
@@ -95,11 +100,42 @@ class History:
     changes: list[dict[str, Any]] = field(default_factory=list)  # settings a resume changed (allow_changes)
 
 
-def variant_name(wrapper: "MemoryWrapper") -> str:
+class TrainingEngine(Protocol):
+    """What the training loop needs from the object it trains (``MemoryWrapper`` is one): its model, config
+    and inner method, the optimizer with its schedule, the step's parts, evaluation and checkpoints, and the
+    counters the non-finite / divergence guards keep."""
+
+    model: nn.Module
+    config: MemDLMConfig
+    inner: InnerMethod
+    memory: FastWeights
+    optimizer: torch.optim.Optimizer | None
+    scheduler: Any
+    skipped_batches: int
+    updates: int
+    nonfinite_run: int
+    last_finite: tuple[int, dict[str, float]] | None
+    weight_norm: float | None
+
+    def configure_optimizers(self, max_steps: int | None) -> None: ...
+    def prepare(self, batch: Mapping[str, Any], where: str = "batch") -> PreparedBatch: ...
+    def bilevel_context(self) -> AbstractContextManager: ...
+    def compute_loss(self, batch: PreparedBatch) -> tuple[torch.Tensor, InnerResult, Anchor]: ...
+    def trainable_parameters(self) -> list[nn.Parameter]: ...
+    def step(self, batch: Mapping[str, Any]) -> dict[str, float]: ...
+    def eval_loss(self, data: Iterable[Mapping[str, Any]], memory: str = "off", *, batch_size: int = 8) -> float: ...
+    def pad_token_id(self) -> int: ...
+    def check_savable(self) -> None: ...
+    def save_pretrained(self, directory: str | Path, *, training_state: dict[str, Any] | None = None) -> Path: ...
+    def restore_training(self, directory: str | Path, *, allow_pickle: bool = False
+                         ) -> tuple[History, int, int, dict[str, Any] | None]: ...
+
+
+def variant_name(wrapper: "TrainingEngine") -> str:
     return wrapper.inner.name if wrapper.inner.adapts else "MDLM"
 
 
-def train_step(wrapper: "MemoryWrapper", batch: Mapping[str, Any]) -> dict[str, float]:
+def train_step(wrapper: "TrainingEngine", batch: Mapping[str, Any]) -> dict[str, float]:
     """One outer step on a batch; returns its metrics (one host sync). See the module docstring."""
     if wrapper.optimizer is None:
         wrapper.configure_optimizers(max_steps=None)
@@ -147,7 +183,7 @@ def train_step(wrapper: "MemoryWrapper", batch: Mapping[str, Any]) -> dict[str, 
     return metrics
 
 
-def check_weight_norm(wrapper: "MemoryWrapper", norm: float) -> None:
+def check_weight_norm(wrapper: "TrainingEngine", norm: float) -> None:
     """Stop (:class:`TrainingDiverged`) when the last update changed the norm of theta by more than
     ``config.max_weight_norm_change`` (a fraction): the update is measured by the norm before this step
     against the norm before the previous one, so checking costs no copy of the weights and no extra sync."""
@@ -161,7 +197,7 @@ def check_weight_norm(wrapper: "MemoryWrapper", norm: float) -> None:
         "weights are those after that update. Lower outer.lr (or raise max_weight_norm_change, or set it to None)")
 
 
-def skip_nonfinite(wrapper: "MemoryWrapper", metrics: dict[str, float]) -> None:
+def skip_nonfinite(wrapper: "TrainingEngine", metrics: dict[str, float]) -> None:
     """Count a skipped non-finite step: warn, or raise once ``max_nonfinite_steps`` came in a row."""
     wrapper.nonfinite_run += 1
     shown = ", ".join(f"{name} {value:.4g}" for name, value in metrics.items())
@@ -180,7 +216,7 @@ def skip_nonfinite(wrapper: "MemoryWrapper", metrics: dict[str, float]) -> None:
 
 
 def fit(
-    wrapper: "MemoryWrapper",
+    wrapper: "TrainingEngine",
     train_data: Iterable[Mapping[str, Any]],
     *,
     eval_data: Iterable[Mapping[str, Any]] | None = None,
