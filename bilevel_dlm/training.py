@@ -189,7 +189,8 @@ def check_weight_norm(wrapper: "TrainingEngine", norm: float) -> None:
     against the norm before the previous one, so checking costs no copy of the weights and no extra sync."""
     previous, wrapper.weight_norm = wrapper.weight_norm, norm
     limit = wrapper.config.max_weight_norm_change
-    if limit is None or previous is None or previous == 0 or abs(norm - previous) <= limit * previous:
+    if limit is None or previous is None or previous == 0 or not math.isfinite(norm * previous) \
+            or abs(norm - previous) <= limit * previous:  # (non-finite weights are the non-finite guard's)
         return
     raise TrainingDiverged(
         f"training diverged: update {wrapper.updates} changed the norm of the trained weights from {previous:.4g} to "
