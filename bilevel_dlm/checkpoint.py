@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import math
 import os
 import re
 import shutil
@@ -28,6 +29,7 @@ from safetensors import SafetensorError
 
 __all__ = ["atomic_directory_write", "resolve_checkpoint", "verify_checkpoint", "newest_valid_checkpoint",
            "CheckpointError", "CheckpointSaveError", "model_class_path", "resolve_model_class", "check_weights_fit",
+           "load_tokenizer",
            "load_weights", "write_meta", "read_meta",
            "META", "CONFIG", "MODEL_DIR", "TOKENIZER_DIR", "MANIFEST", "HISTORY"]
 
@@ -223,20 +225,43 @@ def check_weights_fit(model_class: type, model_dir: Path) -> None:
     config = model_class.config_class.from_pretrained(model_dir)
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        expected = {name: tuple(value.shape) for name, value in model_class(config).state_dict().items()}
+        skeleton = model_class(config)
+    expected = {name: tuple(value.shape) for name, value in skeleton.state_dict().items()}
+    parameter_shapes = [tuple(p.shape) for p in skeleton.parameters()]  # tied weights once
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"checkpoint {model_dir.parent}: {model_dir} holds no safetensors weights (bilevel_dlm "
+                              "writes only safetensors); the folder was edited or is not a bilevel_dlm checkpoint")
     stored: dict[str, tuple[int, ...]] = {}
-    for file in sorted(model_dir.glob("*.safetensors")):
+    for file in files:
         with safe_open(str(file), framework="pt") as handle:
             stored.update({name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()})
     common = stored.keys() & expected.keys()
     wrong = [f"{name} {stored[name]} (expected {expected[name]})" for name in sorted(common)
              if stored[name] != expected[name]]
-    if wrong or len(common) < len(stored) / 2:
-        found = "; ".join(wrong[:3]) if wrong else f"{len(stored) - len(common)} of {len(stored)} stored tensors unknown to it"
+    # Sizes, not names: a release may store fused or per-expert tensors under other names, and a tied weight once.
+    stored_size, expected_size = sum(map(math.prod, stored.values())), sum(map(math.prod, parameter_shapes))
+    if wrong or not expected_size / 2 <= stored_size <= 2 * expected_size:
+        found = "; ".join(wrong[:3]) if wrong else (f"{stored_size:,} stored numbers where the config gives "
+                                                     f"{expected_size:,}")
         raise CheckpointError(
             f"checkpoint {model_dir.parent}: its weights do not fit {model_class.__name__} built from "
             f"{model_dir / 'config.json'} ({found}); the model class in {META} or the config was edited, or the "
             "weights belong to another model")
+
+
+def load_tokenizer(folder: Path, *, trust_remote_code: bool = False) -> Any:
+    """``AutoTokenizer.from_pretrained(folder)`` that runs no code the folder carries (an ``auto_map`` naming its
+    own tokenizer class) unless ``trust_remote_code``: refused in one line, never an interactive prompt."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        if "trust_remote_code" not in str(error):
+            raise
+        raise CheckpointError(f"the tokenizer in {folder} names code of its own (auto_map), which loading would run; "
+                              "if you trust its author, pass trust_remote_code=True (--trust-remote-code)") from None
 
 
 def _transformers_class(path: str, model_dir: Path) -> type | None:

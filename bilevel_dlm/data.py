@@ -95,7 +95,7 @@ def prepare_batch(
     masks_in_input = (x0 == mask_token_id) & attention.bool() if mask_token_id is not None else torch.zeros_like(maskable)
     checks = torch.stack([attention.bool().all(), maskable.any(), x0.min(), x0.max(), attention.min(), attention.max(),
                           attention.bool().any(1).all(), masks_in_input.sum(),
-                          ((labels != -100) & (labels != x0)).sum()]).tolist()
+                          ((labels != -100) & (labels != x0) & attention.bool()).sum()]).tolist()
     full, has_maskable, smallest, largest, low, high, every_row_attended, masks, foreign_labels = checks
     if low < 0 or high > 1:
         raise ValueError(f"{where}: 'attention_mask' holds values in [{low}, {high}]; it must be 1 (real token) or 0 (padding)")
@@ -110,9 +110,9 @@ def prepare_batch(
                          "position(s); it marks the positions the model predicts, so data and prompts must not contain "
                          "it (encode text without the mask token, or pad with another id)")
     if foreign_labels:
-        raise ValueError(f"{where}: {foreign_labels} label(s) are neither -100 nor the input token at their position; a "
-                         "masked diffusion model predicts its own input tokens, so labels are a copy of input_ids "
-                         "with -100 on the prompt and padding")
+        raise ValueError(f"{where}: {foreign_labels} label(s) of attended positions are neither -100 nor the input "
+                         "token there; a masked diffusion model predicts its own input tokens, so labels are a copy "
+                         "of input_ids with -100 on the prompt and padding")
     return PreparedBatch(x0=x0, maskable=maskable, attention_mask=attention, padded=not full, has_maskable=has_maskable)
 
 

@@ -17,21 +17,32 @@ import torch
 __all__ = ["run_definition", "data_fingerprint", "run_changes"]
 
 
+# Config fields that do not change the trajectory of training: inference-time adaptation (also used by
+# prompt-memory evaluation) and the guards that only stop a run.
+NOT_DEFINING = ("adapt", "max_nonfinite_steps", "max_weight_norm_change")
+FINGERPRINTED = ("input_ids", "labels", "attention_mask")
+
+
 def run_definition(config: Any, train_data: Iterable[Mapping[str, Any]], *, batch_size: int, max_steps: int,
                    world_size: int = 1, accumulation: int = 1) -> dict[str, Any]:
-    """The run's defining settings as plain JSON values."""
-    return {"config": config.model_dump(mode="json"), "data": data_fingerprint(train_data),
+    """The run's defining settings as plain JSON values (the config without :data:`NOT_DEFINING`)."""
+    return {"config": config.model_dump(mode="json", exclude=set(NOT_DEFINING)), "data": data_fingerprint(train_data),
             "batch_size": batch_size, "max_steps": max_steps, "world_size": world_size, "accumulation": accumulation}
 
 
 def data_fingerprint(data: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """``{"examples": n, "sha256": ...}`` over every example's tensors in order, for data with a length and
-    indexing (a list, a map-style Dataset); only the type's name for a stream, which cannot be read twice."""
+    """``{"examples": n, "sha256": ...}`` over every example's token ids, labels and attention mask in order, for
+    data with a length and indexing (a list, a map-style Dataset); only the type's name for a stream (a
+    DataLoader, an iterable), which cannot be read twice: a changed stream goes unnoticed."""
     if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
         return {"stream": type(data).__name__}
     digest = hashlib.sha256()
     for index in range(len(data)):
-        for key, value in sorted(data[index].items()):
+        example = data[index]
+        for key in FINGERPRINTED:
+            value = example.get(key) if isinstance(example, Mapping) else None
+            if value is None:
+                continue
             digest.update(key.encode())
             tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
             digest.update(str(tuple(tensor.shape)).encode() + tensor.detach().cpu().contiguous().numpy().tobytes())

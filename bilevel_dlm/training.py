@@ -39,8 +39,8 @@ if TYPE_CHECKING:
     from .noise import Anchor
 
 
-__all__ = ["History", "TrainingDiverged", "TrainingInterrupted", "TrainingEngine", "train_step", "fit",
-           "skip_nonfinite", "check_weight_norm", "check_resume", "deferred_interrupt"]
+__all__ = ["History", "TrainingDiverged", "TrainingInterrupted", "ForcedInterrupt", "TrainingEngine", "train_step",
+           "fit", "skip_nonfinite", "check_weight_norm", "check_resume", "deferred_interrupt"]
 
 # Without epochs (an endless iterable) a run of skipped batches this long counts as "no usable data".
 SKIPS_WITHOUT_AN_EPOCH = 10_000
@@ -59,21 +59,35 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.step, self.checkpoint, self.reason = step, checkpoint, reason
 
 
+class ForcedInterrupt(KeyboardInterrupt):
+    """A second Ctrl-C while one was held: raised at once, wherever the code was (nothing is saved)."""
+
+
 @contextmanager
 def deferred_interrupt() -> Iterator[None]:
     """Hold Ctrl-C (SIGINT) until the block ends, so that it lands between steps, never halfway through an
-    update and its bookkeeping. A no-op outside the main thread (where signals are not delivered)."""
+    update and its bookkeeping; a second Ctrl-C raises :class:`ForcedInterrupt` at once (a hung step stays
+    interruptible). A no-op outside the main thread (where signals are not delivered)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda number, _frame: received.append(number))
+
+    def hold(number: int, _frame: Any) -> None:
+        received.append(number)
+        if len(received) > 1:  # a second Ctrl-C: the user wants out now, whatever the state
+            raise ForcedInterrupt("interrupted twice: the step in progress was abandoned")
+
+    previous = signal.signal(signal.SIGINT, hold)
+    restore = previous if previous is not None else signal.default_int_handler
     try:
         yield
-    finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
-        if received:
-            raise KeyboardInterrupt
+    except BaseException:  # the block's own error goes on (a held Ctrl-C does not replace it)
+        signal.signal(signal.SIGINT, restore)
+        raise
+    signal.signal(signal.SIGINT, restore)
+    if len(received) == 1:
+        raise KeyboardInterrupt
 
 
 @dataclass
@@ -185,12 +199,15 @@ def train_step(wrapper: "TrainingEngine", batch: Mapping[str, Any]) -> dict[str,
 
 def check_weight_norm(wrapper: "TrainingEngine", norm: float) -> None:
     """Stop (:class:`TrainingDiverged`) when the last update changed the norm of theta by more than
-    ``config.max_weight_norm_change`` (a fraction): the update is measured by the norm before this step
+    ``config.max_weight_norm_change`` times the larger of its previous norm and 1: the update is measured
+    by the norm before this step
     against the norm before the previous one, so checking costs no copy of the weights and no extra sync."""
     previous, wrapper.weight_norm = wrapper.weight_norm, norm
     limit = wrapper.config.max_weight_norm_change
-    if limit is None or previous is None or previous == 0 or not math.isfinite(norm * previous) \
-            or abs(norm - previous) <= limit * previous:  # (non-finite weights are the non-finite guard's)
+    # Relative to at least 1: weights that start at zero (zero-initialised adapters) grow by large fractions
+    # of a tiny norm while training normally. Non-finite weights are the non-finite guard's.
+    if limit is None or previous is None or not math.isfinite(norm * previous) \
+            or abs(norm - previous) <= limit * max(previous, 1.0):
         return
     raise TrainingDiverged(
         f"training diverged: update {wrapper.updates} changed the norm of the trained weights from {previous:.4g} to "
@@ -244,6 +261,7 @@ def fit(
     if save_every:
         wrapper.check_savable()
     wrapper.configure_optimizers(max_steps)
+    wrapper.weight_norm = None  # the divergence check compares updates of this run only
     definition = run_definition(wrapper.config, train_data, batch_size=batch_size, max_steps=max_steps)
     history, step, consumed = History(variant=variant_name(wrapper)), 0, 0
     if resume_from is not None:
@@ -253,9 +271,9 @@ def fit(
     batches = iterate_batches(train_data, batch_size, pad_token_id=wrapper.pad_token_id(), generator=data_generator)
     for _ in range(consumed):
         next(batches)
-    if save_every and max_steps - step < save_every:
-        warnings.warn(f"save_every={save_every} but only {max_steps - step} step(s) to train: no periodic checkpoint "
-                      "will be written", stacklevel=3)
+    if save_every and max_steps // save_every * save_every <= step:
+        warnings.warn(f"save_every={save_every} but the run trains steps {step + 1}..{max_steps}: no periodic "
+                      "checkpoint will be written", stacklevel=3)
     bar = tqdm(total=max_steps, initial=step, disable=not progress, desc=history.variant, dynamic_ncols=True)
     skipped_run = 0
 
@@ -292,21 +310,28 @@ def fit(
             bar.update(1)
             bar.set_postfix(outer=f"{metrics['outer_loss']:.3f}")
             if eval_data is not None and (step == max_steps or (eval_every and step % eval_every == 0)):
-                history.eval_steps.append(step)
-                history.eval_loss.append(wrapper.eval_loss(eval_data, memory="off", batch_size=batch_size))
-                if eval_prompt_memory:
-                    history.eval_loss_prompt_memory.append(
-                        wrapper.eval_loss(eval_data, memory="prompt", batch_size=batch_size))
+                losses = [wrapper.eval_loss(eval_data, memory=mode, batch_size=batch_size)
+                          for mode in (("off", "prompt") if eval_prompt_memory else ("off",))]
+                with deferred_interrupt():  # the three lists stay aligned (an interrupted eval adds nothing)
+                    history.eval_steps.append(step)
+                    history.eval_loss.append(losses[0])
+                    history.eval_loss_prompt_memory.extend(losses[1:])
             if save_every and step % save_every == 0:
                 save(Path(output_dir) / f"checkpoint-{step}")
+    except ForcedInterrupt as forced:
+        bar.close()
+        raise TrainingInterrupted(step, None, f"{forced}, nothing saved") from None
     except KeyboardInterrupt:
         bar.close()
         if output_dir is None:
             raise TrainingInterrupted(step, None, "no output_dir to save a checkpoint to") from None
         try:
-            checkpoint = save(Path(output_dir) / f"checkpoint-{step}")
+            with deferred_interrupt():
+                checkpoint = save(Path(output_dir) / f"checkpoint-{step}")
         except (CheckpointSaveError, NotImplementedError) as error:
             raise TrainingInterrupted(step, None, f"saving the state failed: {error}") from None
+        except KeyboardInterrupt:  # a Ctrl-C held during the save: the checkpoint is complete all the same
+            checkpoint = Path(output_dir) / f"checkpoint-{step}"
         raise TrainingInterrupted(step, checkpoint) from None
     bar.close()
     return history

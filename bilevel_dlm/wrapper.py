@@ -20,7 +20,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .backbone import Backbone, detect_backbone, get_backbone
 from .checkpoint import (CONFIG, HISTORY, MODEL_DIR, TOKENIZER_DIR, atomic_directory_write, check_weights_fit,
-                         load_weights, model_class_path, read_meta, resolve_checkpoint, resolve_model_class, write_meta)
+                         load_tokenizer, load_weights, model_class_path, read_meta, resolve_checkpoint,
+                         resolve_model_class, write_meta)
 from .config import MemDLMConfig
 from .contracts import FastWeights, InnerMethod, OuterObjective
 from .data import PreparedBatch, iterate_batches, leading_real_tokens, prepare_batch
@@ -288,9 +289,7 @@ class MemoryWrapper:
             model.to(device)
         tokenizer = None
         if (path / TOKENIZER_DIR).exists():
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(path / TOKENIZER_DIR)
+            tokenizer = load_tokenizer(path / TOKENIZER_DIR, trust_remote_code=trust_remote_code)
         wrapper = cls(model, MemDLMConfig.from_yaml(path / CONFIG), backbone=meta["backbone"],
                       tokenizer=tokenizer, mask_token_id=meta["mask_token_id"], **kwargs)
         wrapper._load_state(state)
@@ -330,6 +329,7 @@ class MemoryWrapper:
         :meth:`from_pretrained`): its history, step, consumed batches and run definition (None if not recorded)."""
         path = resolve_checkpoint(directory)
         state = read_state(path, allow_pickle=allow_pickle)
+        self.weight_norm = None
         if "step" not in state:
             raise ValueError(f"{path} was not written by fit(save_every=...): it holds no training progress to resume")
         load_weights(self.model, path / MODEL_DIR)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -84,18 +83,24 @@ def test_a_pickle_payload_in_the_training_state_runs_nowhere(tmp_path, capsys) -
     _, checkpoint = saved(tmp_path, steps=2)
     as_legacy(checkpoint, {"generator": Payload(marker)})
     for name, call in entry_points(checkpoint, tmp_path).items():
-        if name == "lm-eval model" and "lm_eval" not in sys.modules and not _importable("lm_eval"):
+        if name == "lm-eval model" and not _importable("lm_eval"):
             continue
-        try:
-            call()
-        except CheckpointError as error:
-            assert "allow_pickle=True" in str(error) and "convert-checkpoint" in str(error), name
+        refused(name, call, "allow_pickle=True")
         assert not marker.exists(), f"{name} ran the payload"
     assert "--allow-pickle" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="restricted unpickler refuses"):  # the opt-in refuses other objects
         MemoryWrapper.from_pretrained(checkpoint, allow_pickle=True)
     assert main(["convert-checkpoint", str(checkpoint)]) == 2
     assert not marker.exists()
+
+
+def refused(name: str, call, fix: str) -> None:
+    """``call`` refuses the checkpoint: the CLI exits 2 (asserted inside), the others raise naming ``fix``."""
+    if name.startswith("bilevel-dlm"):
+        call()
+        return
+    with pytest.raises(CheckpointError, match=fix):
+        call()
 
 
 def _importable(name: str) -> bool:
@@ -116,10 +121,7 @@ def test_a_model_class_outside_the_library_is_refused_without_importing_it(tmp_p
     for name, call in entry_points(checkpoint, tmp_path).items():
         if name in ("fit(resume_from=)", "bilevel-dlm train --resume"):
             continue  # resuming loads weights into the caller's model: no class is read
-        try:
-            call()
-        except CheckpointError as error:
-            assert "trust_remote_code=True" in str(error) and model_class in str(error), name
+        refused(name, call, "trust_remote_code=True")
         assert not marker.exists(), f"{name} imported the module"
     if model_class == "marker_module:Model":  # the explicit opt-in does import it
         with pytest.raises(AttributeError):
@@ -127,9 +129,36 @@ def test_a_model_class_outside_the_library_is_refused_without_importing_it(tmp_p
         assert marker.exists()
 
 
+def test_a_tokenizer_carrying_its_own_code_is_refused_without_a_prompt(tmp_path) -> None:
+    """A tokenizer_config.json with an auto_map naming a module of the folder: transformers would ask on the
+    terminal (or run it when told yes); loading refuses in one line and imports nothing."""
+    marker = tmp_path / "IMPORTED"
+    _, checkpoint = saved(tmp_path)
+    from bilevel_dlm.tasks import build_tokenizer
+
+    folder = checkpoint / "tokenizer"
+    build_tokenizer().save_pretrained(folder)
+    (folder / "evil_tok.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                        "from transformers import PreTrainedTokenizerFast as EvilTok\n")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("tokenizer_class")  # (with a class transformers knows, it loads that one and ignores auto_map)
+    config["auto_map"] = {"AutoTokenizer": [None, "evil_tok.EvilTok"]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    _write_manifest(checkpoint)
+    for name, call in entry_points(checkpoint, tmp_path).items():
+        if name in ("fit(resume_from=)", "bilevel-dlm train --resume"):
+            continue  # resuming keeps the caller's tokenizer
+        refused(name, call, "trust_remote_code=True")
+        assert not marker.exists(), f"{name} ran the tokenizer's code"
+
+
 def test_an_earlier_release_s_checkpoint_loads_by_opt_in_or_after_conversion(tmp_path) -> None:
     wrapper, checkpoint = saved(tmp_path, steps=2)
-    state = read_state(checkpoint)
+    # what an earlier release pickled: the live state, as its save_pretrained gathered it
+    state = {"generator": wrapper.generator.get_state(), "generator_device": "cpu",
+             "meta_parameters": [p.detach() for p in wrapper.inner.meta_parameters()], "skipped_batches": 0,
+             "optimizer": wrapper.optimizer.state_dict(), "scheduler": wrapper.scheduler.state_dict(), "step": 2,
+             "consumed_batches": 2, "history": json.loads((checkpoint / "history.json").read_text())}
     as_legacy(checkpoint, state)
     with pytest.raises(CheckpointError, match="allow_pickle=True"):
         MemoryWrapper.from_pretrained(checkpoint)
@@ -143,6 +172,7 @@ def test_an_earlier_release_s_checkpoint_loads_by_opt_in_or_after_conversion(tmp
     assert torch.equal(converted["optimizer"]["state"][0]["exp_avg_sq"], state["optimizer"]["state"][0]["exp_avg_sq"])
     assert converted["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
     assert converted["history"] == state["history"] and converted["scheduler"] == state["scheduler"]
+    assert torch.equal(converted["generator"], wrapper.generator.get_state())
     resumed, _ = saved(tmp_path / "resumed")
     resumed.fit(examples(), max_steps=3, batch_size=2, resume_from=checkpoint, allow_changes=True,
                 progress=False)  # no allow_pickle needed (3 steps where the run had 2: an allowed change)

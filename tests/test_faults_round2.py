@@ -5,6 +5,7 @@ mask token or labels that are not the input token."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -25,16 +26,20 @@ from test_faults import FAST, SYNTHETIC, cli, examples, recipe, tiny, weights
 # ----- 1. one writer per output folder ----------------------------------------------------------------------
 def test_a_second_run_on_a_locked_output_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys) -> None:
     output = tmp_path / "run"
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR); "
+              "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, str(os.getpid()).encode()); print('held', flush=True); "
+              "time.sleep(60)")
+    sleeper = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path / "run.lock")], stdout=subprocess.PIPE,
+                               text=True)
     try:
-        (tmp_path / "run.lock").write_text(f"{sleeper.pid}\n")
+        assert sleeper.stdout.readline().strip() == "held"
         code, out, err = cli(capsys, "train", *SYNTHETIC, *FAST, "--output", str(output))
         assert code == 2 and f"in use by process {sleeper.pid}" in err and len(err.strip().splitlines()) == 1
         assert not (output / "bilevel_dlm.json").exists()
     finally:
         sleeper.kill()
         sleeper.wait()
-    code, out, err = cli(capsys, "train", *SYNTHETIC, *FAST, "--output", str(output))  # its owner is gone now
+    code, out, err = cli(capsys, "train", *SYNTHETIC, *FAST, "--output", str(output))  # killed: its lock is gone
     assert code == 0 and f"taking over the lock {tmp_path / 'run.lock'} of process {sleeper.pid}" in err
     assert (output / "bilevel_dlm.json").exists() and not (tmp_path / "run.lock").exists()
 
@@ -72,9 +77,41 @@ def test_ctrl_c_mid_step_saves_the_state_after_the_step_and_the_resume_is_exact(
 
 def test_ctrl_c_without_an_output_dir_says_that_nothing_was_saved() -> None:
     wrapper = MemoryWrapper(tiny(), recipe())
-    wrapper.model.register_forward_pre_hook(lambda *_: signal.raise_signal(signal.SIGINT))
+
+    def once(*_) -> None:
+        handle.remove()
+        signal.raise_signal(signal.SIGINT)
+
+    handle = wrapper.model.register_forward_pre_hook(once)
     with pytest.raises(TrainingInterrupted, match="interrupted after step 1; no output_dir"):  # lands after the step
         wrapper.fit(examples(), max_steps=3, batch_size=2, progress=False)
+
+
+def test_a_second_ctrl_c_abandons_the_step_at_once_and_saves_nothing(tmp_path) -> None:
+    wrapper = MemoryWrapper(tiny(), recipe())
+    wrapper.model.register_forward_pre_hook(lambda *_: signal.raise_signal(signal.SIGINT))  # every forward
+    with pytest.raises(TrainingInterrupted, match="interrupted after step 0; interrupted twice.*nothing saved"):
+        wrapper.fit(examples(), max_steps=3, batch_size=2, output_dir=tmp_path / "ckpts", progress=False)
+    assert not (tmp_path / "ckpts").exists() and wrapper.updates == 0
+
+
+def test_an_eval_cut_short_by_ctrl_c_leaves_the_history_aligned(tmp_path) -> None:
+    """Ctrl-C in the first eval forward at step 2: the saved history holds no half-recorded eval."""
+    wrapper = MemoryWrapper(tiny(), recipe())
+    calls = {"eval": 0}
+
+    def hook(module, args):
+        if not torch.is_grad_enabled() and not module.training:
+            calls["eval"] += 1
+            if calls["eval"] == 1:
+                signal.raise_signal(signal.SIGINT)
+
+    wrapper.model.register_forward_pre_hook(hook)
+    with pytest.raises(TrainingInterrupted) as caught:
+        wrapper.fit(examples(8), eval_data=examples(4, seed=3), eval_every=2, max_steps=4, batch_size=2,
+                    output_dir=tmp_path / "ckpts", progress=False)
+    history = json.loads((caught.value.checkpoint / "history.json").read_text())
+    assert caught.value.step == 2 and history["eval_steps"] == [] and history["eval_loss"] == []
 
 
 def test_ctrl_c_of_the_command_line_before_any_periodic_save_leaves_a_resumable_checkpoint(tmp_path) -> None:
@@ -169,7 +206,7 @@ def test_resuming_from_an_empty_folder_names_it_and_what_was_expected(tmp_path, 
 
 
 def test_save_every_beyond_the_run_is_warned_about() -> None:
-    with pytest.warns(UserWarning, match="save_every=50 but only 3 step"):
+    with pytest.warns(UserWarning, match=r"save_every=50 but the run trains steps 1\.\.3: no periodic checkpoint"):
         MemoryWrapper(tiny(), recipe()).fit(examples(), max_steps=3, batch_size=2, save_every=50,
                                             output_dir="unused", progress=False)
 
@@ -235,7 +272,7 @@ def test_the_mask_token_in_inputs_and_labels_other_than_the_input_are_refused() 
     wrapper.prepare({"input_ids": padded, "attention_mask": torch.tensor([[0, 1, 1, 1, 1, 1], [1] * 6])})
     labels = ids.clone()
     labels[1, 4] = (labels[1, 4] + 1) % 120
-    with pytest.raises(ValueError, match="1 label\\(s\\) are neither -100 nor the input token"):
+    with pytest.raises(ValueError, match="1 label\\(s\\) of attended positions are neither -100 nor the input token"):
         wrapper.step({"input_ids": ids, "labels": labels})
     with pytest.raises(ValueError, match="holds the mask token"):
         wrapper.generate(ids.index_fill(1, torch.tensor([2]), wrapper.mask_token_id), max_new_tokens=4)
@@ -288,3 +325,52 @@ def test_the_trainer_stops_too_when_an_update_blows_up_the_weights(tmp_path) -> 
     trainer = MemDLMTrainer(tiny(), arguments(tmp_path, config, 6), train_dataset=examples(8))
     with pytest.raises(TrainingDiverged, match="update 1 changed the norm of the trained weights"):
         trainer.train()
+
+
+def test_the_weight_check_takes_released_layouts_and_refuses_a_folder_without_safetensors(tmp_path) -> None:
+    """A transformers MoE stores its experts one by one where the model holds them fused: other names, the same
+    sizes, so it passes; a model folder whose weights are not safetensors is refused (the library writes only
+    those, and other formats are not read before the model is built)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from bilevel_dlm.checkpoint import CheckpointError, check_weights_fit
+
+    config = MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2)
+    MixtralForCausalLM(config).save_pretrained(tmp_path / "mixtral")
+    check_weights_fit(MixtralForCausalLM, tmp_path / "mixtral")
+    for file in (tmp_path / "mixtral").glob("*.safetensors"):
+        file.rename(file.with_suffix(".bin"))
+    with pytest.raises(CheckpointError, match="holds no safetensors weights"):
+        check_weights_fit(MixtralForCausalLM, tmp_path / "mixtral")
+
+
+def test_fit_takes_examples_with_extra_fields_and_a_missing_mask() -> None:
+    data = [{**example, "text": "a note", "attention_mask": None} for example in examples(6)]
+    assert len(MemoryWrapper(tiny(), recipe()).fit(data, max_steps=2, batch_size=2, progress=False).steps) == 2
+
+
+def test_zero_initialised_trainable_weights_warm_up_without_a_divergence_stop() -> None:
+    """Only a zero-initialised weight trains, under warmup: its norm grows by large fractions of almost
+    nothing; the check is relative to at least 1, so ordinary training goes on."""
+    from bilevel_dlm import OuterConfig
+
+    model = tiny()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    head = model.model.transformer.ff_out
+    with torch.no_grad():
+        head.weight.zero_()
+    head.weight.requires_grad_(True)
+    config = recipe(outer=OuterConfig(lr=1e-2, warmup_ratio=0.5, lr_schedule="linear"))
+    assert len(MemoryWrapper(model, config).fit(examples(8), max_steps=6, batch_size=2, progress=False).steps) == 6
+
+
+def test_the_save_every_warning_counts_the_checkpoints_a_resume_still_writes(tmp_path) -> None:
+    wrapper = MemoryWrapper(tiny(), recipe())
+    wrapper.fit(examples(8), max_steps=5, batch_size=2, save_every=5, output_dir=tmp_path / "a", progress=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="save_every")  # resuming at 5 of 8 still writes checkpoint-8
+        MemoryWrapper(tiny(), recipe()).fit(examples(8), max_steps=8, batch_size=2, save_every=4,
+                                            output_dir=tmp_path / "b", resume_from=tmp_path / "a" / "checkpoint-5",
+                                            allow_changes=True, progress=False)

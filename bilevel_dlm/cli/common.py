@@ -16,7 +16,7 @@ import yaml
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..checkpoint import META
+from ..checkpoint import META, load_tokenizer
 from ..config import MemDLMConfig
 from ..integrations import load_pretrained
 from ..tasks import encode_example, make_dataset
@@ -201,9 +201,8 @@ def load_model_folder(path: Path, options: dict[str, bool]) -> Source:
         model = load_pretrained(path)
     tokenizer = None
     if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        with reported("--model tokenizer"):
+            tokenizer = load_tokenizer(path, trust_remote_code=options["trust_remote_code"])
     return Source(model, tokenizer)
 
 

@@ -36,9 +36,13 @@ def refuse_unknown_words(tokenizer: Any, prompt: str) -> None:
     unknown_id = tokenizer.unk_token_id
     if unknown_id is None:
         return
-    encoded = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
-    unknown = [prompt[start:end] for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"])
-               if token == unknown_id]
+    if not getattr(tokenizer, "is_fast", False):  # no character offsets: count the unknown tokens
+        count = tokenizer(prompt, add_special_tokens=False)["input_ids"].count(unknown_id)
+        unknown = [f"{count} word(s)"] if count else []
+    else:
+        encoded = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        unknown = [prompt[start:end] for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"])
+                   if token == unknown_id]
     if unknown:
         raise CLIError(f"--prompt {prompt if len(prompt) <= 40 else prompt[:40] + '...'!r}: words outside the tokenizer's vocabulary: {sorted(set(unknown))}; "
                        "the model would read them as its unknown token")

@@ -21,7 +21,7 @@ import torch
 from ..checkpoint import META, CheckpointError, newest_valid_checkpoint, resolve_checkpoint
 from ..integrations import tiny_model
 from ..tasks import build_tokenizer
-from ..training import History, TrainingDiverged, TrainingInterrupted
+from ..training import History, TrainingDiverged, TrainingInterrupted, deferred_interrupt
 from ..wrapper import MemoryWrapper
 from . import CLIError
 from .lock import output_lock
@@ -167,7 +167,13 @@ def _train(args: argparse.Namespace, output: Path | None, checkpoints: Path | No
         except (TrainingDiverged, CheckpointError, OSError) as error:
             raise CLIError(f"training stopped: {error}; {_where_to_resume(checkpoints)}") from error
         seconds = time.perf_counter() - started
-        saved_to = _save(wrapper, output, history, checkpoints) if output is not None else None
+        saved_to = None
+        if output is not None:
+            try:
+                with deferred_interrupt():  # a Ctrl-C now waits for the final save to complete
+                    saved_to = _save(wrapper, output, history, checkpoints)
+            except KeyboardInterrupt:
+                saved_to = output
     try:
         _report(args, wrapper, history, data, device, seconds)
     except KeyboardInterrupt:  # the run is complete and saved: Ctrl-C only cut the report short

@@ -17,6 +17,7 @@ from lm_eval.models.utils import (Collator, handle_stop_sequences, has_bos_prefi
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
+from ..checkpoint import load_tokenizer
 from ..contracts import FastWeights
 from ..evaluation import left_pad
 from ..sampling import SAMPLERS, default_sampler
@@ -40,11 +41,10 @@ def _load(pretrained: str, device: str, **loading: bool) -> MemoryWrapper:
     path = Path(pretrained)
     if (path / META).exists() or any(path.glob("checkpoint-*")):
         return MemoryWrapper.from_pretrained(path, device=device, **loading)
-    from transformers import AutoTokenizer
-
     from ..integrations import load_pretrained
 
-    return MemoryWrapper(load_pretrained(path).to(device), tokenizer=AutoTokenizer.from_pretrained(path))
+    return MemoryWrapper(load_pretrained(path).to(device),
+                         tokenizer=load_tokenizer(path, trust_remote_code=loading["trust_remote_code"]))
 
 
 def _value(text: Any) -> Any:
@@ -100,16 +100,17 @@ class BilevelDLM(TemplateLM):
             raise ValueError("BilevelDLM needs exactly one of pretrained=<path> or wrapper=<MemoryWrapper>")
         if memory not in ("off", "prompt"):
             raise ValueError(f"memory must be 'off' or 'prompt', got {memory!r}")
-        self.wrapper = wrapper or _load(pretrained, device, allow_pickle=bool(allow_pickle),
-                                        trust_remote_code=bool(trust_remote_code))
+        for name, flag in (("allow_pickle", allow_pickle), ("trust_remote_code", trust_remote_code)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be true or false, got {flag!r}")
+        self.wrapper = wrapper or _load(pretrained, device, allow_pickle=allow_pickle,
+                                        trust_remote_code=trust_remote_code)
         fields = sorted(SAMPLERS[self.wrapper.backbone.default_sampler].model_fields)
         unknown = sorted(set(sampler_settings) - set(fields))
         if unknown:
             raise ValueError(f"unknown model_args {unknown}; the settings of this model's sampler are {fields}")
         if tokenizer is not None:
-            from transformers import AutoTokenizer
-
-            self.wrapper.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+            self.wrapper.tokenizer = load_tokenizer(Path(tokenizer), trust_remote_code=trust_remote_code)
         if self.wrapper.tokenizer is None:
             raise ValueError("BilevelDLM needs a tokenizer: save the checkpoint with one, or give the wrapper one")
         self.tokenizer = self.wrapper.tokenizer
