@@ -18,6 +18,7 @@ on its own micro-batch, with the inner loss normalised over that micro-batch.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -31,12 +32,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
 from .backbone import Backbone
 from .config import MemDLMConfig
 from .data import PreparedBatch, pad_collate
 from .peft_utils import base_model_of, with_requested_outer_lora
-from .training import SKIPS_WITHOUT_AN_EPOCH, check_weight_norm, skip_nonfinite
+from .run_definition import run_definition
+from .training import SKIPS_WITHOUT_AN_EPOCH, History, check_resume, check_weight_norm, skip_nonfinite
 from .trajectory import TrajectorySimulator
 from .wrapper import EVAL_SEED, MemoryWrapper, loss_from_terms
 
@@ -79,6 +82,11 @@ class MemDLMTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False,
         metadata={"help": "MemDLM reads input_ids, labels and attention_mask itself; keep every column by default."},
+    )
+    allow_changes: bool = field(
+        default=False,
+        metadata={"help": "Resume from a checkpoint whose run had another recipe, data, batch size, world size, "
+                          "accumulation or max_steps (refused otherwise; the differences are logged)."},
     )
 
     def __post_init__(self) -> None:
@@ -197,6 +205,23 @@ class NonFiniteGuard(TrainerCallback):
         return control
 
 
+RUN_FILE = "bilevel_dlm_run.json"
+
+
+class RunDefinitionRecorder(TrainerCallback):
+    """Writes the run's definition into every checkpoint the Trainer saves, for :meth:`MemDLMTrainer.train`'s
+    resume check."""
+
+    def __init__(self, trainer: "MemDLMTrainer") -> None:
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if args.should_save and folder.is_dir():
+            (folder / RUN_FILE).write_text(json.dumps(self.trainer.run_definition(), indent=1))
+        return control
+
+
 class MemDLMTrainer(Trainer):
     """The transformers Trainer with MemDLM's bilevel objective as its loss.
 
@@ -259,6 +284,29 @@ class MemDLMTrainer(Trainer):
         self._metric_sums = torch.zeros(len(self._metric_names) + 2, device=args.device)
         self._skipped_run = 0
         self.add_callback(NonFiniteGuard(self.memdlm))
+        self.add_callback(RunDefinitionRecorder(self))
+
+    def run_definition(self) -> dict[str, Any]:
+        """What defines this run (:mod:`bilevel_dlm.run_definition`): saved with every checkpoint."""
+        return run_definition(self.args.memdlm, self.train_dataset if self.train_dataset is not None else [],
+                              batch_size=self.args.per_device_train_batch_size, max_steps=self.args.max_steps,
+                              world_size=self.args.world_size, accumulation=self.args.gradient_accumulation_steps)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        """The Trainer's ``train``; a resume is first compared with the checkpoint's recorded run and refused
+        when it differs, unless ``args.allow_changes`` (then the differences are logged)."""
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if checkpoint:
+            recorded = Path(checkpoint) / RUN_FILE
+            saved = json.loads(recorded.read_text()) if recorded.exists() else None
+            step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
+            record: History = History()
+            check_resume(checkpoint, step, saved, self.run_definition(), record, self.args.allow_changes)
+            if record.changes:
+                self.log({"resumed_with_changes": len(record.changes[0]["changes"])})
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     # ----- training ------------------------------------------------------------------------------
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:

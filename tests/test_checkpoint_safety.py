@@ -188,7 +188,8 @@ def test_the_trainer_reads_its_rng_state_with_the_restricted_unpickler(tmp_path)
     checkpoint = tmp_path / "checkpoint-2"
     torch.save({"python": Payload(marker)}, checkpoint / "rng_state.pth")
     torch.manual_seed(0)
-    again = MemDLMTrainer(LLaDAModelLM(tiny_config()), arguments(tmp_path, config, 4), train_dataset=examples())
+    again = MemDLMTrainer(LLaDAModelLM(tiny_config()), arguments(tmp_path, config, 4, allow_changes=True),
+                          train_dataset=examples())
     with pytest.raises(Exception, match="Weights only load failed"):
         again.train(resume_from_checkpoint=str(checkpoint))
     assert not marker.exists()

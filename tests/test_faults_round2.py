@@ -374,3 +374,22 @@ def test_the_save_every_warning_counts_the_checkpoints_a_resume_still_writes(tmp
         MemoryWrapper(tiny(), recipe()).fit(examples(8), max_steps=8, batch_size=2, save_every=4,
                                             output_dir=tmp_path / "b", resume_from=tmp_path / "a" / "checkpoint-5",
                                             allow_changes=True, progress=False)
+
+
+def test_a_trainer_resume_that_changes_the_run_is_refused_unless_allowed(tmp_path) -> None:
+    from bilevel_dlm.trainer import RUN_FILE, MemDLMTrainer
+    from test_trainer import arguments
+
+    config = recipe()
+    MemDLMTrainer(tiny(), arguments(tmp_path, config, 2, save_strategy="steps", save_steps=2),
+                  train_dataset=examples(8)).train()
+    checkpoint = tmp_path / "checkpoint-2"
+    assert json.loads((checkpoint / RUN_FILE).read_text())["batch_size"] == 2
+    wider = MemDLMTrainer(tiny(), arguments(tmp_path, config, 4, per_device_train_batch_size=4),
+                          train_dataset=examples(8))
+    with pytest.raises(ValueError, match=r"would change the run: .*batch_size: 2 -> 4.*max_steps: 2 -> 4"):
+        wider.train(resume_from_checkpoint=str(checkpoint))
+    allowed = MemDLMTrainer(tiny(), arguments(tmp_path, config, 4, allow_changes=True), train_dataset=examples(8))
+    with pytest.warns(UserWarning, match="with changes: max_steps: 2 -> 4"):
+        allowed.train(resume_from_checkpoint=str(checkpoint))
+    assert allowed.state.global_step == 4
