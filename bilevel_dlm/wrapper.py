@@ -419,14 +419,17 @@ class MemoryWrapper:
             raise ValueError(f"adapt must be True, False, 'prompt' or 'blocks', got {adapt!r}")
         sampler = sampler or default_sampler(self.backbone, **sampler_settings)
         self.prepare({"input_ids": input_ids, "attention_mask": attention_mask}, where="generate")  # validation
-        needed = input_ids.shape[-1] + max_new_tokens
+        margin = sampler.canvas_margin  # a block sampler may complete its last block
+        needed = input_ids.shape[-1] + max_new_tokens + margin
         if self.max_length is not None and needed > self.max_length:
-            fix = (f"shorten the prompt (e.g. keep its last {self.max_length - max_new_tokens} tokens) or generate "
-                   f"at most {self.max_length - input_ids.shape[-1]} tokens" if max_new_tokens < self.max_length
-                   else f"generate at most {self.max_length - input_ids.shape[-1]} tokens after this prompt")
+            room = self.max_length - margin
+            fix = (f"shorten the prompt (e.g. keep its last {room - max_new_tokens} tokens) or generate at most "
+                   f"{room - input_ids.shape[-1]} tokens" if max_new_tokens < room
+                   else f"generate at most {room - input_ids.shape[-1]} tokens after this prompt")
+            completed = f" (+ {margin} to complete a block)" if margin else ""
             raise ValueError(
-                f"a prompt of {input_ids.shape[-1]} tokens (padding included) + max_new_tokens={max_new_tokens} needs "
-                f"{needed} positions, more than the model's maximum length {self.max_length}: {fix}")
+                f"a prompt of {input_ids.shape[-1]} tokens (padding included) + max_new_tokens={max_new_tokens}"
+                f"{completed} needs {needed} positions, more than the model's maximum length {self.max_length}: {fix}")
         seed = self.config.seed if seed is None else seed
         input_ids = input_ids.to(self.device)
         attention_mask = None if attention_mask is None else attention_mask.to(self.device)

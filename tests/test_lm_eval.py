@@ -237,3 +237,18 @@ def test_written_task_files_run_through_the_lm_eval_command_line(wrapper, tmp_pa
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "bilevel_dlm_mv_128" in result.stdout and "exact_match" in result.stdout
+
+
+def test_llada2_whole_block_canvases_stay_within_max_length() -> None:
+    """LLaDA2's sampler completes the last block (up to block_length - 1 more columns): the context budget
+    leaves room for it, so no forward runs past max_length (60, not a multiple of the blocks of 8)."""
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    wrapper = MemoryWrapper(tiny_model("llada2", tokenizer), MemDLMConfig(memory=MemoryConfig(rank=4)),
+                            tokenizer=tokenizer)
+    context = " ".join(["mary went to the kitchen ."] * 20) + " where is mary ? answer :"
+    lm = BilevelDLM(wrapper=wrapper, max_length=60, block_length=8, threshold=0.5)
+    with forward_widths(wrapper.model) as widths:
+        lm.generate_until([request("generate_until", context, {"until": [], "max_gen_toks": 8}),
+                           request("generate_until", context[40:], {"until": [], "max_gen_toks": 8})])
+    assert widths and max(widths) <= 60

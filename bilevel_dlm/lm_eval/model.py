@@ -305,7 +305,7 @@ class BilevelDLM(TemplateLM):
         settings = normalize_gen_kwargs(settings, self.max_gen_toks)
         until = handle_stop_sequences(settings.get("until"), eos=None)
         length, sampler = decoding_run(self.sampler, self.gen_length or settings["max_gen_toks"])
-        room = self.max_length - length
+        room = self.max_length - length - sampler.canvas_margin
         if room < 1:
             raise ValueError(f"generating {length} tokens leaves no room for a context within max_length="
                              f"{self.max_length}; lower the task's max_gen_toks (or gen_length / block_length)")

@@ -134,6 +134,12 @@ class Sampler(BaseModel):
     full_logits: bool = Field(False, description="apply the head at every position (the plain path), not only "
                                                   "where tokens can be revealed")
 
+    @property
+    def canvas_margin(self) -> int:
+        """Columns the sampler may add after the new tokens at most (to complete a block): a prompt plus
+        ``max_new_tokens`` plus this must fit in the model's length."""
+        return 0
+
     @torch.no_grad()
     def sample(
         self,

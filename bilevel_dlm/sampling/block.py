@@ -97,6 +97,11 @@ class BlockDiffusionSampler(Sampler):
                              "and minimal_topk out, or set editing_threshold=None for LLaDA2.0's scheduled steps")
         return self
 
+    @property
+    def canvas_margin(self) -> int:
+        """Up to ``block_length - 1`` mask tokens complete the last block with ``whole_blocks``."""
+        return self.block_length - 1 if self.whole_blocks else 0
+
     def _generate(self, run: GenerationRun, canvas: torch.Tensor, prompt_length: int, steps: int) -> torch.Tensor:
         mask_id = run.view.mask_token_id
         length = canvas.shape[1]
