@@ -279,13 +279,17 @@ class BilevelDLM(TemplateLM):
     # ----- generation -----------------------------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Each request's continuation, generated in batches of requests with the same generation settings
-        (lm-eval's ``Collator``), cut at ``max_gen_toks``, the first stop token, and the stop strings."""
+        (lm-eval's ``Collator``; one request at a time for a sampler that draws random numbers), cut at
+        ``max_gen_toks``, the first stop token, and the stop strings."""
         collator = Collator([request.args for request in requests], group_by="gen_kwargs", group_fn=lambda args: args[1],
                             sort_fn=lambda args: (-len(self.tok_encode(args[0])), args[0]))
         outputs: list[str] = []
         truncated = 0
         progress = tqdm(total=len(requests), disable=disable_tqdm, desc="generate_until")
-        for chunk in collator.get_batched(n=self.batch_size):
+        # A sampling sampler's draws depend on the rows beside a row: one request at a time, so that a request's
+        # output never depends on batch_size or on the other requests.
+        batch_size = 1 if self.sampler.draws_random_numbers else self.batch_size
+        for chunk in collator.get_batched(n=batch_size):
             contexts, settings = zip(*chunk)
             texts, cut = self.generate_batch(list(contexts), settings[0])
             outputs += texts

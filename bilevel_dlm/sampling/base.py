@@ -140,6 +140,12 @@ class Sampler(BaseModel):
         ``max_new_tokens`` plus this must fit in the model's length."""
         return 0
 
+    @property
+    def draws_random_numbers(self) -> bool:
+        """Whether decoding draws from the generator (sampling): then a batch row's draws depend on the
+        rows beside it, and only deterministic decoding makes a batch row equal to the row alone."""
+        return getattr(self, "temperature", 0.0) > 0
+
     @torch.no_grad()
     def sample(
         self,

@@ -50,6 +50,10 @@ class DreamSampler(BlockSampler):
                              "alg='maskgit_plus' or 'topk_margin' with alg_temp=0")
         return self
 
+    @property
+    def draws_random_numbers(self) -> bool:
+        return self.temperature > 0 or self.alg == "origin" or self.alg_temp > 0
+
     def _generate(self, run: GenerationRun, canvas: torch.Tensor, prompt_length: int, steps: int) -> torch.Tensor:
         blocks, per_block = self._blocks(prompt_length, canvas.shape[1], steps)
         times = torch.linspace(1.0, self.eps, per_block + 1, dtype=torch.float64).tolist()

@@ -47,6 +47,10 @@ class LLaDASampler(BlockSampler):
                              "pass would need a cache of its own; use cache='none' with cfg_scale")
         return self
 
+    @property
+    def draws_random_numbers(self) -> bool:
+        return self.temperature > 0 or self.remasking == "random"
+
     def _generate(self, run: GenerationRun, canvas: torch.Tensor, prompt_length: int, steps: int) -> torch.Tensor:
         blocks, per_block = self._blocks(prompt_length, canvas.shape[1], steps)
         mask_id = run.view.mask_token_id

@@ -27,6 +27,10 @@ class MDLMSampler(Sampler):
     eps: float = Field(1e-5, gt=0.0, lt=1.0, description="final time of the schedule")
     use_cache: bool | None = Field(None, description="None: cache only when the model ignores t (exact)")
 
+    @property
+    def draws_random_numbers(self) -> bool:
+        return True  # ancestral sampling
+
     def _generate(self, run: GenerationRun, canvas: torch.Tensor, prompt_length: int, steps: int) -> torch.Tensor:
         times = torch.linspace(1.0, self.eps, steps + 1, dtype=torch.float64).tolist()
         mask_id = run.view.mask_token_id
