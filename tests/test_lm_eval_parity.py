@@ -298,3 +298,23 @@ def test_protocol_settings_are_checked(bpe_wrapper) -> None:
         BilevelDLM(wrapper=bpe_wrapper, max_length=100_000)
     lm = BilevelDLM(wrapper=bpe_wrapper, protocol="dream", sampling_eps=0.01, add_bos_token=False)
     assert lm.protocol.sampling_eps == 0.01
+
+
+def test_strings_and_rolling_windows_are_encoded_as_lm_eval_s_hf_model_encodes_them() -> None:
+    """lm-eval's own HFLM (over the same model and a BOS-adding tokenizer) gives the ids our tok_encode gives,
+    with and without a BOS already at the start of the string (a chat template's), and the rolling windows are
+    lm-eval's windows over HFLM's encoding."""
+    from lm_eval.models.huggingface import HFLM
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    wrapper = MemoryWrapper(tiny_model("llada", tokenizer).double(), recipe(), tokenizer=tokenizer)
+    hf = HFLM(pretrained=wrapper.model, tokenizer=tokenizer, backend="causal", device="cpu")
+    lm = recording(wrapper, mc_num=2, batch_size=2, max_length=12)
+    for text in ("mary went to the kitchen .", "<bos> mary went to the kitchen ."):
+        assert lm.tok_encode(text) == hf.tok_encode(text)
+    text = "mary went to the kitchen . john went to the garden . where is mary ?"
+    lm.loglikelihood_rolling([request("loglikelihood_rolling", text)])
+    windows = [make_disjoint_window(w) for w in get_rolling_token_windows(hf.tok_encode(text), hf.prefix_token_id,
+                                                                           11, 1)]
+    assert lm.scored == [(list(c), list(t)) for c, t in windows] and len(windows) > 1
