@@ -189,9 +189,10 @@ class NonFiniteGuard(TrainerCallback):
         self.skipped_steps: list[int] = []
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        weights = [p.detach() for p in model.parameters() if p.requires_grad]
-        self.wrapper.updates = state.global_step
-        check_weight_norm(self.wrapper, float(torch.nn.utils.get_total_norm(weights)))  # the previous update's size
+        if self.wrapper.config.max_weight_norm_change is not None:  # the previous update's size
+            self.wrapper.updates = state.global_step
+            weights = [p.detach() for p in model.parameters() if p.requires_grad]
+            check_weight_norm(self.wrapper, float(torch.nn.utils.get_total_norm(weights)))
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
         values = {"grad_norm": float(norm)}

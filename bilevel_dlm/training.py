@@ -167,46 +167,45 @@ def train_step(wrapper: "TrainingEngine", batch: Mapping[str, Any]) -> dict[str,
     max_norm = wrapper.config.outer.max_grad_norm
     grad_norm = (torch.nn.utils.clip_grad_norm_(theta, max_norm) if max_norm is not None
                  else torch.nn.utils.get_total_norm([p.grad for p in theta]))
-    weight_norm = torch.nn.utils.get_total_norm([p.detach() for p in wrapper.trainable_parameters()])
-    values = torch.cat([loss.detach()[None].float(), inner.losses.float(), inner.grad_norms.float(),
-                        grad_norm.detach()[None].float(), weight_norm[None].float()]).tolist()
+    norms = [grad_norm.detach()[None].float()]
+    checks_weights = wrapper.config.max_weight_norm_change is not None
+    if checks_weights:  # the norm of theta, read in the same sync (check_weight_norm)
+        norms.append(torch.nn.utils.get_total_norm([p.detach() for p in wrapper.trainable_parameters()])[None].float())
+    values = torch.cat([loss.detach()[None].float(), inner.losses.float(), inner.grad_norms.float(), *norms]).tolist()
     k = inner.losses.shape[0]
-    metrics = {"outer_loss": values[0], "grad_norm": values[-2]}
+    metrics = {"outer_loss": values[0], "grad_norm": values[1 + 2 * k]}
     metrics.update({f"inner_loss_{i}": values[1 + i] for i in range(k)})
     metrics.update({f"inner_grad_norm_{i}": values[1 + k + i] for i in range(k)})
     finite = all(math.isfinite(v) for v in values)
-    if finite:
-        try:
-            check_weight_norm(wrapper, values[-1])
-        except TrainingDiverged:
-            wrapper.inner.after_step(stepped=False)
-            wrapper.optimizer.zero_grad(set_to_none=True)
-            raise
+    stepped = False
     try:
         if finite:
+            if checks_weights:
+                check_weight_norm(wrapper, values[-1])
             wrapper.optimizer.step()
             wrapper.scheduler.step()
             wrapper.nonfinite_run, wrapper.last_finite = 0, (wrapper.updates + 1, metrics)
             wrapper.updates += 1
+            stepped = True
         else:
             skip_nonfinite(wrapper, metrics)
             metrics["nonfinite"] = 1.0
-    finally:  # also when skip_nonfinite raises: no non-finite gradient or Reptile target outlives the step
-        wrapper.inner.after_step(stepped=finite)
+    finally:  # also when a guard raises: no non-finite gradient or Reptile target outlives the step
+        wrapper.inner.after_step(stepped=stepped)
         wrapper.optimizer.zero_grad(set_to_none=True)
     return metrics
 
 
 def check_weight_norm(wrapper: "TrainingEngine", norm: float) -> None:
     """Stop (:class:`TrainingDiverged`) when the last update changed the norm of theta by more than
-    ``config.max_weight_norm_change`` times the larger of its previous norm and 1: the update is measured
-    by the norm before this step
-    against the norm before the previous one, so checking costs no copy of the weights and no extra sync."""
+    ``config.max_weight_norm_change`` (not None) times the larger of its previous norm and 1: the update is
+    measured by the norm before this step against the norm before the previous one, so checking costs no
+    copy of the weights."""
     previous, wrapper.weight_norm = wrapper.weight_norm, norm
     limit = wrapper.config.max_weight_norm_change
     # Relative to at least 1: weights that start at zero (zero-initialised adapters) grow by large fractions
     # of a tiny norm while training normally. Non-finite weights are the non-finite guard's.
-    if limit is None or previous is None or not math.isfinite(norm * previous) \
+    if previous is None or not math.isfinite(norm * previous) \
             or abs(norm - previous) <= limit * max(previous, 1.0):
         return
     raise TrainingDiverged(

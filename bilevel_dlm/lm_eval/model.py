@@ -122,7 +122,7 @@ class BilevelDLM(TemplateLM):
             raise ValueError(f"mc_num and batch_size must be positive, got {self.mc_num} and {self.batch_size}")
         self.sampler_settings = sampler_settings
         self.sampler = default_sampler(self.wrapper.backbone, **self.sampler_settings)  # validated now, not mid-run
-        self.cfg_scale = float(self.sampler_settings.get("cfg_scale", 0.0))
+        self.cfg_scale = float(getattr(self.sampler, "cfg_scale", 0.0))  # LLaDA's cfg guides likelihoods too
         self.protocol = self._protocol(protocol or self.wrapper.backbone.likelihood_protocol, sampling_eps,
                                        add_bos_token)
         self.is_check_greedy = self.protocol.checks_greedy if is_check_greedy is None else bool(is_check_greedy)

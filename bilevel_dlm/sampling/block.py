@@ -9,8 +9,9 @@ position and its confidence come from a softmax over the whole vocabulary, the m
 (``softmax_over_mask``: so the argmax can be the mask token, which leaves the position masked).
 
 LLaDA2.0 (``editing_threshold=None``): a block gets ``s = min(steps, max_new_tokens // minimal_topk)``
-steps (at least one: the release runs none and returns masks when ``max_new_tokens < minimal_topk``); step i reveals every masked position whose confidence exceeds ``threshold`` if there are at least
-``n_i`` of them, otherwise the ``n_i`` most confident, where ``n`` splits ``block_length`` over the s steps
+steps (at least one: the release runs none and returns masks when ``max_new_tokens < minimal_topk``);
+step i reveals every masked position whose confidence exceeds ``threshold`` if there are at least ``n_i``
+of them, otherwise the ``n_i`` most confident, where ``n`` splits ``block_length`` over the s steps
 (remainder first) whatever the block's masked count (``schedule="release"``; ``"masked"`` splits the
 block's own masked count instead). A block ends when nothing in it is masked.
 
