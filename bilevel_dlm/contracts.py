@@ -9,6 +9,11 @@
    backpropagated into theta (the model's trainable parameters and ``inner.meta_parameters()``);
 4. ``inner.after_backward()``, the optimizer step (or its skip), then ``inner.after_step(stepped)``.
 
+``generator`` is a :data:`~bilevel_dlm.rng.RandomSource`: in ``fit`` and MemDLMTrainer a
+:class:`~bilevel_dlm.rng.KeyedRandom` keyed by each row's (epoch, example index), so that the run is the
+same on any number of processes and after a resume. Draw from it with ``bilevel_dlm.rng.uniform`` (one
+number per token) and ``row_uniform`` (per row), never ``torch.rand(generator=...)``.
+
 At inference, ``MemoryWrapper.adapt`` runs ``inner.for_prompts(memory.spawn(per_sample), settings)`` on
 the prompts.
 
@@ -153,8 +158,8 @@ class OuterObjective(ABC):
     """The loss of theta at an anchor, computed with whatever memory is bound."""
 
     @abstractmethod
-    def sample_anchor(self, x0: torch.Tensor, maskable: torch.Tensor, generator: torch.Generator | None = None) -> Anchor:
-        """A noised batch for training (drawn from ``generator``)."""
+    def sample_anchor(self, x0: torch.Tensor, maskable: torch.Tensor, generator: RandomSource = None) -> Anchor:
+        """A noised batch for training (drawn from ``generator``: keyed by example in fit and the Trainer)."""
 
     @abstractmethod
     def keyed_anchor(self, x0: torch.Tensor, maskable: torch.Tensor, attention_mask: torch.Tensor, seed: int) -> Anchor:

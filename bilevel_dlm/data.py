@@ -3,6 +3,11 @@
 A batch is a dict with ``input_ids`` [B, L] and optionally ``attention_mask`` (1 = real token) and
 ``labels`` (-100 = prompt / not supervised; other positions are maskable). Without labels every
 attended token is maskable.
+
+Training data has one global order: :class:`EpochOrder` permutes the examples of each epoch from (seed,
+epoch) alone, and every example carries its ``example_index`` and ``epoch`` (:class:`IndexedExamples`), so
+the random draws of a step are keyed by example (:class:`~bilevel_dlm.rng.KeyedRandom`) and the order is
+the same whether it is split over ranks, micro-batches or both.
 """
 
 from __future__ import annotations
@@ -12,9 +17,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["PreparedBatch", "prepare_batch", "pad_collate", "iterate_batches", "BatchStream", "leading_real_tokens"]
+from .rng import example_keys
+
+__all__ = ["PreparedBatch", "prepare_batch", "pad_collate", "iterate_batches", "BatchStream", "leading_real_tokens",
+           "EpochOrder", "IndexedExamples", "KEY_FIELDS"]
+
+KEY_FIELDS = ("example_index", "epoch")  # what keys an example's random draws (bilevel_dlm.rng.KeyedRandom)
 
 
 @dataclass(frozen=True)
@@ -27,6 +37,7 @@ class PreparedBatch:
     attention_mask: torch.Tensor
     padded: bool = True
     has_maskable: bool = True
+    random_keys: torch.Tensor | None = None  # [B]: keys of the rows' (epoch, example index); None without them
 
     @property
     def prompt(self) -> torch.Tensor:
@@ -93,6 +104,7 @@ def prepare_batch(
     if protected_prefix:  # the first real tokens of each row (left padding moves them)
         maskable &= ~leading_real_tokens(attention, protected_prefix)
     masks_in_input = (x0 == mask_token_id) & attention.bool() if mask_token_id is not None else torch.zeros_like(maskable)
+    keys = _random_keys(batch, x0, where)
     checks = torch.stack([attention.bool().all(), maskable.any(), x0.min(), x0.max(), attention.min(), attention.max(),
                           attention.bool().any(1).all(), masks_in_input.sum(),
                           ((labels != -100) & (labels != x0) & attention.bool()).sum()]).tolist()
@@ -113,7 +125,22 @@ def prepare_batch(
         raise ValueError(f"{where}: {foreign_labels} label(s) of attended positions are neither -100 nor the input "
                          "token there; a masked diffusion model predicts its own input tokens, so labels are a copy "
                          "of input_ids with -100 on the prompt and padding")
-    return PreparedBatch(x0=x0, maskable=maskable, attention_mask=attention, padded=not full, has_maskable=has_maskable)
+    return PreparedBatch(x0=x0, maskable=maskable, attention_mask=attention, padded=not full, has_maskable=has_maskable,
+                         random_keys=keys)
+
+
+def _random_keys(batch: Mapping[str, Any], x0: torch.Tensor, where: str) -> torch.Tensor | None:
+    """The rows' keys from ``example_index`` [B] and ``epoch`` ([B] or one value; 0 when absent)."""
+    if batch.get("example_index") is None:
+        return None
+    fields = []
+    for name in KEY_FIELDS:
+        value = _as_long(batch.get(name, 0), name, where).to(x0.device)
+        if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != x0.shape[0]):
+            raise ValueError(f"{where}: {name!r} has shape {tuple(value.shape)}; it needs one entry per row of "
+                             f"'input_ids' ({x0.shape[0]})")
+        fields.append(value.expand(x0.shape[0]))
+    return example_keys(fields[1], fields[0])
 
 
 def _check_shape(tensor: torch.Tensor, x0: torch.Tensor, name: str, where: str) -> None:
@@ -139,6 +166,9 @@ def pad_collate(examples: Sequence[Mapping[str, Any]], pad_token_id: int = 0) ->
         labels = example.get("labels")
         batch["labels"][row, :n] = ids if labels is None else torch.as_tensor(labels, dtype=torch.long)
     batch["labels"] = batch["labels"].masked_fill(batch["attention_mask"] == 0, -100)
+    for name in KEY_FIELDS:  # kept when every example has it
+        if all(example.get(name) is not None for example in examples):
+            batch[name] = torch.as_tensor([int(example[name]) for example in examples], dtype=torch.long)
     return batch
 
 
@@ -163,9 +193,63 @@ def _is_batch(item: Mapping[str, Any]) -> bool:
     return torch.as_tensor(item["input_ids"]).dim() == 2
 
 
+class EpochOrder(Sampler):
+    """One global order of ``size`` examples per epoch, a function of (seed, epoch) alone: a permutation
+    (``shuffle``) or 0..size-1. It yields ``(epoch, index)`` for :class:`IndexedExamples`; the Trainer (via
+    ``set_epoch``) and ``fit`` split it into micro-batches and ranks in order, so every topology with the
+    same global batch sees the same examples in each optimizer step."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
+        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.size))
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.size, generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.epoch, index) for index in self.order(self.epoch))
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class IndexedExamples(Dataset):
+    """``data[index]`` with its ``example_index`` and ``epoch``, looked up by :class:`EpochOrder`'s pairs."""
+
+    def __init__(self, data: Sequence[Mapping[str, Any]] | Dataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key
+        example = self.data[index]
+        if not isinstance(example, Mapping):
+            raise TypeError(f"training example {index} is a {type(example).__name__}; an example is a dict with "
+                            "'input_ids' (and optionally 'labels', 'attention_mask')")
+        return {**example, "example_index": index, "epoch": epoch}
+
+
+def _with_stream_keys(batch: Mapping[str, Any], epoch: int, first: int) -> Mapping[str, Any]:
+    """A batch of an iterable without example indices: its rows are examples first, first + 1, ... of the
+    epoch's stream."""
+    if batch.get("example_index") is not None:
+        return batch
+    rows = torch.as_tensor(batch["input_ids"]).shape[0]
+    return {**batch, "example_index": torch.arange(first, first + rows), "epoch": torch.full((rows,), epoch)}
+
+
 class BatchStream:
-    """Batches from a DataLoader (as is), a Dataset or list of examples (batched, reshuffled every epoch
-    when ``shuffle``), or any other iterable of examples or batches (in its own order).
+    """Batches from a Dataset or list of examples (in :class:`EpochOrder`, reshuffled every epoch when
+    ``shuffle``), a DataLoader (as is) or any other iterable of examples or batches (in its own order).
+    Every batch carries its rows' ``example_index`` and ``epoch``: the dataset index, or for a DataLoader
+    or iterable the position in the epoch's stream (unless it brings its own).
 
     With ``repeat`` the data is cycled (a new epoch each time it is exhausted). ``epoch_batches`` is
     the number of batches of the last complete epoch (None until one has completed), so a caller can
@@ -179,13 +263,13 @@ class BatchStream:
         *,
         pad_token_id: int = 0,
         shuffle: bool = True,
-        generator: torch.Generator | None = None,
+        seed: int = 0,
         repeat: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.data, self.batch_size, self.pad_token_id = data, batch_size, pad_token_id
-        self.shuffle, self.generator, self.repeat = shuffle, generator, repeat
+        self.shuffle, self.seed, self.repeat = shuffle, seed, repeat
         self.epoch_batches: int | None = None
         self._batches = self._stream()
 
@@ -195,31 +279,44 @@ class BatchStream:
     def __next__(self) -> Mapping[str, Any]:
         return next(self._batches)
 
-    def _one_epoch(self) -> Iterator[Mapping[str, Any]]:
+    def _one_epoch(self, epoch: int) -> Iterator[Mapping[str, Any]]:
         data = self.data
         if isinstance(data, DataLoader):
-            yield from data
+            yield from self._keyed(data, epoch)
         elif isinstance(data, Dataset) or (isinstance(data, Sequence) and len(data) and not _is_batch(data[0])):
-            loader = DataLoader(data, batch_size=self.batch_size, shuffle=self.shuffle, generator=self.generator,
-                                collate_fn=lambda ex: pad_collate(ex, self.pad_token_id))
-            yield from loader
+            order = EpochOrder(len(data), self.seed, self.shuffle)
+            order.set_epoch(epoch)
+            yield from DataLoader(IndexedExamples(data), batch_size=self.batch_size, sampler=order,
+                                  collate_fn=lambda ex: pad_collate(ex, self.pad_token_id))
         else:
-            pending: list[Mapping[str, Any]] = []
-            for item in data:
-                if _is_batch(item):
-                    yield item
-                    continue
-                pending.append(item)
-                if len(pending) == self.batch_size:
-                    yield pad_collate(pending, self.pad_token_id)
-                    pending = []
-            if pending:
+            yield from self._keyed(self._batched(data), epoch)
+
+    def _batched(self, data: Iterable[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
+        pending: list[Mapping[str, Any]] = []
+        for item in data:
+            if _is_batch(item):
+                yield item
+                continue
+            pending.append(item)
+            if len(pending) == self.batch_size:
                 yield pad_collate(pending, self.pad_token_id)
+                pending = []
+        if pending:
+            yield pad_collate(pending, self.pad_token_id)
+
+    @staticmethod
+    def _keyed(batches: Iterable[Mapping[str, Any]], epoch: int) -> Iterator[Mapping[str, Any]]:
+        first = 0
+        for batch in batches:
+            batch = _with_stream_keys(batch, epoch, first)
+            first += torch.as_tensor(batch["input_ids"]).shape[0]
+            yield batch
 
     def _stream(self) -> Iterator[Mapping[str, Any]]:
+        epoch = 0
         while True:
             produced = 0
-            for batch in self._one_epoch():
+            for batch in self._one_epoch(epoch):
                 produced += 1
                 yield batch
             if not produced:
@@ -228,11 +325,12 @@ class BatchStream:
                     "pass a list, a Dataset or a DataLoader to train for more than one epoch)"
                 )
             self.epoch_batches = produced
+            epoch += 1
             if not self.repeat:
                 return
 
 
 def iterate_batches(data: Iterable[Mapping[str, Any]] | Dataset | DataLoader, batch_size: int, **options: Any
                     ) -> BatchStream:
-    """A :class:`BatchStream` over ``data`` (options: pad_token_id, shuffle, generator, repeat)."""
+    """A :class:`BatchStream` over ``data`` (options: pad_token_id, shuffle, seed, repeat)."""
     return BatchStream(data, batch_size, **options)

@@ -28,7 +28,7 @@ from torch import nn
 from .backbone import Backbone, detect_backbone, resolve_targets
 from .config import MemoryConfig
 from .contracts import FastWeights
-from .rng import RandomSource, as_torch_generator
+from .rng import KeyedRandom, RandomSource, row_uniform
 from .routing import current_routed_tokens
 
 __all__ = ["MemoryParams", "first_memory_block"]
@@ -132,11 +132,16 @@ class MemoryParams(FastWeights):
         autograd graph is kept, so an unrolled inner loop differentiates through them).
 
         Per-sample memory starts every row from the same values, so a batch adapts exactly like each
-        of its rows would alone. Old tensors (and any graph hanging on them) are dropped.
+        of its rows would alone; with a :class:`~bilevel_dlm.rng.KeyedRandom` source each row draws its
+        own example's values instead (the same on any batch). Old tensors (and any graph hanging on
+        them) are dropped.
         """
         if self.per_sample and batch_size is None:
             raise ValueError("per-sample memory needs reset(batch_size=...)")
         self.batch_size = batch_size if self.per_sample else None
+        if initial is None and self.per_sample and isinstance(generator, KeyedRandom):
+            self._values = self._draw(batch_size, generator)
+            return
         if initial is None:
             initial = self.initial_values(generator)
         elif [tuple(v.shape) for v in initial] != (expected := list(self._value_shapes())):
@@ -152,15 +157,21 @@ class MemoryParams(FastWeights):
             yield from self._shapes(module)
 
     def initial_values(self, generator: RandomSource = None) -> tuple[torch.Tensor, ...]:
-        """One fresh draw of the unbatched tensors (kaiming-uniform A, zero B / zero full delta)."""
-        generator = as_torch_generator(generator, self.device)
+        """One fresh draw of the unbatched tensors (kaiming-uniform A, zero B / zero full delta); a keyed
+        source draws it from one key for the whole batch."""
+        source = generator.pooled() if isinstance(generator, KeyedRandom) else generator
+        return tuple(value[0] for value in self._draw(1, source))
+
+    def _draw(self, rows: int, source: RandomSource) -> tuple[torch.Tensor, ...]:
+        """``rows`` fresh draws [rows, *shape] of every tensor, row r from ``source``'s row r."""
         values = []
         for shape, part in zip(self._value_shapes(), itertools.cycle(self._parts())):
             if part == "lora_A":
                 bound = 1.0 / math.sqrt(shape[1])  # kaiming_uniform(a=sqrt(5)) on [r, in]
-                value = (torch.rand(shape, generator=generator, device=self.device, dtype=self.dtype) * 2 - 1) * bound
+                draws = row_uniform(rows, math.prod(shape), source, self.device, self.dtype)
+                value = (draws.reshape(rows, *shape) * 2 - 1) * bound
             else:
-                value = torch.zeros(shape, device=self.device, dtype=self.dtype)
+                value = torch.zeros(rows, *shape, device=self.device, dtype=self.dtype)
             values.append(value)
         return tuple(values)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .rng import content_keys, keyed_uniform
+from .rng import RandomSource, content_keys, keyed_uniform, row_uniform, uniform
 
 __all__ = ["NoiseSchedule", "LinearSchedule", "CosineSchedule", "make_schedule", "Anchor", "sample_anchor",
            "anchor_from_draws", "keyed_anchor"]
@@ -84,11 +84,12 @@ def sample_anchor(
     schedule: NoiseSchedule,
     mask_token_id: int,
     t_eps: float,
-    generator: torch.Generator | None = None,
+    generator: RandomSource = None,
 ) -> Anchor:
-    """t ~ U(t_eps, 1) per sequence; each maskable token masked with probability 1 - alpha(t)."""
-    t_draw = torch.rand(x0.shape[0], generator=generator, device=x0.device)
-    draws = torch.rand(x0.shape, generator=generator, device=x0.device)
+    """t ~ U(t_eps, 1) per sequence; each maskable token masked with probability 1 - alpha(t) (draws from
+    ``generator``: a torch.Generator, or a :class:`~bilevel_dlm.rng.KeyedRandom` keyed by example)."""
+    t_draw = row_uniform(x0.shape[0], 1, generator, x0.device)[:, 0]
+    draws = uniform(x0.shape, generator, x0.device)
     return anchor_from_draws(x0, maskable, schedule, mask_token_id, t_eps, t_draw, draws)
 
 

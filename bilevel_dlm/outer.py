@@ -19,6 +19,7 @@ from .contracts import OuterObjective
 from .forward import ModelView
 from .losses import weighted_mean
 from .noise import Anchor, keyed_anchor, make_schedule, sample_anchor
+from .rng import RandomSource
 from .selection import Selection
 from .trajectory import masked_fraction
 
@@ -37,7 +38,7 @@ class OuterLoop(OuterObjective):
         self.config = config or OuterConfig()
         self.schedule = make_schedule(self.config.schedule)
 
-    def sample_anchor(self, x0: torch.Tensor, maskable: torch.Tensor, generator: torch.Generator | None = None) -> Anchor:
+    def sample_anchor(self, x0: torch.Tensor, maskable: torch.Tensor, generator: RandomSource = None) -> Anchor:
         return sample_anchor(x0, maskable, self.schedule, self.view.mask_token_id, self.config.t_eps, generator)
 
     def keyed_anchor(self, x0: torch.Tensor, maskable: torch.Tensor, attention_mask: torch.Tensor, seed: int) -> Anchor:

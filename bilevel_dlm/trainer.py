@@ -36,7 +36,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .backbone import Backbone
 from .config import MemDLMConfig
-from .data import PreparedBatch, pad_collate
+from .data import EpochOrder, IndexedExamples, PreparedBatch, pad_collate
 from .peft_utils import base_model_of, with_requested_outer_lora
 from .run_definition import run_definition
 from .training import SKIPS_WITHOUT_AN_EPOCH, History, check_resume, check_weight_norm, skip_nonfinite
@@ -177,6 +177,23 @@ def eval_shard(dataset: Any, rank: int, world_size: int) -> Dataset:
     return Subset(dataset, range(rank, len(dataset), world_size))
 
 
+class StreamIndexed(IterableDataset):
+    """An iterable dataset's examples with their position in the epoch's stream as ``example_index`` (and the
+    ``epoch`` the Trainer sets), so their draws are keyed as a map-style dataset's are."""
+
+    def __init__(self, data: Iterable[Mapping[str, Any]]) -> None:
+        self.data, self.epoch = data, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.data, "set_epoch"):
+            self.data.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for index, example in enumerate(self.data):
+            yield {**example, "example_index": index, "epoch": self.epoch}
+
+
 class NonFiniteGuard(TrainerCallback):
     """Skips an optimizer step whose (all-reduced) gradient is not finite, as ``MemoryWrapper.step`` does:
     every gradient is dropped, so AdamW leaves the weights as they are; ``memdlm.max_nonfinite_steps`` such
@@ -274,7 +291,8 @@ class MemDLMTrainer(Trainer):
                 "the inner method has meta-parameters (MetaSGD rates, a meta-learned initialisation) outside the model, which the Trainer's "
                 "optimizer and DDP would not see; train them with MemoryWrapper.fit, or use optimizer 'sgd'/'adam' and meta_init 'none'"
             )
-        # Each rank draws its own anchors and trajectories; a single process draws exactly what fit() draws.
+        # Training batches carry their examples' keys, so every draw is keyed by example; this per-rank stream
+        # only serves batches that lost them (a collator of your own that drops example_index).
         self.memdlm.generator.manual_seed(args.memdlm.seed + args.process_index)
         if data_collator is None:
             self.data_collator = partial(pad_collate, pad_token_id=self.memdlm.pad_token_id())
@@ -310,6 +328,25 @@ class MemDLMTrainer(Trainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     # ----- training ------------------------------------------------------------------------------
+    def get_train_dataloader(self) -> DataLoader:
+        """The Trainer's loader over one global order (:class:`~bilevel_dlm.data.EpochOrder`, seeded by
+        ``args.data_seed`` or ``args.seed``), each example with its ``example_index`` and ``epoch``: accelerate
+        deals its batches to the ranks in turn and the Trainer groups them into accumulation steps, so the
+        same global batch, keyed draws included, is trained on any number of processes."""
+        if self.train_dataset is None:
+            raise ValueError("MemDLMTrainer: training needs a train_dataset")
+        if isinstance(self.train_dataset, IterableDataset) or not hasattr(self.train_dataset, "__len__"):
+            return self._get_dataloader(dataset=StreamIndexed(self.train_dataset), description="Training",
+                                        batch_size=self._train_batch_size, is_training=True)
+        strategy = self.args.train_sampling_strategy
+        if strategy not in ("random", "sequential"):
+            raise NotImplementedError(f"train_sampling_strategy={strategy!r}: MemDLMTrainer trains in one global "
+                                      "order keyed by (seed, epoch); use 'random' or 'sequential'")
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        order = EpochOrder(len(self.train_dataset), seed, shuffle=strategy == "random")
+        return self._get_dataloader(dataset=IndexedExamples(self.train_dataset), description="Training",
+                                    batch_size=self._train_batch_size, sampler_fn=lambda _: order, is_training=True)
+
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         """The Trainer's step with the fast weights bound until its backward has run: gradient
         checkpointing recomputes forwards during the backward, and they must see the same memory."""
@@ -345,7 +382,7 @@ class MemDLMTrainer(Trainer):
                 return (loss, {}) if return_outputs else loss
             self._skipped_run = 0
             outer, inner, _ = self.memdlm.compute_loss(batch)
-            loss = finish(outer * share)
+            loss = finish(outer * share.to(outer.dtype))
         self._metric_sums[:-1] += torch.cat([outer.detach()[None], inner.losses, inner.grad_norms,
                                              torch.ones(1, device=outer.device)])
         outputs = {"inner_losses": inner.losses, "inner_grad_norms": inner.grad_norms}
@@ -369,8 +406,8 @@ class MemDLMTrainer(Trainer):
         micro-batches (and, with ``average_tokens_across_devices``, over the ranks: one all-reduce)."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         outer = self.memdlm.outer
-        local = sum((outer.denominator(self.memdlm.prepare(b).maskable).float() for b in batch_samples),
-                    torch.zeros((), device=device))
+        local = sum((outer.denominator(self.memdlm.prepare(b).maskable).double() for b in batch_samples),
+                    torch.zeros((), device=device, dtype=torch.float64))
         global_ = self.accelerator.num_processes > 1 and self.args.average_tokens_across_devices
         self._step_normaliser = self.accelerator.reduce(local, reduction="sum") if global_ else local
         return batch_samples, num_items_in_batch
@@ -380,7 +417,7 @@ class MemDLMTrainer(Trainer):
         the summed micro-batch gradients, averaged by DDP over the ranks, are the gradient of the loss
         normalised over every micro-batch of the step on every rank."""
         world = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
-        local = self.memdlm.outer.denominator(batch.maskable).float()
+        local = self.memdlm.outer.denominator(batch.maskable).double()
         return local * world / self._step_normaliser.clamp_min(1.0)
 
     # ----- logging and evaluation ----------------------------------------------------------------

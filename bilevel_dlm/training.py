@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,13 +28,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointSaveError
-from .contracts import InnerMethod
+from .contracts import InnerMethod, InnerResult
 from .data import iterate_batches
 from .run_definition import run_changes, run_definition
 
 if TYPE_CHECKING:
     from .config import MemDLMConfig
-    from .contracts import FastWeights, InnerResult
+    from .contracts import FastWeights
     from .data import PreparedBatch
     from .noise import Anchor
 
@@ -136,7 +136,7 @@ class TrainingEngine(Protocol):
     def bilevel_context(self) -> AbstractContextManager: ...
     def compute_loss(self, batch: PreparedBatch) -> tuple[torch.Tensor, InnerResult, Anchor]: ...
     def trainable_parameters(self) -> list[nn.Parameter]: ...
-    def step(self, batch: Mapping[str, Any]) -> dict[str, float]: ...
+    def step(self, batch: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> dict[str, float]: ...
     def eval_loss(self, data: Iterable[Mapping[str, Any]], memory: str = "off", *, batch_size: int = 8) -> float: ...
     def pad_token_id(self) -> int: ...
     def check_savable(self) -> None: ...
@@ -149,20 +149,37 @@ def variant_name(wrapper: "TrainingEngine") -> str:
     return wrapper.inner.name if wrapper.inner.adapts else "MDLM"
 
 
-def train_step(wrapper: "TrainingEngine", batch: Mapping[str, Any]) -> dict[str, float]:
-    """One outer step on a batch; returns its metrics (one host sync). See the module docstring."""
+def train_step(wrapper: "TrainingEngine", batch: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """One outer step on a batch, or on a list of micro-batches whose gradients accumulate (each adapts its own
+    memory; the loss is normalised over all of them, as one batch would be); returns its metrics (one host
+    sync). See the module docstring."""
     if wrapper.optimizer is None:
         wrapper.configure_optimizers(max_steps=None)
-    prepared = wrapper.prepare(batch)
-    if not prepared.has_maskable:
-        wrapper.skipped_batches += 1
+    micro_batches = [batch] if isinstance(batch, Mapping) else list(batch)
+    if not micro_batches:
+        raise ValueError("train_step needs a batch, or a non-empty list of micro-batches")
+    where = "batch" if len(micro_batches) == 1 else "micro-batch {}"
+    prepared = [wrapper.prepare(b, where.format(i)) for i, b in enumerate(micro_batches)]
+    usable = [p for p in prepared if p.has_maskable]
+    wrapper.skipped_batches += len(prepared) - len(usable)
+    if not usable:
         return {"skipped": 1.0, "skipped_batches": float(wrapper.skipped_batches)}
     wrapper.model.train()
-    with wrapper.bilevel_context():
-        loss, inner, _ = wrapper.compute_loss(prepared)
-        loss.backward()
-    wrapper.inner.after_backward()
-    wrapper.memory.clear()
+    denominators = [wrapper.outer.denominator(p.maskable).double() for p in usable]
+    total = torch.stack(denominators).sum()
+    outer, inner_losses, inner_norms = [], [], []
+    for micro_batch, denominator in zip(usable, denominators):
+        with wrapper.bilevel_context():
+            loss, inner, _ = wrapper.compute_loss(micro_batch)
+            share = loss * (denominator / total).to(loss.dtype)  # this micro-batch's part of the step's loss
+            share.backward()
+        wrapper.inner.after_backward()
+        wrapper.memory.clear()
+        outer.append(share.detach())
+        inner_losses.append(inner.losses)
+        inner_norms.append(inner.grad_norms)
+    loss = torch.stack(outer).sum()
+    inner = InnerResult(torch.stack(inner_losses).mean(0), torch.stack(inner_norms).mean(0))
     theta = [p for p in wrapper.trainable_parameters() if p.grad is not None]
     max_norm = wrapper.config.outer.max_grad_norm
     grad_norm = (torch.nn.utils.clip_grad_norm_(theta, max_norm) if max_norm is not None
@@ -239,6 +256,7 @@ def fit(
     eval_data: Iterable[Mapping[str, Any]] | None = None,
     max_steps: int,
     batch_size: int = 8,
+    gradient_accumulation_steps: int = 1,
     eval_every: int | None = None,
     eval_prompt_memory: bool = True,
     save_every: int | None = None,
@@ -251,6 +269,8 @@ def fit(
     """Bilevel training for ``max_steps`` outer steps; see :meth:`MemoryWrapper.fit`."""
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    if gradient_accumulation_steps < 1:
+        raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
     if eval_data is not None and eval_prompt_memory and type(wrapper.inner).for_prompts is InnerMethod.for_prompts:
         raise NotImplementedError(
             f"{type(wrapper.inner).__name__} does not define for_prompts, which prompt-memory evaluation needs: "
@@ -261,13 +281,14 @@ def fit(
         wrapper.check_savable()
     wrapper.configure_optimizers(max_steps)
     wrapper.weight_norm = None  # the divergence check compares updates of this run only
-    definition = run_definition(wrapper.config, train_data, batch_size=batch_size, max_steps=max_steps)
+    accumulation = gradient_accumulation_steps
+    definition = run_definition(wrapper.config, train_data, batch_size=batch_size, max_steps=max_steps,
+                                accumulation=accumulation)
     history, step, consumed = History(variant=variant_name(wrapper)), 0, 0
     if resume_from is not None:
         history, step, consumed, saved_run = wrapper.restore_training(resume_from, allow_pickle=allow_pickle)
         check_resume(resume_from, step, saved_run, definition, history, allow_changes)
-    data_generator = torch.Generator().manual_seed(wrapper.config.seed)
-    batches = iterate_batches(train_data, batch_size, pad_token_id=wrapper.pad_token_id(), generator=data_generator)
+    batches = iterate_batches(train_data, batch_size, pad_token_id=wrapper.pad_token_id(), seed=wrapper.config.seed)
     for _ in range(consumed):
         next(batches)
     if save_every and max_steps // save_every * save_every <= step:
@@ -282,12 +303,12 @@ def fit(
 
     try:
         while step < max_steps:
-            batch = next(batches)
+            micro_batches = [next(batches) for _ in range(accumulation)]
             with deferred_interrupt():  # a step and its bookkeeping happen whole, or not at all
                 started = time.perf_counter()
-                metrics = wrapper.step(batch)  # ends with a host sync, so the time is the device's too
+                metrics = wrapper.step(micro_batches)  # ends with a host sync, so the time is the device's too
                 seconds = time.perf_counter() - started
-                consumed += 1
+                consumed += accumulation
                 if "skipped" in metrics:
                     history.skipped_batches += 1
                     skipped_run += 1
@@ -298,7 +319,7 @@ def fit(
                     skipped_run = 0
                     step += 1
                     record(history, step, metrics, seconds)
-            if skipped_run >= (batches.epoch_batches or SKIPS_WITHOUT_AN_EPOCH):
+            if skipped_run * accumulation >= (batches.epoch_batches or SKIPS_WITHOUT_AN_EPOCH):
                 raise ValueError(
                     f"{skipped_run} batches in a row (a full pass over the training data) had no maskable token: "
                     "every label is -100 or every position is padding. Labels mark the response; -100 only the "

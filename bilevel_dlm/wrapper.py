@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from .noise import Anchor
 from .outer import build_outer_optimizer, make_objective
 from .peft_utils import base_model_of, is_peft_model, with_requested_outer_lora
 from .prefix import PrefixReplay, random_state, same_random_state
-from .rng import RowSharedRandom, leading_padding
+from .rng import KeyedRandom, RandomSource, RowSharedRandom, leading_padding
 from .sampling import Sampler, SampleOutput, default_sampler
 from .state_files import read_state, write_state
 from .training import History, fit, train_step
@@ -183,18 +183,27 @@ class MemoryWrapper:
         meta-learned initialisation is never updated.
         """
         x0, maskable, attention = batch.x0, batch.maskable, batch.model_attention_mask
-        anchor = self.outer.sample_anchor(x0, maskable, self.generator)
+        source = self.random_source(batch)
+        anchor = self.outer.sample_anchor(x0, maskable, source)
         first = self.memory.first_block
         shared = first > 0 and self.share_prefix and self.inner.shares_anchor_prefix
         prefix = PrefixReplay(self.backbone.blocks(self.model), first) if shared else None
-        inner = self.inner.run(x0, maskable, anchor, attention, generator=self.generator, prefix=prefix)
+        inner = self.inner.run(x0, maskable, anchor, attention, generator=source, prefix=prefix)
         replay = prefix.replay() if prefix is not None and prefix.recorded else nullcontext()
         with self.bilevel_context(), replay:
             loss = self.outer.loss(x0, maskable, anchor, attention)
         return loss, inner, anchor
 
-    def step(self, batch: Mapping[str, Any]) -> dict[str, float]:
-        """One outer step on a batch; returns its metrics (a single host sync). A step with non-finite
+    def random_source(self, batch: PreparedBatch) -> RandomSource:
+        """The draws of a training step: keyed by each row's (epoch, example index) with ``config.seed`` when
+        the batch carries them (always in ``fit`` and MemDLMTrainer), so they do not depend on the batch,
+        the process or a resume; otherwise the next numbers of ``self.generator``."""
+        if batch.random_keys is None:
+            return self.generator
+        return KeyedRandom(self.config.seed, batch.random_keys, batch.attention_mask)
+
+    def step(self, batch: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> dict[str, float]:
+        """One outer step on a batch (or a list of micro-batches, accumulated); returns its metrics (a single host sync). A step with non-finite
         values is skipped (metrics then hold ``nonfinite``); ``config.max_nonfinite_steps`` in a row raise
         :class:`~bilevel_dlm.training.TrainingDiverged`."""
         return train_step(self, batch)
@@ -206,6 +215,7 @@ class MemoryWrapper:
         eval_data: Iterable[Mapping[str, Any]] | None = None,
         max_steps: int,
         batch_size: int = 8,
+        gradient_accumulation_steps: int = 1,
         eval_every: int | None = None,
         eval_prompt_memory: bool = True,
         save_every: int | None = None,
@@ -217,20 +227,24 @@ class MemoryWrapper:
     ) -> History:
         """Bilevel training for ``max_steps`` outer steps (the data is cycled).
 
-        ``train_data``: a list or torch Dataset of examples (reshuffled every epoch), a DataLoader, or
-        any iterable of example or batch dicts (used in its order). With ``eval_data``, the eval loss
-        (memory off, and adapted on the prompt when ``eval_prompt_memory``) is measured every
-        ``eval_every`` steps and at the end. With ``save_every``, a checkpoint is written to
-        ``output_dir/checkpoint-<step>``; ``resume_from`` such a checkpoint continues with exactly the
-        trajectory of an uninterrupted run (``allow_pickle``: a checkpoint of an earlier release, see
-        :meth:`from_pretrained`); a resume with other settings (config, data, batch size, max_steps) is
-        refused unless ``allow_changes`` (then recorded in ``History.changes``). Batches without a maskable token are skipped, and a whole
-        pass of them raises; non-finite steps are skipped (``History.nonfinite_steps``).
+        ``train_data``: a list or torch Dataset of examples (one global order per epoch from
+        ``config.seed``), a DataLoader, or any iterable of example or batch dicts (used in its order). Each
+        optimizer step takes ``gradient_accumulation_steps`` micro-batches of ``batch_size``; every random
+        draw is keyed by the example (seed, epoch, index), so accumulating 2 micro-batches of 4 draws what
+        MemDLMTrainer draws on 2 processes with 4 each. With ``eval_data``, the eval loss (memory off, and
+        adapted on the prompt when ``eval_prompt_memory``) is measured every ``eval_every`` steps and at the
+        end. With ``save_every``, a checkpoint is written to ``output_dir/checkpoint-<step>``;
+        ``resume_from`` such a checkpoint continues with exactly the draws and weights of an uninterrupted
+        run (``allow_pickle``: a checkpoint of an earlier release, see :meth:`from_pretrained`); a resume
+        with other settings (config, data, batch size, accumulation, max_steps) is refused unless
+        ``allow_changes`` (then recorded in ``History.changes``). Batches without a maskable token are
+        skipped, and a whole pass of them raises; non-finite steps are skipped (``History.nonfinite_steps``).
         """
         return fit(self, train_data, eval_data=eval_data, max_steps=max_steps, batch_size=batch_size,
-                   eval_every=eval_every, eval_prompt_memory=eval_prompt_memory, save_every=save_every,
-                   output_dir=output_dir, resume_from=resume_from, allow_pickle=allow_pickle,
-                   allow_changes=allow_changes, progress=progress)
+                   gradient_accumulation_steps=gradient_accumulation_steps, eval_every=eval_every,
+                   eval_prompt_memory=eval_prompt_memory, save_every=save_every, output_dir=output_dir,
+                   resume_from=resume_from, allow_pickle=allow_pickle, allow_changes=allow_changes,
+                   progress=progress)
 
     # ----- checkpoints ---------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, *, training_state: dict[str, Any] | None = None) -> Path:

@@ -74,6 +74,8 @@ class _Probe(MemDLMTrainer):
         self.record = {
             "input_ids": inputs["input_ids"].clone(),
             "labels": inputs["labels"].clone(),
+            "example_index": inputs["example_index"].clone(),
+            "epoch": inputs["epoch"].clone(),
             "memory": self.memdlm.memory.state(),
             "wrapped_in": type(model).__name__,
             "reduced": [name for name, p in model.named_parameters() if p.requires_grad],

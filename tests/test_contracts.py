@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bilevel_dlm.rng import uniform
 from bilevel_dlm import (Anchor, FastWeights, InnerMethod, InnerResult, MemDLMConfig, MemoryWrapper, ModelView,
                          OuterConfig, OuterObjective)
 from toy import MASK_ID, ToyBackbone, ToyDLM
@@ -118,7 +119,7 @@ class HalfMasked(OuterObjective):
                       input_ids=torch.where(masked, MASK_ID, x0))
 
     def sample_anchor(self, x0, maskable, generator=None) -> Anchor:
-        return self._anchor(x0, maskable, torch.rand(x0.shape, generator=generator))
+        return self._anchor(x0, maskable, uniform(x0.shape, generator, x0.device))
 
     def keyed_anchor(self, x0, maskable, attention_mask, seed) -> Anchor:
         rows = [torch.rand(x0.shape[1], generator=torch.Generator().manual_seed(seed + hash(tuple(row.tolist()))))

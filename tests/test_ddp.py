@@ -3,7 +3,7 @@ per rank, and the result is the gradient of the global batch's loss.
 
 What "the same gradient as one process on the global batch" means here: each rank adapts its own memory
 on its own micro-batch (inner loss normalised per rank), so the single-process reference runs the inner
-loop on each rank's slice with that rank's random stream, then computes ONE outer loss on the
+loop on each rank's slice with its examples' keyed draws, then computes ONE outer loss on the
 concatenated batch, normalised by the global maskable-token count, with each row's memory bound per
 sample. DDP's all-reduced gradient must equal that reference's gradient.
 """
@@ -47,9 +47,9 @@ def reference(records: list[dict]) -> tuple[dict, list[dict], dict]:
     model = tiny_model()
     wrapper = MemoryWrapper(model, config)
     slices, memories = [], []
-    for rank, record in enumerate(records):
-        batch = wrapper.prepare({"input_ids": record["input_ids"], "labels": record["labels"]})
-        generator = torch.Generator().manual_seed(config.seed + rank)  # the trainer's per-rank stream
+    for record in records:
+        batch = wrapper.prepare({name: record[name] for name in ("input_ids", "labels", "example_index", "epoch")})
+        generator = wrapper.random_source(batch)  # keyed by (seed, epoch, example index)
         anchor = wrapper.outer.sample_anchor(batch.x0, batch.maskable, generator)
         wrapper.inner.run(batch.x0, batch.maskable, anchor, batch.attention_mask, generator=generator)
         slices.append((batch, anchor))

@@ -149,8 +149,8 @@ def test_gradient_accumulation_averages_the_micro_batch_losses(tmp_path):
 
     model = tiny_llada()
     wrapper = MemoryWrapper(model, config)
-    for example in data:  # one memory per micro-batch, the same anchor stream
-        batch = wrapper.prepare({k: v[None] for k, v in example.items()})
+    for index, example in enumerate(data):  # one memory per micro-batch, draws keyed by example (epoch 0)
+        batch = wrapper.prepare({**{k: v[None] for k, v in example.items()}, "example_index": torch.tensor([index])})
         with wrapper.bilevel_context():
             loss, _, _ = wrapper.compute_loss(batch)
             (loss / 2).backward()
@@ -367,7 +367,8 @@ def test_gradient_accumulation_normalises_over_every_micro_batch_of_the_step(tmp
     model = tiny_llada()
     wrapper = MemoryWrapper(model, config)
     numerators, denominators = [], []
-    for chunk in (rows[:4], rows[4:]):
+    indexed = [{**row, "example_index": index, "epoch": 0} for index, row in enumerate(rows)]
+    for chunk in (indexed[:4], indexed[4:]):
         batch = wrapper.prepare(pad_collate(chunk, wrapper.pad_token_id()))
         with wrapper.bilevel_context():
             loss, _, _ = wrapper.compute_loss(batch)

@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=_positive_int, default=100, metavar="N",
                        help="outer optimizer steps (default: 100)")
     train.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="rows per batch (default: 8)")
+    train.add_argument("--accumulation", type=_positive_int, default=1, metavar="N", help="micro-batches of "
+                       "--batch-size rows per optimizer step, their gradients accumulated (default: 1)")
     train.add_argument("--lr", type=_non_negative_float, help="outer learning rate (overrides outer.lr)")
     train.add_argument("--seed", type=int, help="config seed (overrides seed): anchors, model init, data order")
     train.add_argument("--output", metavar="DIR", help="write the final checkpoint to DIR (a new or empty "
@@ -147,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "valid one in a DIR-checkpoints folder (same data, batch size and --steps as the interrupted "
                        "run reproduce it exactly); also the model when --model/--tiny are not given")
     train.add_argument("--allow-changes", action="store_true", help="with --resume: continue although the config, "
-                       "data, --batch-size or --steps differ from the checkpoint's run (recorded in its history)")
+                       "data, --batch-size, --accumulation or --steps differ from the checkpoint's run (recorded in "
+                       "its history)")
     train.add_argument("--eval-every", type=_positive_int, metavar="N", help="eval loss (memory off and prompt "
                        "memory) every N steps and at the end, on --eval-data or, with --synthetic, on held-out examples")
     train.add_argument("--eval-data", metavar="PATH", help="JSONL evaluation records (as --data) for --eval-every")

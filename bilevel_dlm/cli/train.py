@@ -159,7 +159,8 @@ def _train(args: argparse.Namespace, output: Path | None, checkpoints: Path | No
             with reported("training"):
                 history = wrapper.fit(Rows(data.rows), eval_data=evaluation.rows if evaluation else None,
                                       eval_every=args.eval_every, max_steps=args.steps, batch_size=args.batch_size,
-                                      save_every=args.save_every, output_dir=checkpoints, resume_from=resume,
+                                      gradient_accumulation_steps=args.accumulation, save_every=args.save_every,
+                                      output_dir=checkpoints, resume_from=resume,
                                       allow_pickle=args.allow_pickle, allow_changes=args.allow_changes,
                                       progress=not args.no_progress)
         except TrainingInterrupted as interrupted:
