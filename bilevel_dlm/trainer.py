@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -302,6 +303,7 @@ class MemDLMTrainer(Trainer):
         # Sums since the last log: the metrics above, then the micro-batch count and the skipped count.
         self._metric_sums = torch.zeros(len(self._metric_names) + 2, device=args.device)
         self._skipped_run = 0
+        self._warned_unkeyed = False
         self.add_callback(NonFiniteGuard(self.memdlm))
         self.add_callback(RunDefinitionRecorder(self))
 
@@ -372,6 +374,11 @@ class MemDLMTrainer(Trainer):
                 "on the unwrapped module, would bypass)"
             )
         batch = self.memdlm.prepare(inputs)
+        if batch.random_keys is None and not self._warned_unkeyed:
+            self._warned_unkeyed = True
+            warnings.warn("a training batch came without 'example_index' (a collator that drops it?): its draws come "
+                          "from this rank's own stream, so the run depends on the number of processes and restarts "
+                          "its draws on resume; keep example_index and epoch in the batches", stacklevel=2)
         share = self._share_of_step(batch)
         with ddp_forward(model) as finish:
             if not batch.has_maskable:

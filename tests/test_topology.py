@@ -197,3 +197,14 @@ def test_a_rows_draws_do_not_depend_on_its_batch_or_padding(rows, seed):
 def test_indexed_examples_refuse_what_is_not_an_example():
     with pytest.raises(TypeError, match="training example 0 is a tuple"):
         IndexedExamples([(1, 2)])[0, 0]
+
+
+def test_the_trainer_warns_once_when_batches_lose_their_example_index(tmp_path):
+    def collate_without_keys(rows):
+        return {k: v for k, v in pad_collate(rows).items() if k not in ("example_index", "epoch")}
+
+    args = trainer_arguments(tmp_path, recipe(False), 2, per_device_train_batch_size=MICRO_BATCH)
+    trainer = MemDLMTrainer(model(), args, train_dataset=examples(), data_collator=collate_without_keys)
+    with pytest.warns(UserWarning, match="without 'example_index'") as caught:
+        trainer.train()
+    assert sum("example_index" in str(w.message) for w in caught) == 1
