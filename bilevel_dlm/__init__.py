@@ -26,7 +26,7 @@ _EXPORTS = {
     "CARTObjective": "outer", "OuterLoop": "outer",
     "AnchorConsistent": "trajectory", "AnchorOnly": "trajectory", "PreAnchorOnly": "trajectory",
     "Progressive": "trajectory", "Stage": "trajectory", "TrajectorySimulator": "trajectory",
-    "History": "training", "TrainingDiverged": "training",
+    "History": "history", "TrainingDiverged": "training",
     "MemoryWrapper": "wrapper",
 }
 

@@ -35,8 +35,8 @@ class MemoryConfig(_Strict):
     """Where the fast weights live and what they look like."""
 
     kind: Literal["lora", "full"] = Field("lora", description="LoRA pair (B @ A) or a full delta W")
-    rank: int = Field(32, gt=0)
-    alpha: float = Field(64.0, gt=0)
+    rank: int = Field(32, gt=0, description="rank r of the LoRA pair (kind='lora')")
+    alpha: float = Field(64.0, gt=0, description="LoRA scale numerator: the delta is (alpha / rank) B @ A")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the fast-weight input")
     layer_fraction: float = Field(0.1, gt=0.0, le=1.0, description="last fraction of blocks that get fast weights")
     targets: Literal["ffn", "ffn+attention"] | Names = Field(
@@ -58,13 +58,20 @@ class InnerConfig(_Strict):
     """The inner loop: K steps on the simulated trajectory, updating the fast weights only."""
 
     steps: int = Field(2, ge=0, description="K: number of inner stages / updates (0 = plain MDLM, no memory)")
-    mode: Literal["first_order", "unrolled"] = "first_order"
-    optimizer: Literal["sgd", "adam", "metasgd"] = "sgd"
-    lr: float = Field(0.1, ge=0.0)
+    mode: Literal["first_order", "unrolled"] = Field(
+        "first_order", description="first_order: the adapted fast weights are constants of the outer step; unrolled: "
+        "the outer gradient flows through the K updates (second order)")
+    optimizer: Literal["sgd", "adam", "metasgd"] = Field(
+        "sgd", description="inner optimizer of the fast weights; metasgd learns one rate per tensor (unrolled)")
+    lr: float = Field(0.1, ge=0.0, description="inner learning rate")
     clip: float | None = Field(1.0, gt=0.0, description="per-tensor gradient clipping threshold; None = off")
-    loss: Literal["ce", "kl", "reverse_kl", "hidden_mse", "hidden_cosine"] = "ce"
-    weighting: Literal["inverse_t", "uniform"] = "inverse_t"
-    backend: Literal["torchopt", "higher"] = "torchopt"
+    loss: Literal["ce", "kl", "reverse_kl", "hidden_mse", "hidden_cosine"] = Field(
+        "ce", description="inner loss per stage: CE on the masked tokens, or a distance to the next, less masked "
+        "stage as teacher (logits or hidden states)")
+    weighting: Literal["inverse_t", "uniform"] = Field(
+        "inverse_t", description="weight of a stage's token losses: 1 / (its masked fraction) or 1")
+    backend: Literal["torchopt", "higher"] = Field(
+        "torchopt", description="library of the differentiable inner update (higher: pip install -e '.[higher]')")
     meta_init: Literal["none", "fomaml", "reptile", "maml"] = Field(
         "none", description="start from a fresh draw (none) or a meta-learned phi_0 (bilevel_dlm.meta_init)")
     reptile_rate: float = Field(0.1, gt=0.0, le=1.0, description="Reptile's step toward the adapted fast weights")
@@ -94,11 +101,15 @@ class InnerConfig(_Strict):
 class TrajectoryConfig(_Strict):
     """How the inner stages are built from the outer anchor."""
 
-    kind: Literal["anchor_consistent", "pre_only", "anchor_only", "progressive"] = "anchor_consistent"
+    kind: Literal["anchor_consistent", "pre_only", "anchor_only", "progressive"] = Field(
+        "anchor_consistent", description="the trajectory simulator: pre-anchor then the anchor (MemDLM), one of "
+        "them only (ablations), or masks of their own unrelated to the anchor (progressive)")
     s_pre: float = Field(1.5, ge=1.0, description="pre-anchor mask ratio = min(1, s_pre * anchor ratio)")
-    stage1_targets: Literal["broad", "newly_revealed"] = "broad"
-    progressive_start: float = Field(0.8, gt=0.0, le=1.0)
-    progressive_end: float = Field(0.2, gt=0.0, le=1.0)
+    stage1_targets: Literal["broad", "newly_revealed"] = Field(
+        "broad", description="stage 1 supervises every pre-anchor masked position (reference) or only those the "
+        "anchor reveals (the paper's Eq. 7)")
+    progressive_start: float = Field(0.8, gt=0.0, le=1.0, description="mask ratio of the first progressive stage")
+    progressive_end: float = Field(0.2, gt=0.0, le=1.0, description="mask ratio of the last progressive stage")
 
     @model_validator(mode="after")
     def _check(self) -> "TrajectoryConfig":
@@ -113,11 +124,11 @@ class TrajectoryConfig(_Strict):
 class OuterLoRAConfig(_Strict):
     """The paper's outer LoRA (applied through PEFT when ``apply`` is true, or bring a PeftModel)."""
 
-    apply: bool = False
-    rank: int = Field(32, gt=0)
-    alpha: float = Field(64.0, gt=0)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: str | Names = "all-linear"
+    apply: bool = Field(False, description="wrap a plain model in this LoRA (PEFT); only its weights are trained")
+    rank: int = Field(32, gt=0, description="LoRA rank")
+    alpha: float = Field(64.0, gt=0, description="LoRA alpha (scale alpha / rank)")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout")
+    target_modules: str | Names = Field("all-linear", description="PEFT target_modules: a name, a pattern or a list")
 
 
 class OuterConfig(_Strict):
@@ -125,19 +136,22 @@ class OuterConfig(_Strict):
 
     objective: Literal["mdlm", "cart"] = Field("mdlm", description="the outer loss (bilevel_dlm.outer.OBJECTIVES)")
     cart_p: float = Field(0.3, gt=0.0, le=1.0, description="CART's geometric parameter (objective='cart')")
-    schedule: Literal["linear", "cosine"] = "linear"
-    t_eps: float = Field(1e-3, gt=0.0, lt=1.0)
+    schedule: Literal["linear", "cosine"] = Field(
+        "linear", description="noise schedule: mask probability t (linear) or cos(pi/2 (1 - t)) (cosine)")
+    t_eps: float = Field(1e-3, gt=0.0, lt=1.0, description="anchor times are drawn from U(t_eps, 1)")
     weighting: Literal["elbo", "uniform"] = Field("elbo", description="'elbo': w(t) = -alpha'(t) / (1 - alpha(t))")
-    normalization: Literal["token", "sequence", "batch"] = "token"
-    lr: float = Field(2e-5, ge=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    normalization: Literal["token", "sequence", "batch"] = Field(
+        "token", description="the loss is divided by the step's maskable tokens, its sequences or its samples")
+    lr: float = Field(2e-5, ge=0.0, description="AdamW learning rate of theta")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay of theta")
     meta_lr: float | None = Field(None, gt=0.0, description="AdamW rate of the inner method's meta-parameters "
                                   "(MetaSGD rates, FOMAML / MAML phi_0; no weight decay); None = lr")
-    betas: Annotated[tuple[float, float], Field(strict=False)] = (0.9, 0.999)
-    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
-    max_grad_norm: float | None = Field(1.0, gt=0.0)
-    lora: OuterLoRAConfig = OuterLoRAConfig()
+    betas: Annotated[tuple[float, float], Field(strict=False)] = Field((0.9, 0.999), description="AdamW betas")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="decay after warmup (transformers' get_*_schedule_with_warmup)")
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="linear warmup over this fraction of max_steps")
+    max_grad_norm: float | None = Field(1.0, gt=0.0, description="clip theta's gradient norm; None = off")
+    lora: OuterLoRAConfig = Field(OuterLoRAConfig(), description="the outer LoRA (see OuterLoRAConfig)")
 
     @model_validator(mode="after")
     def _check(self) -> "OuterConfig":
@@ -150,21 +164,22 @@ class OuterConfig(_Strict):
 class AdaptConfig(_Strict):
     """Inference-time memory: the inner loop on the prompt alone, per sample."""
 
-    anchor_ratio: float = Field(0.2, gt=0.0, le=1.0)
-    steps: int = Field(2, ge=1)
-    weighting: Literal["inverse_t", "uniform"] = "uniform"
+    anchor_ratio: float = Field(0.2, gt=0.0, le=1.0, description="fraction of the prompt's tokens the anchor masks")
+    steps: int = Field(2, ge=1, description="inner stages on the prompt")
+    weighting: Literal["inverse_t", "uniform"] = Field("uniform", description="stage weighting while adapting")
     lr: float | None = Field(None, gt=0.0, description="inner learning rate while adapting; None = inner.lr (reference)")
 
 
 class MemDLMConfig(_Strict):
     """The whole bilevel recipe. Defaults reproduce MemDLM's reference hyperparameters."""
 
-    memory: MemoryConfig = MemoryConfig()
-    inner: InnerConfig = InnerConfig()
-    trajectory: TrajectoryConfig = TrajectoryConfig()
-    outer: OuterConfig = OuterConfig()
-    adapt: AdaptConfig = AdaptConfig()
-    seed: int = 0
+    memory: MemoryConfig = Field(MemoryConfig(), description="the fast weights (MemoryConfig)")
+    inner: InnerConfig = Field(InnerConfig(), description="the inner loop (InnerConfig)")
+    trajectory: TrajectoryConfig = Field(TrajectoryConfig(), description="the simulated trajectory (TrajectoryConfig)")
+    outer: OuterConfig = Field(OuterConfig(), description="the outer objective and theta's optimizer (OuterConfig)")
+    adapt: AdaptConfig = Field(AdaptConfig(), description="inference-time memory (AdaptConfig)")
+    seed: int = Field(0, description="keys every training draw (with each example's epoch and index), the data "
+                      "order of fit, and adaptation's draws")
     max_nonfinite_steps: int = Field(
         3, gt=0, description="training stops with an error after this many non-finite steps in a row (each is skipped)"
     )

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from .tasks import Example, exact_match
-from .wrapper import MemoryWrapper
+from .engine import Engine
 
 __all__ = ["encode_prompts", "left_pad", "task_accuracy", "decode_answers"]
 
@@ -43,7 +43,7 @@ def decode_answers(tokenizer, generated: torch.Tensor) -> list[str]:
 
 
 def task_accuracy(
-    wrapper: MemoryWrapper,
+    wrapper: Engine,
     tokenizer,
     examples: Sequence[Example],
     *,

@@ -40,9 +40,11 @@ from .config import MemDLMConfig
 from .data import EpochOrder, IndexedExamples, PreparedBatch, pad_collate
 from .peft_utils import base_model_of, with_requested_outer_lora
 from .run_definition import run_definition
-from .training import SKIPS_WITHOUT_AN_EPOCH, History, check_resume, check_weight_norm, skip_nonfinite
+from .history import History
+from .training import SKIPS_WITHOUT_AN_EPOCH, check_resume, check_weight_norm, skip_nonfinite
 from .trajectory import TrajectorySimulator
-from .wrapper import EVAL_SEED, MemoryWrapper, loss_from_terms
+from .eval_loss import EVAL_SEED, loss_from_terms
+from .wrapper import MemoryWrapper
 
 __all__ = ["MemDLMTrainingArguments", "MemDLMTrainer", "NonFiniteGuard", "ddp_forward", "eval_shard"]
 

@@ -18,28 +18,23 @@ import threading
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointSaveError
 from .contracts import InnerMethod, InnerResult
 from .data import iterate_batches
+from .engine import Engine
+from .history import History
 from .run_definition import run_changes, run_definition
 
-if TYPE_CHECKING:
-    from .config import MemDLMConfig
-    from .contracts import FastWeights
-    from .data import PreparedBatch
-    from .noise import Anchor
 
-
-__all__ = ["History", "TrainingDiverged", "TrainingInterrupted", "ForcedInterrupt", "TrainingEngine", "train_step",
+__all__ = ["History", "TrainingDiverged", "TrainingInterrupted", "ForcedInterrupt", "train_step",
            "fit", "skip_nonfinite", "check_weight_norm", "check_resume", "deferred_interrupt"]
 
 # Without epochs (an endless iterable) a run of skipped batches this long counts as "no usable data".
@@ -90,66 +85,11 @@ def deferred_interrupt() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
-@dataclass
-class History:
-    """What ``fit`` measured: one entry per optimizer step, evaluations at ``eval_steps``.
-
-    ``nonfinite_steps`` lists the steps that were attempted with a non-finite loss or gradient and
-    skipped (the step was then retried on the next batch); ``variant`` is the inner method's ``name``
-    ("MemDLM"), or "MDLM" for an inner method that adapts nothing (the plain baseline); ``changes`` the
-    step and settings of every resume that was allowed to change the run.
-    """
-
-    steps: list[int] = field(default_factory=list)
-    outer_loss: list[float] = field(default_factory=list)
-    inner_losses: list[list[float]] = field(default_factory=list)
-    inner_grad_norms: list[list[float]] = field(default_factory=list)
-    eval_steps: list[int] = field(default_factory=list)
-    eval_loss: list[float] = field(default_factory=list)
-    eval_loss_prompt_memory: list[float] = field(default_factory=list)
-    skipped_batches: int = 0
-    nonfinite_steps: list[int] = field(default_factory=list)
-    variant: str = "MemDLM"
-    step_seconds: list[float] = field(default_factory=list)
-    changes: list[dict[str, Any]] = field(default_factory=list)  # settings a resume changed (allow_changes)
-
-
-class TrainingEngine(Protocol):
-    """What the training loop needs from the object it trains (``MemoryWrapper`` is one): its model, config
-    and inner method, the optimizer with its schedule, the step's parts, evaluation and checkpoints, and the
-    counters the non-finite / divergence guards keep."""
-
-    model: nn.Module
-    config: MemDLMConfig
-    inner: InnerMethod
-    memory: FastWeights
-    optimizer: torch.optim.Optimizer | None
-    scheduler: Any
-    skipped_batches: int
-    updates: int
-    nonfinite_run: int
-    last_finite: tuple[int, dict[str, float]] | None
-    weight_norm: float | None
-
-    def configure_optimizers(self, max_steps: int | None) -> None: ...
-    def prepare(self, batch: Mapping[str, Any], where: str = "batch") -> PreparedBatch: ...
-    def bilevel_context(self) -> AbstractContextManager: ...
-    def compute_loss(self, batch: PreparedBatch) -> tuple[torch.Tensor, InnerResult, Anchor]: ...
-    def trainable_parameters(self) -> list[nn.Parameter]: ...
-    def step(self, batch: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> dict[str, float]: ...
-    def eval_loss(self, data: Iterable[Mapping[str, Any]], memory: str = "off", *, batch_size: int = 8) -> float: ...
-    def pad_token_id(self) -> int: ...
-    def check_savable(self) -> None: ...
-    def save_pretrained(self, directory: str | Path, *, training_state: dict[str, Any] | None = None) -> Path: ...
-    def restore_training(self, directory: str | Path, *, allow_pickle: bool = False
-                         ) -> tuple[History, int, int, dict[str, Any] | None]: ...
-
-
-def variant_name(wrapper: "TrainingEngine") -> str:
+def variant_name(wrapper: Engine) -> str:
     return wrapper.inner.name if wrapper.inner.adapts else "MDLM"
 
 
-def train_step(wrapper: "TrainingEngine", batch: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> dict[str, float]:
+def train_step(wrapper: Engine, batch: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """One outer step on a batch, or on a list of micro-batches whose gradients accumulate (each adapts its own
     memory; the loss is normalised over all of them, as one batch would be); returns its metrics (one host
     sync). See the module docstring."""
@@ -213,7 +153,7 @@ def train_step(wrapper: "TrainingEngine", batch: Mapping[str, Any] | Sequence[Ma
     return metrics
 
 
-def check_weight_norm(wrapper: "TrainingEngine", norm: float) -> None:
+def check_weight_norm(wrapper: Engine, norm: float) -> None:
     """Stop (:class:`TrainingDiverged`) when the last update changed the norm of theta by more than
     ``config.max_weight_norm_change`` (not None) times the larger of its previous norm and 1: the update is
     measured by the norm before this step against the norm before the previous one, so checking costs no
@@ -231,7 +171,7 @@ def check_weight_norm(wrapper: "TrainingEngine", norm: float) -> None:
         "weights are those after that update. Lower outer.lr (or raise max_weight_norm_change, or set it to None)")
 
 
-def skip_nonfinite(wrapper: "TrainingEngine", metrics: dict[str, float]) -> None:
+def skip_nonfinite(wrapper: Engine, metrics: dict[str, float]) -> None:
     """Count a skipped non-finite step: warn, or raise once ``max_nonfinite_steps`` came in a row."""
     wrapper.nonfinite_run += 1
     shown = ", ".join(f"{name} {value:.4g}" for name, value in metrics.items())
@@ -250,7 +190,7 @@ def skip_nonfinite(wrapper: "TrainingEngine", metrics: dict[str, float]) -> None
 
 
 def fit(
-    wrapper: "TrainingEngine",
+    wrapper: Engine,
     train_data: Iterable[Mapping[str, Any]],
     *,
     eval_data: Iterable[Mapping[str, Any]] | None = None,
@@ -266,7 +206,21 @@ def fit(
     allow_changes: bool = False,
     progress: bool = True,
 ) -> History:
-    """Bilevel training for ``max_steps`` outer steps; see :meth:`MemoryWrapper.fit`."""
+    """Bilevel training for ``max_steps`` outer steps (the data is cycled).
+
+    ``train_data``: a list or torch Dataset of examples (one global order per epoch from
+    ``config.seed``), a DataLoader, or any iterable of example or batch dicts (used in its order). Each
+    optimizer step takes ``gradient_accumulation_steps`` micro-batches of ``batch_size``; every random
+    draw is keyed by the example (seed, epoch, index), so accumulating 2 micro-batches of 4 draws what
+    MemDLMTrainer draws on 2 processes with 4 each. With ``eval_data``, the eval loss (memory off, and
+    adapted on the prompt when ``eval_prompt_memory``) is measured every ``eval_every`` steps and at the
+    end. With ``save_every``, a checkpoint is written to ``output_dir/checkpoint-<step>``;
+    ``resume_from`` such a checkpoint continues with exactly the draws and weights of an uninterrupted
+    run (``allow_pickle``: a checkpoint of an earlier release, see ``MemoryWrapper.from_pretrained``); a resume
+    with other settings (config, data, batch size, accumulation, max_steps) is refused unless
+    ``allow_changes`` (then recorded in ``History.changes``). Batches without a maskable token are
+    skipped, and a whole pass of them raises; non-finite steps are skipped (``History.nonfinite_steps``).
+    """
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     if gradient_accumulation_steps < 1:

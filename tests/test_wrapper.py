@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from bilevel_dlm import InnerConfig, MemDLMConfig, MemoryConfig, MemoryWrapper, OuterConfig
+from bilevel_dlm.adaptation import adapt_positions
 from bilevel_dlm.data import pad_collate
 from bilevel_dlm.integrations.llada import LLaDAModelLM, tiny_config
 
@@ -120,7 +121,7 @@ def test_prompt_memory_never_sees_the_scored_tokens():
     states = []
     for d in (data, other):
         prepared = wrapper.prepare(d)
-        states.append(wrapper._adapt(prepared.x0, prepared.prompt, prepared.prompt.long(), seed=0).state())
+        states.append(adapt_positions(wrapper, prepared.x0, prepared.prompt, prepared.prompt.long(), seed=0).state())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     off, prompt = wrapper.eval_loss([data], memory="off"), wrapper.eval_loss([data], memory="prompt")
     assert off != prompt and abs(off - prompt) / off < 0.5
