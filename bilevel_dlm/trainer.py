@@ -250,7 +250,10 @@ class MemDLMTrainer(Trainer):
         model: the backbone, or a PEFT model whose LoRA weights are theta (``args.memdlm.outer.lora.apply``
             wraps a plain model in one).
         args: :class:`MemDLMTrainingArguments`.
-        backbone, mask_token_id, simulator, inner_optimizer: as for :class:`MemoryWrapper`.
+        backbone: adapter name or instance, as for :class:`MemoryWrapper` (default: detected).
+        mask_token_id: explicit mask token id, as for :class:`MemoryWrapper`.
+        simulator: a custom trajectory simulator, as for :class:`MemoryWrapper`.
+        inner_optimizer: a custom inner optimizer, as for :class:`MemoryWrapper`.
         data_collator: default right-pads examples (``bilevel_dlm.data.pad_collate``).
         **kwargs: the Trainer's (train_dataset, eval_dataset, processing_class, callbacks, ...).
 
