@@ -8,10 +8,6 @@ concatenated batch, normalised by the global maskable-token count, with each row
 sample. DDP's all-reduced gradient must equal that reference's gradient.
 """
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,25 +15,14 @@ import torch
 
 from bilevel_dlm import Anchor, MemoryParams, MemoryWrapper
 from ddp_worker import recipe, tiny_model
+from torchrun import launch_two_processes
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ddp")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER), str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return out
+    return launch_two_processes(WORKER, tmp_path_factory.mktemp("ddp"), timeout=240)
 
 
 def reference(records: list[dict]) -> tuple[dict, list[dict], dict]:

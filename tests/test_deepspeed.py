@@ -1,30 +1,23 @@
 """MemDLMTrainer under DeepSpeed ZeRO-2 (2 processes, gloo, DeepSpeed's CPU accelerator): theta's update
 is the gradient of the global batch's loss (each rank's rows with that rank's memory), as under DDP."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from ddp_worker import tiny_model
-from test_ddp import free_port, reference
+from test_ddp import reference
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install 'bilevel_dlm[deepspeed]')")
+from torchrun import launch_two_processes
+
 WORKER = Path(__file__).with_name("deepspeed_worker.py")
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("deepspeed")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER), str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return out
+    return launch_two_processes(WORKER, tmp_path_factory.mktemp("deepspeed"), timeout=300)
 
 
 def test_zero2_update_is_the_global_batch_gradient_and_memory_stays_per_rank(ranks) -> None:

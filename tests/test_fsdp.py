@@ -2,9 +2,6 @@
 single process's gradient of the global batch's loss (each rank's rows with that rank's memory), with
 prefix sharing on and off, and the fast weights stay per rank (plain tensors, never sharded)."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,20 +10,14 @@ import torch
 from bilevel_dlm import MemoryWrapper
 from bilevel_dlm.data import pad_collate
 from ddp_worker import global_examples, recipe, tiny_model
-from test_ddp import free_port
+from torchrun import launch_two_processes
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("fsdp")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER), str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return out
+    return launch_two_processes(WORKER, tmp_path_factory.mktemp("fsdp"), timeout=240)
 
 
 def reference() -> tuple[dict[str, torch.Tensor], list[dict]]:

@@ -12,10 +12,6 @@ Everything runs in float64 (tests/topology.py): what is compared differs only by
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,6 +25,7 @@ from bilevel_dlm import MemoryWrapper
 from bilevel_dlm.data import EpochOrder, IndexedExamples, pad_collate
 from bilevel_dlm.trainer import MemDLMTrainer
 from topology import GLOBAL_BATCH, MICRO_BATCH, STEPS, examples, model, recipe, trainer_arguments
+from torchrun import launch_two_processes
 
 WORKER = Path(__file__).with_name("topology_worker.py")
 TOLERANCE = dict(atol=1e-9, rtol=1e-9)
@@ -86,21 +83,9 @@ def test_trainer_accumulating_in_one_process_equals_fit(fit_runs, memory, tmp_pa
         torch.testing.assert_close(value, fit_runs[memory, MICRO_BATCH, 2][1][name], **TOLERANCE)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("topology")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER), str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return out
+    return launch_two_processes(WORKER, tmp_path_factory.mktemp("topology"), timeout=300)
 
 
 @pytest.mark.parametrize("memory", MEMORY)
