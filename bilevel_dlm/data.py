@@ -12,6 +12,7 @@ the same whether it is split over ranks, micro-batches or both.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -219,10 +220,17 @@ class EpochOrder(Sampler):
 
 
 class IndexedExamples(Dataset):
-    """``data[index]`` with its ``example_index`` and ``epoch``, looked up by :class:`EpochOrder`'s pairs."""
+    """``data[index]`` with its ``example_index`` and ``epoch``, looked up by :class:`EpochOrder`'s pairs.
 
-    def __init__(self, data: Sequence[Mapping[str, Any]] | Dataset) -> None:
-        self.data = data
+    ``set_epoch`` forwards to ``order``: accelerate reaches a loader's dataset where the sampler is wrapped
+    too deep for it (2 processes and a resumed epoch: a skipping sampler around the rank's shard)."""
+
+    def __init__(self, data: Sequence[Mapping[str, Any]] | Dataset, order: EpochOrder | None = None) -> None:
+        self.data, self.order = data, order
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.order is not None:
+            self.order.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.data)
@@ -265,9 +273,14 @@ class BatchStream:
         shuffle: bool = True,
         seed: int = 0,
         repeat: bool = True,
+        generator: torch.Generator | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if generator is not None:
+            warnings.warn("BatchStream(generator=...) is deprecated: the order is drawn from (seed, epoch); pass "
+                          "seed=<int> (taken from the generator's initial seed now)", DeprecationWarning, stacklevel=3)
+            seed = generator.initial_seed()
         self.data, self.batch_size, self.pad_token_id = data, batch_size, pad_token_id
         self.shuffle, self.seed, self.repeat = shuffle, seed, repeat
         self.epoch_batches: int | None = None
@@ -286,7 +299,7 @@ class BatchStream:
         elif isinstance(data, Dataset) or (isinstance(data, Sequence) and len(data) and not _is_batch(data[0])):
             order = EpochOrder(len(data), self.seed, self.shuffle)
             order.set_epoch(epoch)
-            yield from DataLoader(IndexedExamples(data), batch_size=self.batch_size, sampler=order,
+            yield from DataLoader(IndexedExamples(data, order), batch_size=self.batch_size, sampler=order,
                                   collate_fn=lambda ex: pad_collate(ex, self.pad_token_id))
         else:
             yield from self._keyed(self._batched(data), epoch)

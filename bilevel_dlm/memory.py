@@ -28,7 +28,7 @@ from torch import nn
 from .backbone import Backbone, detect_backbone, resolve_targets
 from .config import MemoryConfig
 from .contracts import FastWeights
-from .rng import KeyedRandom, RandomSource, row_uniform
+from .rng import KeyedRandom, RandomSource, RowSharedRandom, row_uniform
 from .routing import current_routed_tokens
 
 __all__ = ["MemoryParams", "first_memory_block"]
@@ -164,6 +164,8 @@ class MemoryParams(FastWeights):
 
     def _draw(self, rows: int, source: RandomSource) -> tuple[torch.Tensor, ...]:
         """``rows`` fresh draws [rows, *shape] of every tensor, row r from ``source``'s row r."""
+        if isinstance(source, RowSharedRandom):  # one stream for all tensors: every row draws the same values
+            source = source.generator(self.device)
         values = []
         for shape, part in zip(self._value_shapes(), itertools.cycle(self._parts())):
             if part == "lora_A":

@@ -78,10 +78,16 @@ def leading_padding(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def uniform(shape: torch.Size | tuple[int, ...], source: RandomSource, device: torch.device | str) -> torch.Tensor:
     """U(0, 1) draws, one per token of ``shape`` [B, L]; with a row-shared source all rows get the same [L]
-    draw, and a row-shared or keyed source aligns a row's draws on its first real token."""
-    if isinstance(source, KeyedRandom):
-        columns = source.positions if source.positions is not None else torch.arange(shape[-1], device=device)
-        return source.draw(columns.to(device).clamp_min(0)).float()
+    draw, and a row-shared or keyed source aligns a row's draws on its first real token (a keyed source
+    draws float64, so that no two of a row's draws are equal)."""
+    if isinstance(source, KeyedRandom):  # float64: a row's draws never tie, so ranks do not depend on the sort
+        rows, width = shape
+        if rows != source.keys.shape[0] or (source.positions is not None and width != source.positions.shape[1]):
+            raise ValueError(f"a keyed random source for {tuple(source.keys.shape)} rows"
+                             + ("" if source.positions is None else f" of {source.positions.shape[1]} tokens")
+                             + f" cannot draw one number per token of shape {tuple(shape)}")
+        columns = source.positions if source.positions is not None else torch.arange(width, device=device)
+        return source.draw(columns.to(device).clamp_min(0))
     if not isinstance(source, RowSharedRandom):
         return torch.rand(shape, generator=source, device=device)
     keys = torch.rand(shape[-1], generator=source.generator(device), device=device)

@@ -37,7 +37,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .backbone import Backbone
 from .config import MemDLMConfig
-from .data import EpochOrder, IndexedExamples, PreparedBatch, pad_collate
+from .data import KEY_FIELDS, EpochOrder, IndexedExamples, PreparedBatch, pad_collate
 from .peft_utils import base_model_of, with_requested_outer_lora
 from .run_definition import run_definition
 from .history import History
@@ -343,6 +343,12 @@ class MemDLMTrainer(Trainer):
         if self.train_dataset is None:
             raise ValueError("MemDLMTrainer: training needs a train_dataset")
         if isinstance(self.train_dataset, IterableDataset) or not hasattr(self.train_dataset, "__len__"):
+            if self.args.dataloader_num_workers:
+                raise NotImplementedError(
+                    f"dataloader_num_workers={self.args.dataloader_num_workers} with an iterable train dataset: its "
+                    "examples are numbered (example_index, which keys their random draws) as they are read, which "
+                    "several worker processes would each do on their own; use dataloader_num_workers=0, or a "
+                    "map-style dataset")
             return self._get_dataloader(dataset=StreamIndexed(self.train_dataset), description="Training",
                                         batch_size=self._train_batch_size, is_training=True)
         strategy = self.args.train_sampling_strategy
@@ -351,8 +357,13 @@ class MemDLMTrainer(Trainer):
                                       "order keyed by (seed, epoch); use 'random' or 'sequential'")
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         order = EpochOrder(len(self.train_dataset), seed, shuffle=strategy == "random")
-        return self._get_dataloader(dataset=IndexedExamples(self.train_dataset), description="Training",
+        return self._get_dataloader(dataset=IndexedExamples(self.train_dataset, order), description="Training",
                                     batch_size=self._train_batch_size, sampler_fn=lambda _: order, is_training=True)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """``remove_unused_columns`` keeps the fields that key an example's draws."""
+        super()._set_signature_columns_if_needed()
+        self._signature_columns += [name for name in KEY_FIELDS if name not in self._signature_columns]
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         """The Trainer's step with the fast weights bound until its backward has run: gradient

@@ -2,7 +2,8 @@
 
 A stage is one point on a simulated denoising trajectory: an input with some positions masked, the
 positions that are supervised, and the per-sample time t_k (the masked fraction of the maskable
-positions). Everything is vectorised over the batch and driven by an explicit ``torch.Generator``.
+positions). Everything is vectorised over the batch and drawn from an explicit random source (a ``torch.Generator``, or
+in training a :class:`~bilevel_dlm.rng.KeyedRandom` keyed by example; see :mod:`bilevel_dlm.rng`).
 """
 
 from __future__ import annotations

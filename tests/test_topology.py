@@ -23,6 +23,7 @@ from torch.utils.data import BatchSampler
 
 from bilevel_dlm import MemoryWrapper
 from bilevel_dlm.data import EpochOrder, IndexedExamples, pad_collate
+from bilevel_dlm.rng import KeyedRandom, uniform
 from bilevel_dlm.trainer import MemDLMTrainer
 from topology import GLOBAL_BATCH, MICRO_BATCH, STEPS, examples, model, recipe, trainer_arguments
 from torchrun import launch_two_processes
@@ -101,6 +102,12 @@ def test_two_processes_equal_one_process_accumulating(two_processes, fit_runs, m
             torch.testing.assert_close(value, fit_runs[memory, GLOBAL_BATCH, 1][1][name], **TOLERANCE)
 
 
+def test_two_processes_resumed_within_the_second_epoch_continue_the_uninterrupted_run(two_processes):
+    record = torch.load(two_processes / "resume.pt")
+    for name, value in record["resumed"].items():
+        torch.testing.assert_close(value, record["uninterrupted"][name], atol=1e-12, rtol=0)
+
+
 def test_fit_resumed_at_any_step_continues_the_uninterrupted_run(fit_runs, tmp_path):
     uninterrupted = fit_run(False, MICRO_BATCH, 2, save_every=1, output_dir=tmp_path)
     assert_same_run(uninterrupted, fit_runs["shared", MICRO_BATCH, 2], dict(atol=0.0, rtol=0.0))
@@ -145,11 +152,11 @@ def test_the_global_order_is_split_over_ranks_and_micro_batches(size, seed, epoc
 
 
 @settings(max_examples=20, deadline=None)
-@given(rows=st.lists(st.tuples(st.integers(0, 50), st.integers(0, 3), st.integers(4, 12), st.integers(0, 3)),
-                     min_size=1, max_size=4), seed=st.integers(0, 100))
-def test_a_rows_draws_do_not_depend_on_its_batch_or_padding(rows, seed):
+@given(rows=st.lists(st.tuples(st.integers(0, 50), st.integers(0, 3), st.integers(4, 40), st.integers(0, 3)),
+                     min_size=1, max_size=4), seed=st.integers(0, 100), left=st.booleans())
+def test_a_rows_draws_do_not_depend_on_its_batch_or_padding(rows, seed, left):
     """Anchor, trajectory and per-sample fast weights of each row are those it gets alone (in any batch,
-    at any padded length)."""
+    at any padded length, padded on the right or on the left)."""
     wrapper = MemoryWrapper(model(), recipe(True))
     generator = torch.Generator().manual_seed(seed)
     data = []
@@ -162,14 +169,18 @@ def test_a_rows_draws_do_not_depend_on_its_batch_or_padding(rows, seed):
         batch = pad_collate(examples_)
         batch = {k: torch.nn.functional.pad(v, (0, extra_padding), value=-100 if k == "labels" else 0)
                  if v.dim() == 2 else v for k, v in batch.items()}
+        if left:  # move each row's padding to its left
+            shifts = (batch["attention_mask"] == 0).sum(1)
+            batch = {k: torch.stack([row.roll(int(n)) for row, n in zip(v, shifts)]) if v.dim() == 2 else v
+                     for k, v in batch.items()}
         prepared = wrapper.prepare(batch)
         source = wrapper.random_source(prepared)
         anchor = wrapper.outer.sample_anchor(prepared.x0, prepared.maskable, source)
         stages = wrapper.inner.simulator(prepared.x0, prepared.maskable, anchor, 2, wrapper.mask_token_id, source)
         wrapper.memory.reset(batch_size=prepared.x0.shape[0], generator=source)
-        lengths = prepared.attention_mask.sum(1)
-        return [(anchor.t[b], anchor.masked[b, :n], [s.input_ids[b, :n] for s in stages],
-                 [v[b] for v in wrapper.memory.values]) for b, n in enumerate(lengths.tolist())]
+        real = prepared.attention_mask.bool()
+        return [(anchor.t[b], anchor.masked[b][real[b]], [s.input_ids[b][real[b]] for s in stages],
+                 [v[b] for v in wrapper.memory.values]) for b in range(real.shape[0])]
 
     together = draws(data, 3)
     for row, example in zip(together, data):
@@ -193,3 +204,54 @@ def test_the_trainer_warns_once_when_batches_lose_their_example_index(tmp_path):
     with pytest.warns(UserWarning, match="without 'example_index'") as caught:
         trainer.train()
     assert sum("example_index" in str(w.message) for w in caught) == 1
+
+
+def test_a_keyed_source_refuses_a_shape_it_cannot_draw():
+    source = KeyedRandom(0, torch.tensor([1, 2]), torch.ones(2, 10, dtype=torch.long))
+    assert uniform((2, 10), source, "cpu").dtype == torch.float64
+    for shape in ((2, 3), (4, 10)):
+        with pytest.raises(ValueError, match="cannot draw one number per token"):
+            uniform(shape, source, "cpu")
+
+
+def test_the_trainer_on_an_iterable_dataset_equals_it_on_the_list_in_order(tmp_path):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(examples())
+
+    runs = []
+    for data in (examples(), Stream()):
+        args = trainer_arguments(tmp_path, recipe(True), STEPS, per_device_train_batch_size=MICRO_BATCH,
+                                 gradient_accumulation_steps=2, train_sampling_strategy="sequential")
+        trainer = MemDLMTrainer(model(), args, train_dataset=data)
+        trainer.train()
+        runs.append({n: p.detach().clone() for n, p in trainer.memdlm.model.named_parameters()})
+    for name, value in runs[0].items():
+        torch.testing.assert_close(runs[1][name], value, atol=1e-12, rtol=0)
+    args = trainer_arguments(tmp_path, recipe(True), STEPS, dataloader_num_workers=2)
+    with pytest.raises(NotImplementedError, match="iterable train dataset"):
+        MemDLMTrainer(model(), args, train_dataset=Stream()).train()
+
+
+def test_remove_unused_columns_keeps_the_example_keys(tmp_path):
+    args = trainer_arguments(tmp_path, recipe(False), 1, per_device_train_batch_size=MICRO_BATCH,
+                             remove_unused_columns=True)
+    trainer = MemDLMTrainer(model(), args, train_dataset=examples())
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert {"example_index", "epoch", "input_ids", "labels"} <= set(batch)
+
+
+def test_batches_of_a_dataloader_or_stream_are_keyed_by_epoch_and_position():
+    """Without example indices of their own, the rows of a DataLoader's or an iterable's batches are keyed by
+    their position in the epoch's stream, and the epoch counts the passes."""
+    from torch.utils.data import DataLoader
+
+    from bilevel_dlm.data import iterate_batches
+
+    rows = examples()[:5]
+    expected = [([0, 0], [0, 1]), ([0, 0], [2, 3]), ([0], [4]), ([1, 1], [0, 1]), ([1, 1], [2, 3]), ([1], [4])]
+    for data in (DataLoader(rows, batch_size=2, collate_fn=pad_collate),
+                 [pad_collate(rows[i:i + 2]) for i in range(0, 5, 2)]):
+        stream = iterate_batches(data, 2)
+        seen = [(batch["epoch"].tolist(), batch["example_index"].tolist()) for batch, _ in zip(stream, range(6))]
+        assert seen == expected
