@@ -5,21 +5,33 @@
     accelerate launch --config_file examples/accelerate/zero2.yaml examples/memdlm_trainer.py ...   (README)
 
 --model is a checkpoint folder of any built-in family (LLaDA, LLaDA-MoE, LLaDA2.x, Dream, MDLM), loaded
-with its native class from the architectures named in its config.json. --load_in_4bit quantises the
-base to NF4 (bitsandbytes) for the paper's recipe: a 4-bit base trained through an outer LoRA (set
+with its native class from the architectures named in its config.json, and its tokenizer when the folder has
+one. --train_file is read by bilevel_dlm.finetune_data: a .json / .jsonl / .parquet / .csv file, a
+save_to_disk folder or a hub name, in any of its formats (messages, alpaca, prompt_completion, text, token
+records), chats encoded with the tokenizer's chat template (--no_chat_template for base models) under
+--max_length / --truncation, padded with supervised EOS. --load_in_4bit quantises the base to NF4
+(bitsandbytes) for the paper's recipe: a 4-bit base trained through an outer LoRA (set
 ``outer.lora.apply: true`` in the recipe), with float32 fast weights on the quantised linears.
 """
-import json
+from functools import partial
+from pathlib import Path
 
 import torch
 from transformers import BitsAndBytesConfig, HfArgumentParser
 
+from bilevel_dlm.checkpoint import load_tokenizer
+from bilevel_dlm.finetune_data import (FORMATS, TRUNCATIONS, EncodingOptions, LengthReport, encode_records,
+                                       eos_pad_collate, load_records)
 from bilevel_dlm.integrations import load_pretrained
 from bilevel_dlm.trainer import MemDLMTrainer, MemDLMTrainingArguments
 
 parser = HfArgumentParser(MemDLMTrainingArguments)
 parser.add_argument("--model", required=True, help="a local checkpoint folder of a built-in family")
-parser.add_argument("--train_file", required=True, help='JSON lines: {"input_ids": [...], "labels": [...]}')
+parser.add_argument("--train_file", required=True, help="records: a data file, a save_to_disk folder or a hub name")
+parser.add_argument("--format", choices=FORMATS, help="record format (default: detected per record)")
+parser.add_argument("--max_length", type=int, help="length policy limit (default: none)")
+parser.add_argument("--truncation", choices=TRUNCATIONS, default="filter", help="a longer record: filter, right, error")
+parser.add_argument("--no_chat_template", action="store_true", help="encode <bos> prompt response <eos> (base models)")
 parser.add_argument("--load_in_4bit", action="store_true", help="NF4 4-bit base (needs an outer LoRA)")
 args, extra = parser.parse_args_into_dataclasses()
 
@@ -34,6 +46,12 @@ if extra.load_in_4bit:
                                             use_gradient_checkpointing=False)
 else:
     model = load_pretrained(extra.model)
-with open(extra.train_file) as lines:
-    train = [json.loads(line) for line in lines]
-MemDLMTrainer(model, args, train_dataset=train).train()
+folder = Path(extra.model)
+tokenizer = load_tokenizer(folder) if (folder / "tokenizer_config.json").exists() else None
+options = EncodingOptions(format=extra.format, max_length=extra.max_length, truncation=extra.truncation,
+                          chat_template=False if extra.no_chat_template else None)
+report = LengthReport()
+train = list(encode_records(load_records(extra.train_file), tokenizer, options, source=extra.train_file, report=report))
+print(f"{extra.train_file}: {report.line()}")
+collator = partial(eos_pad_collate, eos_token_id=tokenizer.eos_token_id) if tokenizer is not None else None
+MemDLMTrainer(model, args, train_dataset=train, data_collator=collator, processing_class=tokenizer).train()

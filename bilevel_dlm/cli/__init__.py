@@ -20,7 +20,7 @@ import sys
 from typing import Any
 
 __all__ = ["main", "build_parser", "CLIError", "TASK_NAMES", "FAMILY_NAMES", "DEFAULT_CONTEXT_LENGTHS",
-           "DEFAULT_EXAMPLES_PER_TASK", "DEFAULT_EVAL_DATA_SEED"]
+           "DEFAULT_EXAMPLES_PER_TASK", "DEFAULT_EVAL_DATA_SEED", "FORMATS", "TRUNCATIONS"]
 
 # The choices of --tasks and --tiny (checked against bilevel_dlm.tasks.TASKS and
 # bilevel_dlm.integrations.TINY_FAMILIES by the tests), spelled out so parsing imports nothing heavy.
@@ -28,6 +28,9 @@ TASK_NAMES = ("mv", "vt", "cwe", "babi")
 # The synthetic suite's defaults; eval uses the run's recorded suite instead where it has one.
 DEFAULT_CONTEXT_LENGTHS, DEFAULT_EXAMPLES_PER_TASK, DEFAULT_EVAL_DATA_SEED = (128,), 16, 1
 FAMILY_NAMES = ("llada", "dream", "llada_moe", "mdlm", "llada2")
+# The choices of --format and --truncation (checked against bilevel_dlm.finetune_data by the tests).
+FORMATS = ("messages", "alpaca", "prompt_completion", "text", "tokens")
+TRUNCATIONS = ("filter", "right", "error")
 
 DESCRIPTION = "bilevel-dlm: bilevel (MemDLM) training, evaluation and generation for masked diffusion LMs."
 
@@ -82,10 +85,24 @@ def _add_data_arguments(parser: argparse.ArgumentParser, *, from_run: bool) -> N
     """--data / --synthetic and the suite's options. With ``from_run`` (eval) the suite's options default
     to None, filled in from the checkpoint's recorded training suite (``bilevel_dlm.cli.evaluate``)."""
     source = parser.add_argument_group("data (one of --data / --synthetic)").add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", metavar="PATH", help='JSONL file; each line {"input_ids": [...], "labels": [...]} '
-                        '(labels -100 on the prompt; optional "attention_mask") or {"prompt": str, "answer": str} '
-                        "(encoded with the tokenizer)")
+    source.add_argument("--data", metavar="PATH", help="records: a .json / .jsonl / .parquet / .csv file, a "
+                        "datasets save_to_disk folder or a hub dataset name; formats messages, alpaca, "
+                        "prompt/completion (or prompt/answer), text, or token records {\"input_ids\", \"labels\"}")
     source.add_argument("--synthetic", action="store_true", help="the built-in offline long-context task suite")
+    records = parser.add_argument_group("records (--data)")
+    records.add_argument("--format", choices=FORMATS, help="record format (default: detected per record)")
+    records.add_argument("--split", default="train", help="split of a folder or hub dataset (default: train)")
+    records.add_argument("--truncation", choices=TRUNCATIONS, default="filter", help="a record longer than "
+                         "--max-length: filter (drop), right (keep the prompt, clip the response) or error "
+                         "(default: filter)")
+    template = records.add_mutually_exclusive_group()
+    template.add_argument("--chat-template", dest="chat_template", action="store_const", const=True, default=None,
+                          help="encode chats with the tokenizer's chat template (an error if it has none; default: "
+                               "use it when the tokenizer has one)")
+    template.add_argument("--no-chat-template", dest="chat_template", action="store_const", const=False,
+                          help="encode <bos> prompt response <eos> without a template (base models)")
+    records.add_argument("--supervise", choices=("last", "all"), default="last",
+                         help="assistant turns to supervise in multi-turn chats (default: last)")
     synthetic = parser.add_argument_group(
         "synthetic suite" + (" (each option defaults to the run's recorded training suite, else to the "
                              "value named)" if from_run else ""))
@@ -105,8 +122,9 @@ def _add_data_arguments(parser: argparse.ArgumentParser, *, from_run: bool) -> N
                                if from_run else "(default: 0; eval uses the run's seed + 1, held-out examples)"))
     recorded = "with --synthetic the run's --max-length if it gave one, else " if from_run else ""
     parser.add_argument("--max-length", type=_positive_int, metavar="N",
-                        help=f"row length of encoded prompt/answer records: answer + EOS padding (default: {recorded}"
-                             "the longest example)")
+                        help="length policy limit of --data records (see --truncation) and row length of encoded "
+                             "text: the response is followed by supervised EOS padding to it (default: "
+                             f"{recorded}the longest example)")
 
 
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +19,14 @@ from torch.utils.data import Dataset
 from ..checkpoint import META, load_tokenizer
 from ..config import MemDLMConfig
 from ..integrations import load_pretrained
-from ..tasks import encode_example, make_dataset
+from ..finetune_data import (DataError, EncodingOptions, LengthReport, detect_format, encode_records,
+                             eos_pad_collate, load_records)
+from ..tasks import make_dataset
 from ..tasks.tokenizer import IGNORE_INDEX
 from ..wrapper import MemoryWrapper
 from . import CLIError
 
-__all__ = ["Data", "Rows", "Source", "reported", "existing", "read_jsonl", "load_data", "data_record",
+__all__ = ["Data", "Rows", "Source", "reported", "existing", "load_data", "data_record",
            "check_vocabulary", "load_model_folder", "loading_options", "wrap", "load_checkpoint", "resolve_device", "effective_config",
            "progress_bars"]
 
@@ -69,47 +71,6 @@ class Rows(Dataset):
         return self.rows[index]
 
 
-def _int_list(value: Any, where: str, key: str) -> list[int]:
-    if not isinstance(value, list) or not value or not all(type(v) is int for v in value):
-        raise CLIError(f"{where}: {key!r} must be a non-empty list of integers")
-    return value
-
-
-def _token_row(record: dict[str, Any], where: str) -> dict[str, torch.Tensor]:
-    """A {"input_ids", "labels"?, "attention_mask"?} record as tensors (labels -100 = prompt)."""
-    row = {"input_ids": torch.tensor(_int_list(record["input_ids"], where, "input_ids"))}
-    for key in ("labels", "attention_mask"):
-        if key in record:
-            values = _int_list(record[key], where, key)
-            if len(values) != len(row["input_ids"]):
-                raise CLIError(f"{where}: {key!r} has {len(values)} entries, 'input_ids' {len(row['input_ids'])}")
-            row[key] = torch.tensor(values)
-    return row
-
-
-def read_jsonl(path: Path) -> tuple[list[dict[str, torch.Tensor]], list[tuple[str, str]]]:
-    """Token records and (prompt, answer) records of a JSONL file, each line one or the other."""
-    token_rows, pairs = [], []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise CLIError(f"{where}: invalid JSON ({error.msg})") from error
-        if isinstance(record, dict) and "input_ids" in record:
-            token_rows.append(_token_row(record, where))
-        elif isinstance(record, dict) and all(isinstance(record.get(key), str) for key in ("prompt", "answer")):
-            pairs.append((record["prompt"], record["answer"]))
-        else:
-            raise CLIError(f'{where}: expected {{"input_ids": [...], "labels": [...]}} '
-                           'or {"prompt": str, "answer": str}')
-    if not token_rows and not pairs:
-        raise CLIError(f"{path} holds no records")
-    return token_rows, pairs
-
-
 def synthetic_pairs(
     tasks: Sequence[str], per_task: int, context_lengths: Sequence[int], seed: int
 ) -> list[tuple[str, str]]:
@@ -123,29 +84,83 @@ def synthetic_pairs(
     return pairs
 
 
-def _needed_length(tokenizer: Any, prompt: str, answer: str) -> int:
-    """Tokens of ``<bos> prompt answer <eos>``, the shortest row ``encode_example`` accepts."""
-    return 2 + sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in (prompt, answer))
-
-
 def load_data(args: argparse.Namespace, tokenizer: Any, tokenizer_source: str) -> Data:
-    """The rows of ``--data`` or ``--synthetic``; text is encoded to ``--max-length`` (default: the
-    longest example), answer followed by EOS padding, as in LLaDA's supervised fine-tuning."""
+    """The rows of ``--data`` (:mod:`bilevel_dlm.finetune_data`: its formats, chat template and length policy,
+    counts printed) or ``--synthetic``. Chat rows are padded to ``--max-length`` (default: the longest) with
+    supervised EOS, as in LLaDA's supervised fine-tuning; token records and packed text are used as they are."""
     if args.synthetic:
-        token_rows = []
-        pairs = synthetic_pairs(args.tasks, args.examples_per_task, args.context_lengths, args.data_seed)
+        records: list[dict[str, Any]] = [
+            {"prompt": prompt, "answer": answer}
+            for prompt, answer in synthetic_pairs(args.tasks, args.examples_per_task, args.context_lengths,
+                                                  args.data_seed)]
+        options = EncodingOptions(max_length=args.max_length, truncation="error", chat_template=False)
+        source = "--synthetic"
     else:
-        token_rows, pairs = read_jsonl(existing(args.data, "--data"))
-    if pairs and tokenizer is None:
-        raise CLIError(f"prompt/answer records need a tokenizer and {tokenizer_source} has none; "
+        records, source = _read_records(args), args.data
+        options = EncodingOptions(format=args.format, max_length=args.max_length, truncation=args.truncation,
+                                  chat_template=args.chat_template, supervise=args.supervise)
+    if tokenizer is None and any((args.format or _format(r, source, i)) != "tokens" for i, r in enumerate(records)):
+        raise CLIError(f"text records need a tokenizer and {tokenizer_source} has none; "
                        'use token records ({"input_ids": [...], "labels": [...]}) instead')
-    max_length = args.max_length or max((_needed_length(tokenizer, *pair) for pair in pairs), default=0)
-    with reported("encoding the prompt/answer records"):
-        encoded = [encode_example(tokenizer, prompt, answer, max_length) for prompt, answer in pairs]
-    rows = token_rows + encoded
+    report = LengthReport()
+    with reported(f"encoding {source}"):
+        encoded = list(encode_records(records, tokenizer, options, source=source, report=report))
+    if not args.synthetic:
+        print(f"--data {args.data}: {report.line()}", file=sys.stderr)
+    args.length_report = report
+    is_chat = ["record_index" in row and "input_ids" not in records[row["record_index"]] for row in encoded]
+    chats = [row for row, chat in zip(encoded, is_chat) if chat]
+    padded = iter(_rows(eos_pad_collate(chats, tokenizer.eos_token_id, args.max_length)) if chats else [])
+    rows, answered = [], []
+    for row, chat in zip(encoded, is_chat):
+        tensors = next(padded) if chat else {name: torch.tensor(row[name]) for name in
+                                             ("input_ids", "labels", "attention_mask") if name in row}
+        rows.append(tensors)
+        answer = _answer(records[row["record_index"]]) if "record_index" in row else None
+        if answer is not None:
+            answered.append((tensors, answer))
     if not any(_supervised(row).any() for row in rows):
         raise CLIError("no record has a supervised token (every label is -100): nothing to train on or score")
-    return Data(rows, [(row, answer) for row, (_, answer) in zip(encoded, pairs)])
+    return Data(rows, answered)
+
+
+def _read_records(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The records of ``--data``: a local file or folder, else a hub dataset name."""
+    path = Path(args.data)
+    if not path.exists() and (path.suffix or "/" in args.data or args.data.startswith(".")) \
+            and args.data.count("/") != 1:
+        raise CLIError(f"--data {args.data}: no such file or directory")
+    try:
+        with reported(f"--data {args.data}"):
+            records = [{name: value for name, value in record.items() if value is not None}
+                       for record in load_records(args.data, split=args.split)]
+    except CLIError:
+        raise
+    except Exception as error:  # datasets' own errors: offline, unknown name, unreadable file
+        raise CLIError(f"--data {args.data}: could not be loaded ({type(error).__name__}: {error})") from error
+    if not records:
+        raise CLIError(f"--data {args.data} holds no records")
+    return records
+
+
+def _format(record: Any, source: str, index: int) -> str:
+    try:
+        return detect_format(record, f"{source} row {index}")
+    except DataError as error:
+        raise CLIError(str(error)) from None
+
+
+def _answer(record: dict[str, Any]) -> str | None:
+    """The reference answer of a one-turn record (exact-match accuracy), None for others."""
+    for key in ("answer", "completion", "output"):
+        if isinstance(record.get(key), str):
+            return record[key]
+    return None
+
+
+def _rows(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """The rows of a padded batch, each a dict of 1-D tensors."""
+    return [dict(zip(batch, values)) for values in zip(*batch.values())]
 
 
 def data_record(args: argparse.Namespace) -> dict[str, Any]:
@@ -155,7 +170,11 @@ def data_record(args: argparse.Namespace) -> dict[str, Any]:
         return {"source": "synthetic", "tasks": list(args.tasks), "context_lengths": list(args.context_lengths),
                 "examples_per_task": args.examples_per_task, "data_seed": args.data_seed,
                 "max_length": args.max_length}
-    return {"source": "jsonl", "path": str(Path(args.data).resolve())}
+    report = getattr(args, "length_report", None)
+    return {"source": "records", "path": str(Path(args.data).resolve()) if Path(args.data).exists() else args.data,
+            "split": args.split, "format": args.format, "truncation": args.truncation,
+            "chat_template": args.chat_template, "supervise": args.supervise, "max_length": args.max_length,
+            "length_report": None if report is None else asdict(report)}
 
 
 def _supervised(row: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,269 @@
+"""Fine-tuning data (bilevel_dlm.finetune_data): chat records encoded as dllm's SFT pipeline encodes them
+(checked against a plain implementation of that rule written here from its description), Alpaca records,
+the length policy, streaming == in memory, packing, clear errors, and the README recipe end to end on a
+50-record LongAlpaca-format file through the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bilevel_dlm import MemDLMConfig, MemoryConfig, MemoryWrapper, OuterConfig
+from bilevel_dlm.cli import FORMATS as CLI_FORMATS
+from bilevel_dlm.cli import TRUNCATIONS as CLI_TRUNCATIONS
+from bilevel_dlm.cli import main
+from bilevel_dlm.finetune_data import (FORMATS, TRUNCATIONS, DataError, EncodingOptions, LengthReport,
+                                       encode_messages, encode_records, eos_pad_collate, load_records, pack_documents)
+from bilevel_dlm.integrations.llada import LLaDAModelLM, tiny_config
+from bilevel_dlm.tasks import build_byte_level_tokenizer
+
+LLADA_TEMPLATE = ("{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}"
+                  "<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>"
+                  "\n\n{% endif %}")
+CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CORPUS = ["The quick brown fox jumps over the lazy dog. Paris is the capital of France, 1889.",
+          "Summarise the text below in one sentence. Question: what is 12 + 30? Answer: 42!",
+          "Unicode: café, naïve, 東京, emoji 🙂 and symbols <> [] {}."] * 20
+
+
+def tokenizer(template: str | None = LLADA_TEMPLATE):
+    tok = build_byte_level_tokenizer(CORPUS, vocab_size=400)
+    tok.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                                                          "<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = template
+    return tok
+
+
+def ids(rendered) -> list[int]:
+    return list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
+
+
+def reference_row(tok, messages):
+    """dllm's default_sft_map_fn as its description states it: the whole chat without a generation prompt;
+    the prompt (every turn but the last, with the generation prompt) labelled -100."""
+    full = ids(tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=False))
+    prompt = ids(tok.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True))
+    return full, [-100] * len(prompt) + full[len(prompt):]
+
+
+def reference_alpaca(record):
+    """dllm's data/alpaca.py as described: instruction (+ blank line + input when non-empty), stripped."""
+    instruction, extra = record["instruction"].strip(), (record.get("input") or "").strip()
+    return [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction},
+            {"role": "assistant", "content": record["output"].strip()}]
+
+
+CHATS = {
+    "single turn": [{"role": "user", "content": "What is 12 + 30?"}, {"role": "assistant", "content": "42"}],
+    "multi turn": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+                   {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And the year?"},
+                   {"role": "assistant", "content": "1889!"}],
+    "unicode": [{"role": "user", "content": "Café in 東京? 🙂"}, {"role": "assistant", "content": "naïve: oui, 東京."}],
+}
+ALPACA = [{"instruction": "  Summarise the text below.  ", "input": "The quick brown fox.", "output": " A fox. "},
+          {"instruction": "What is 12 + 30?", "input": "", "output": "42"},
+          {"instruction": "Answer in one word.", "output": "Paris"}]
+
+
+def test_cli_choices_match_the_module():
+    assert CLI_FORMATS == FORMATS and CLI_TRUNCATIONS == TRUNCATIONS
+
+
+@pytest.mark.parametrize("template", [LLADA_TEMPLATE, CHATML_TEMPLATE], ids=["llada", "chatml"])
+@pytest.mark.parametrize("chat", CHATS, ids=list(CHATS))
+def test_chat_rows_equal_the_reference_convention(template, chat):
+    tok = tokenizer(template)
+    row = encode_messages(tok, CHATS[chat])
+    expected_ids, expected_labels = reference_row(tok, CHATS[chat])
+    assert row["input_ids"] == expected_ids and row["labels"] == expected_labels
+    answer = tok.decode([t for t in row["labels"] if t != -100])
+    assert answer.startswith(CHATS[chat][-1]["content"])
+
+
+@pytest.mark.parametrize("template", [LLADA_TEMPLATE, CHATML_TEMPLATE], ids=["llada", "chatml"])
+def test_alpaca_records_are_the_reference_chats(template, tmp_path):
+    tok = tokenizer(template)
+    path = tmp_path / "alpaca.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in ALPACA))
+    rows = list(encode_records(load_records(path), tok, EncodingOptions(format="alpaca")))
+    for row, record in zip(rows, ALPACA, strict=True):
+        assert (row["input_ids"], row["labels"]) == reference_row(tok, reference_alpaca(record))
+
+
+def test_every_assistant_turn_can_be_supervised():
+    tok = tokenizer()
+    chat = CHATS["multi turn"]
+    row = encode_messages(tok, chat, supervise="all")
+    spans, current = [], []
+    for token, label in zip(row["input_ids"], row["labels"]):
+        if label == -100:
+            if current:
+                spans.append(tok.decode(current))
+            current = []
+        else:
+            assert label == token
+            current.append(token)
+    spans.append(tok.decode(current))
+    assert [span.split("<|eot_id|>")[0] for span in spans] == ["Paris.", "1889!"]
+    assert encode_messages(tok, chat)["labels"].count(-100) > row["labels"].count(-100)
+
+
+def test_without_a_template_rows_are_bos_prompt_response_eos():
+    tok = tokenizer(None)
+    row = encode_messages(tok, CHATS["single turn"])
+    prompt = tok("What is 12 + 30?", add_special_tokens=False)["input_ids"]
+    response = tok("42", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert row["input_ids"] == prompt + response  # this tokenizer has no BOS, like Dream's
+    assert row["labels"] == [-100] * len(prompt) + response
+
+
+def test_filter_and_right_truncation_count_and_cut_as_stated():
+    tok = tokenizer()
+    chats = [CHATS["single turn"], CHATS["multi turn"],
+             [{"role": "user", "content": "Summarise. " * 30}, {"role": "assistant", "content": "ok"}]]
+    lengths = [len(encode_messages(tok, chat)["input_ids"]) for chat in chats]
+    prompt_lengths = [encode_messages(tok, chat)["prompt_len"] for chat in chats]
+    limit = prompt_lengths[1] + 2  # the multi-turn chat's prompt fits, its whole response does not
+    assert lengths[0] <= limit < lengths[1] and prompt_lengths[2] > limit
+    records = [{"messages": chat} for chat in chats]
+
+    report = LengthReport()
+    kept = list(encode_records(records, tok, EncodingOptions(max_length=limit, truncation="filter"), report=report))
+    assert [row["record_index"] for row in kept] == [0]
+    assert (report.records, report.kept, report.clipped, report.dropped, report.dropped_rows) == (3, 1, 0, 2, [1, 2])
+
+    report = LengthReport()
+    clipped = list(encode_records(records, tok, EncodingOptions(max_length=limit, truncation="right"), report=report))
+    assert [row["record_index"] for row in clipped] == [0, 1]
+    full = encode_messages(tok, chats[1])
+    assert clipped[1]["input_ids"] == full["input_ids"][:limit] and clipped[1]["labels"] == full["labels"][:limit]
+    assert (report.kept, report.clipped, report.dropped, report.dropped_rows) == (1, 1, 1, [2])
+
+    with pytest.raises(DataError, match=r"data row 1: \d+ tokens but max_length is"):
+        list(encode_records(records, tok, EncodingOptions(max_length=limit, truncation="error")))
+
+
+def test_streaming_gives_the_rows_of_the_in_memory_dataset(tmp_path):
+    tok = tokenizer()
+    path = tmp_path / "mixed.jsonl"
+    records = [{"messages": chat} for chat in CHATS.values()] + [{"prompt": "Capital?", "completion": "Paris"}]
+    path.write_text("".join(json.dumps(record) + "\n" for record in records * 3))
+    options = EncodingOptions(max_length=60, truncation="right")
+    in_memory = list(encode_records(load_records(path), tok, options))
+    streamed = list(encode_records(load_records(path, streaming=True), tok, options))
+    assert in_memory == streamed and len(in_memory) == 9  # the multi-turn prompt (74 tokens) is dropped
+
+
+def test_packing_loses_no_token_and_separates_documents_with_eos():
+    documents = [[5, 6, 7], [8], [9, 10, 11, 12, 13], []]
+    rows = list(pack_documents(documents, 4, eos_token_id=1))
+    assert [len(row["input_ids"]) for row in rows] == [4, 4, 4, 1]  # the last row keeps what is left
+    flat = [token for row in rows for token in row["input_ids"]]
+    assert flat == [5, 6, 7, 1, 8, 1, 9, 10, 11, 12, 13, 1, 1]  # an empty document is its EOS
+    assert all(row["labels"] == row["input_ids"] for row in rows)
+    assert [owner for row in rows for owner in row["document_ids"]] == [0, 0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 2, 3]
+    tok = tokenizer()
+    text_rows = list(encode_records([{"text": "Paris is the capital."}, {"text": "1889!"}], tok,
+                                    EncodingOptions(max_length=5)))
+    joined = [token for row in text_rows for token in row["input_ids"]]
+    expected = (tok("Paris is the capital.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                + tok("1889!", add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+    assert joined == expected
+
+
+def test_eos_padding_is_attended_and_supervised():
+    batch = eos_pad_collate([{"input_ids": [3, 4, 5], "labels": [-100, 4, 5], "example_index": 7, "epoch": 1},
+                             {"input_ids": [6], "labels": [6], "example_index": 2, "epoch": 1}], eos_token_id=1)
+    assert batch["input_ids"].tolist() == [[3, 4, 5], [6, 1, 1]]
+    assert batch["labels"].tolist() == [[-100, 4, 5], [6, 1, 1]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 1]]
+    assert batch["example_index"].tolist() == [7, 2]
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"conversation": []}, r"row 0: no known record format in fields \['conversation'\]"),
+    ({"messages": [{"role": "human", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+     r"row 0: messages\[0\] has role 'human'"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]},
+     r"row 0: messages\[1\] is an empty assistant turn"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "must end with an assistant turn"),
+    ({"instruction": "hi", "output": 3}, "field 'output' must be a string"),
+])
+def test_bad_records_are_named_by_row_and_field(record, message):
+    with pytest.raises(DataError, match=message):
+        list(encode_records([record], tokenizer(), EncodingOptions(), source="data"))
+
+
+def test_a_template_that_does_not_extend_its_prompt_and_a_missing_template_are_refused():
+    reversed_template = ("{% for m in messages|reverse %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    with pytest.raises(DataError, match="not a prefix of the whole chat"):
+        encode_messages(tokenizer(reversed_template), CHATS["multi turn"])
+    with pytest.raises(DataError, match="the tokenizer has no chat template"):
+        encode_messages(tokenizer(None), CHATS["single turn"], chat_template=True)
+
+
+def test_the_data_order_of_a_datasets_source_is_fixed_by_the_seed_and_a_resume_continues_it(tmp_path):
+    tok = tokenizer()
+    path = tmp_path / "alpaca.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"Question {i}: what is {i} + 30?", "output": str(i + 30)})
+                            + "\n" for i in range(12)))
+    rows = [{"input_ids": torch.tensor(r["input_ids"]), "labels": torch.tensor(r["labels"])}
+            for r in encode_records(load_records(path), tok, EncodingOptions(format="alpaca"))]
+    config = MemDLMConfig(memory=MemoryConfig(rank=2, layer_fraction=0.5), outer=OuterConfig(lr=1e-3), seed=4)
+
+    def model():
+        torch.manual_seed(0)
+        return LLaDAModelLM(tiny_config(vocab_size=len(tok), embedding_size=len(tok), mask_token_id=tok.mask_token_id,
+                                        max_sequence_length=128))
+
+    full = MemoryWrapper(model(), config, tokenizer=tok)
+    full.fit(rows, max_steps=5, batch_size=4, save_every=2, output_dir=tmp_path / "run", progress=False)
+    resumed = MemoryWrapper(model(), config, tokenizer=tok)
+    resumed.fit(rows, max_steps=5, batch_size=4, resume_from=tmp_path / "run" / "checkpoint-2", progress=False)
+    for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_the_readme_recipe_runs_on_a_50_record_longalpaca_file(tmp_path, capsys):
+    """The paper's data pipeline at toy scale: LongAlpaca-format records, the chat template, --truncation
+    filter at --max-length, the MemDLM preset with an outer LoRA, through the command line."""
+    tok = tokenizer()
+    folder = tmp_path / "model"
+    torch.manual_seed(0)
+    LLaDAModelLM(tiny_config(vocab_size=len(tok), embedding_size=len(tok), mask_token_id=tok.mask_token_id,
+                             max_sequence_length=256)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    records = [{"instruction": f"Read the passage and answer. Passage: {'The quick brown fox. ' * (4 * (i % 9))}"
+                               f"Question: what is {i} + 30?", "input": "", "output": f"{i + 30}."} for i in range(50)]
+    data = tmp_path / "longalpaca.json"
+    data.write_text(json.dumps(records))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("memory: {rank: 4}\nouter: {lr: 1.0e-3, lora: {apply: true, rank: 4, alpha: 8.0}}\n")
+    code = main(["train", "--model", str(folder), "--data", str(data), "--format", "alpaca", "--max-length", "160",
+                 "--truncation", "filter", "--config", str(recipe), "--steps", "3", "--batch-size", "4",
+                 "--no-progress", "--device", "cpu"])
+    err = capsys.readouterr().err
+    lengths = [len(encode_messages(tok, reference_alpaca(r))["input_ids"]) for r in records]
+    kept = sum(length <= 160 for length in lengths)
+    assert 0 < kept < 50, "the file must exercise the filter"
+    assert code == 0, err
+    counts = f"50 records: {kept} kept, 0 clipped, {50 - kept} dropped"
+    assert counts in err
+
+    example = Path(__file__).parents[1] / "examples" / "memdlm_trainer.py"
+    result = subprocess.run([sys.executable, str(example), "--model", str(folder), "--train_file", str(data),
+                             "--format", "alpaca", "--max_length", "160", "--truncation", "filter",
+                             "--memdlm", str(recipe), "--output_dir", str(tmp_path / "out"), "--max_steps", "2",
+                             "--per_device_train_batch_size", "4", "--use_cpu", "--report_to", "none",
+                             "--save_strategy", "no", "--disable_tqdm", "true"],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert counts in result.stdout
