@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .rng import example_keys
 
 __all__ = ["PreparedBatch", "prepare_batch", "pad_collate", "iterate_batches", "BatchStream", "leading_real_tokens",
-           "EpochOrder", "IndexedExamples", "KEY_FIELDS"]
+           "EpochOrder", "IndexedExamples", "KEY_FIELDS", "document_attention_mask"]
 
 KEY_FIELDS = ("example_index", "epoch")  # what keys an example's random draws (bilevel_dlm.rng.KeyedRandom)
 
@@ -39,6 +39,7 @@ class PreparedBatch:
     padded: bool = True
     has_maskable: bool = True
     random_keys: torch.Tensor | None = None  # [B]: keys of the rows' (epoch, example index); None without them
+    document_ids: torch.Tensor | None = None  # [B, L]: packed documents kept apart in attention; None: one sequence
 
     @property
     def prompt(self) -> torch.Tensor:
@@ -47,8 +48,20 @@ class PreparedBatch:
 
     @property
     def model_attention_mask(self) -> torch.Tensor | None:
-        """The attention mask to give the model: None for a batch without padding (the fast path)."""
+        """The attention mask to give the model: None for a batch without padding (the fast path); with
+        ``document_ids``, a bool [B, 1, L, L] mask where a token attends the real tokens of its own document
+        (and itself, so that no row of the softmax is empty)."""
+        if self.document_ids is not None:
+            return document_attention_mask(self.document_ids, self.attention_mask)
         return self.attention_mask if self.padded else None
+
+
+def document_attention_mask(document_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Bool [B, 1, L, L]: query i may attend key j when both are in the same document and j is a real token,
+    and always itself (block-diagonal attention over packed documents)."""
+    same = document_ids[:, :, None] == document_ids[:, None, :]
+    itself = torch.eye(document_ids.shape[1], dtype=torch.bool, device=document_ids.device)
+    return ((same & attention_mask.bool()[:, None, :]) | itself)[:, None]
 
 
 def leading_real_tokens(attention_mask: torch.Tensor, count: int) -> torch.Tensor:
@@ -106,6 +119,10 @@ def prepare_batch(
         maskable &= ~leading_real_tokens(attention, protected_prefix)
     masks_in_input = (x0 == mask_token_id) & attention.bool() if mask_token_id is not None else torch.zeros_like(maskable)
     keys = _random_keys(batch, x0, where)
+    documents = batch.get("document_ids")
+    if documents is not None:
+        documents = _as_long(documents, "document_ids", where).to(device)
+        _check_shape(documents, x0, "document_ids", where)
     checks = torch.stack([attention.bool().all(), maskable.any(), x0.min(), x0.max(), attention.min(), attention.max(),
                           attention.bool().any(1).all(), masks_in_input.sum(),
                           ((labels != -100) & (labels != x0) & attention.bool()).sum()]).tolist()
@@ -127,7 +144,7 @@ def prepare_batch(
                          "token there; a masked diffusion model predicts its own input tokens, so labels are a copy "
                          "of input_ids with -100 on the prompt and padding")
     return PreparedBatch(x0=x0, maskable=maskable, attention_mask=attention, padded=not full, has_maskable=has_maskable,
-                         random_keys=keys)
+                         random_keys=keys, document_ids=documents)
 
 
 def _random_keys(batch: Mapping[str, Any], x0: torch.Tensor, where: str) -> torch.Tensor | None:
@@ -167,6 +184,10 @@ def pad_collate(examples: Sequence[Mapping[str, Any]], pad_token_id: int = 0) ->
         labels = example.get("labels")
         batch["labels"][row, :n] = ids if labels is None else torch.as_tensor(labels, dtype=torch.long)
     batch["labels"] = batch["labels"].masked_fill(batch["attention_mask"] == 0, -100)
+    if all(example.get("document_ids") is not None for example in examples):  # packed documents; padding: -1
+        batch["document_ids"] = torch.full((len(examples), length), -1, dtype=torch.long)
+        for row, example in enumerate(examples):
+            batch["document_ids"][row, : len(example["input_ids"])] = torch.as_tensor(example["document_ids"])
     for name in KEY_FIELDS:  # kept when every example has it
         if all(example.get(name) is not None for example in examples):
             batch[name] = torch.as_tensor([int(example[name]) for example in examples], dtype=torch.long)
@@ -182,7 +203,7 @@ def _check_example(example: Mapping[str, Any], index: int) -> None:
     ids = _as_long(example["input_ids"], "input_ids", where)
     if ids.dim() != 1 or ids.numel() == 0:
         raise ValueError(f"{where}: 'input_ids' must be a non-empty 1D sequence, got shape {tuple(ids.shape)}")
-    for name in ("labels", "attention_mask"):
+    for name in ("labels", "attention_mask", "document_ids"):
         if example.get(name) is not None:
             values = _as_long(example[name], name, where)
             if values.shape != ids.shape:

@@ -59,6 +59,8 @@ class EncodingOptions:
         chat_template: True: the tokenizer's chat template (an error when it has none); False: plain
             ``<bos>? prompt response <eos>``; None: the template when the tokenizer has one.
         supervise: ``last`` assistant turn, or ``all`` assistant turns.
+        document_mask: packed ``text`` rows carry ``document_ids``, so that each document attends only to
+            itself (a block-diagonal attention mask; the native models take it), as if it ran alone.
     """
 
     format: str | None = None
@@ -66,6 +68,7 @@ class EncodingOptions:
     truncation: str = "filter"
     chat_template: bool | None = None
     supervise: str = "last"
+    document_mask: bool = False
 
     def __post_init__(self) -> None:
         if self.format is not None and self.format not in FORMATS:
@@ -311,7 +314,7 @@ def encode_records(records: Iterable[Mapping[str, Any]], tokenizer: Any, options
         for row in pack_documents(documents, options.max_length, tokenizer.eos_token_id):
             report.records += 1
             report.kept += 1
-            yield row
+            yield row if options.document_mask else {k: v for k, v in row.items() if k != "document_ids"}
 
 
 def pack_documents(documents: Iterable[Sequence[int]], length: int, eos_token_id: int) -> Iterator[dict[str, Any]]:
@@ -343,6 +346,10 @@ def eos_pad_collate(examples: Sequence[Mapping[str, Any]], eos_token_id: int, le
         batch["input_ids"][row, :n] = torch.as_tensor(example["input_ids"])
         batch["labels"][row, :n] = torch.as_tensor(example.get("labels", example["input_ids"]))
     batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    if all(example.get("document_ids") is not None for example in examples):  # the EOS padding: its own block
+        batch["document_ids"] = torch.full_like(batch["input_ids"], -1)
+        for row, example in enumerate(examples):
+            batch["document_ids"][row, : len(example["input_ids"])] = torch.as_tensor(example["document_ids"])
     for name in KEY_FIELDS:
         if all(example.get(name) is not None for example in examples):
             batch[name] = torch.as_tensor([int(example[name]) for example in examples], dtype=torch.long)

@@ -114,6 +114,9 @@ class CARTObjective(OuterLoop):
     """
 
     def token_weights(self, anchor: Anchor, select: Selection, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise NotImplementedError("CART weights a token by its clean context along the row, which packed documents "
+                                      "kept apart (document_ids) would cross; use objective='mdlm' for such batches")
         length = anchor.masked.shape[1]
         # The kernel as a function of the offset i - j in [-(L-1), L-1]: a convolution, O(L) memory.
         distance = torch.arange(1 - length, length, device=anchor.masked.device).abs()

@@ -267,3 +267,54 @@ def test_the_readme_recipe_runs_on_a_50_record_longalpaca_file(tmp_path, capsys)
                             capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert counts in result.stdout
+
+
+@pytest.mark.parametrize("family", ["llada", "dream", "llada_moe", "mdlm", "llada2"])
+def test_the_document_mask_runs_each_packed_document_as_if_alone(family):
+    """A row packing three documents, with document_ids: every document's hidden states equal those of the
+    document run alone (the native models take the block-diagonal mask; rotary positions are relative)."""
+    from bilevel_dlm.integrations import tiny_model
+    from bilevel_dlm.tasks import build_tokenizer
+
+    torch.manual_seed(0)
+    model = tiny_model(family, build_tokenizer()).double().eval()
+    with torch.no_grad():  # MDLM's adaLN-zero initialisation gates attention off: perturb every weight
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    wrapper = MemoryWrapper(model)
+    generator = torch.Generator().manual_seed(1)
+    documents = [torch.randint(5, 100, (n,), generator=generator).tolist() for n in (5, 3, 7)]
+    row = next(pack_documents(documents, 64, eos_token_id=1))
+    batch = wrapper.prepare({"input_ids": torch.tensor([row["input_ids"]]),
+                             "document_ids": torch.tensor([row["document_ids"]])})
+    with torch.no_grad():
+        packed = wrapper.view.hidden(batch.x0, batch.model_attention_mask)[0]
+        unmasked = wrapper.view.hidden(batch.x0, None)[0]
+        start = 0
+        for document in documents:
+            ids = torch.tensor([[*document, 1]])
+            alone = wrapper.view.hidden(ids, None)[0]
+            # Dream predicts a token from the position before it, so a document's first prediction reads the
+            # previous document's last position (in use that position is Dream's protected BOS, never masked).
+            skip = 1 if family == "dream" else 0
+            torch.testing.assert_close(packed[start + skip:start + ids.shape[1]], alone[skip:], atol=1e-6, rtol=0)
+            start += ids.shape[1]
+    assert (packed - unmasked).abs().max() > 1e-3, "control: without the mask the documents see each other"
+
+
+def test_text_rows_carry_document_ids_only_when_asked():
+    tok = tokenizer()
+    records = [{"text": "Paris is the capital."}, {"text": "1889!"}]
+    plain = list(encode_records(records, tok, EncodingOptions(max_length=64)))
+    masked = list(encode_records(records, tok, EncodingOptions(max_length=64, document_mask=True)))
+    assert "document_ids" not in plain[0] and set(masked[0]["document_ids"]) == {0, 1}
+    batch = eos_pad_collate(masked + [{"input_ids": [5], "labels": [5], "document_ids": [0]}], tok.eos_token_id)
+    assert batch["document_ids"][1].tolist()[1:] == [-1] * (batch["input_ids"].shape[1] - 1)
+
+
+def test_cart_refuses_packed_documents_kept_apart():
+    model = LLaDAModelLM(tiny_config())
+    wrapper = MemoryWrapper(model, MemDLMConfig(outer=OuterConfig(objective="cart")))
+    batch = {"input_ids": torch.randint(2, 120, (2, 10)), "document_ids": (torch.arange(10) >= 4).long().expand(2, -1)}
+    with pytest.raises(NotImplementedError, match="use objective='mdlm' for such batches"):
+        wrapper.step(batch)

@@ -103,6 +103,8 @@ def _add_data_arguments(parser: argparse.ArgumentParser, *, from_run: bool) -> N
                           help="encode <bos> prompt response <eos> without a template (base models)")
     records.add_argument("--supervise", choices=("last", "all"), default="last",
                          help="assistant turns to supervise in multi-turn chats (default: last)")
+    records.add_argument("--document-mask", action="store_true", help="text records: keep the documents packed "
+                         "into a row apart in attention (block-diagonal mask), as if each ran alone")
     synthetic = parser.add_argument_group(
         "synthetic suite" + (" (each option defaults to the run's recorded training suite, else to the "
                              "value named)" if from_run else ""))

@@ -98,7 +98,8 @@ def load_data(args: argparse.Namespace, tokenizer: Any, tokenizer_source: str) -
     else:
         records, source = _read_records(args), args.data
         options = EncodingOptions(format=args.format, max_length=args.max_length, truncation=args.truncation,
-                                  chat_template=args.chat_template, supervise=args.supervise)
+                                  chat_template=args.chat_template, supervise=args.supervise,
+                                  document_mask=args.document_mask)
     if tokenizer is None and any((args.format or _format(r, source, i)) != "tokens" for i, r in enumerate(records)):
         raise CLIError(f"text records need a tokenizer and {tokenizer_source} has none; "
                        'use token records ({"input_ids": [...], "labels": [...]}) instead')
@@ -114,7 +115,7 @@ def load_data(args: argparse.Namespace, tokenizer: Any, tokenizer_source: str) -
     rows, answered = [], []
     for row, chat in zip(encoded, is_chat):
         tensors = next(padded) if chat else {name: torch.tensor(row[name]) for name in
-                                             ("input_ids", "labels", "attention_mask") if name in row}
+                                             ("input_ids", "labels", "attention_mask", "document_ids") if name in row}
         rows.append(tensors)
         answer = _answer(records[row["record_index"]]) if "record_index" in row else None
         if answer is not None:
@@ -174,6 +175,7 @@ def data_record(args: argparse.Namespace) -> dict[str, Any]:
     return {"source": "records", "path": str(Path(args.data).resolve()) if Path(args.data).exists() else args.data,
             "split": args.split, "format": args.format, "truncation": args.truncation,
             "chat_template": args.chat_template, "supervise": args.supervise, "max_length": args.max_length,
+            "document_mask": args.document_mask,
             "length_report": None if report is None else asdict(report)}
 
 

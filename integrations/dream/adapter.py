@@ -40,9 +40,12 @@ class DreamBackbone(Backbone):
         mask_ratio: torch.Tensor | None = None,
         **forward_kwargs: Any,
     ) -> Any:
-        """Padding becomes the release's 4D bool mask plus position ids, which both implementations accept."""
+        """Padding becomes the release's 4D bool mask plus position ids, which both implementations accept; a
+        4D bool mask (packed documents kept apart) is passed as it is."""
         if attention_mask is None or bool(attention_mask.bool().all()):
             return model(input_ids=input_ids, **forward_kwargs)
+        if attention_mask.dim() == 4:
+            return model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs)
         return model(
             input_ids=input_ids,
             attention_mask=padding_attention_mask(attention_mask),

@@ -126,10 +126,11 @@ class LLaDABlock(GradientCheckpointingLayer):
 
 
 def key_padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """2D mask [B, L] (1 = keep) -> bool SDPA mask [B, 1, 1, L]; None when nothing is padded (fast kernels)."""
+    """2D mask [B, L] (1 = keep) -> bool SDPA mask [B, 1, 1, L]; a 4D bool mask [B, 1, L, L] (True = attend,
+    e.g. packed documents kept apart) as it is; None when nothing is masked (fast kernels)."""
     if attention_mask is None or bool(attention_mask.all()):
         return None
-    return attention_mask.bool()[:, None, None, :]
+    return attention_mask if attention_mask.dim() == 4 else attention_mask.bool()[:, None, None, :]
 
 
 class LLaDAModel(nn.Module):

@@ -251,8 +251,10 @@ class LLaDAMoEModel(LLaDAMoEPreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(length, device=hidden_states.device)[None]
         rotary = rotary_cos_sin(self.config, position_ids[:, columns])
-        # 2D mask (1 = keep) -> boolean key-padding mask broadcast over heads and queries.
-        key_mask = None if attention_mask is None else attention_mask[:, None, None, :].bool()
+        # 2D mask (1 = keep) -> boolean key-padding mask broadcast over heads and queries; a 4D bool mask
+        # [B, 1, L, L] (True = attend, e.g. packed documents kept apart) as it is.
+        key_mask = None if attention_mask is None else (
+            attention_mask if attention_mask.dim() == 4 else attention_mask[:, None, None, :].bool())
         collected = [] if output_hidden_states else None
         for index, layer in enumerate(self.layers):
             if collected is not None:

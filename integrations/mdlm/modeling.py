@@ -142,7 +142,8 @@ class MDLMBlock(GradientCheckpointingLayer):
         batch, length, dim = x.shape
         q, k, v = self.attn_qkv(x).view(batch, length, 3, self.n_heads, dim // self.n_heads).unbind(dim=2)
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        key_mask = None if attention_mask is None else (  # a 4D bool mask [B, 1, L, L] as it is
+            attention_mask if attention_mask.dim() == 4 else attention_mask.bool()[:, None, None, :])
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=key_mask)
         return self.attn_out(out.transpose(1, 2).reshape(batch, length, dim))
 
