@@ -35,12 +35,14 @@ import torch
 from .data import KEY_FIELDS
 
 __all__ = ["FORMATS", "TRUNCATIONS", "DataError", "EncodingOptions", "LengthReport", "load_records",
-           "detect_format", "to_messages", "encode_messages", "encode_records", "pack_documents", "eos_pad_collate"]
+           "detect_format", "to_messages", "encode_messages", "encode_record", "encode_records", "encode_dataset",
+           "pack_documents", "eos_pad_collate"]
 
 FORMATS = ("messages", "alpaca", "prompt_completion", "text", "tokens")
 TRUNCATIONS = ("filter", "right", "error")
 ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100
+ROW_FIELDS = ("input_ids", "labels", "attention_mask")
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -90,6 +92,13 @@ class LengthReport:
     clipped: int = 0
     dropped: int = 0
     dropped_rows: list[int] = field(default_factory=list)
+
+    def count(self, status: str, index: int) -> None:
+        """One more record, ``kept``, ``clipped`` or ``dropped`` (row ``index``)."""
+        self.records += 1
+        setattr(self, status, getattr(self, status) + 1)
+        if status == "dropped":
+            self.dropped_rows.append(index)
 
     def line(self) -> str:
         return (f"{self.records} records: {self.kept} kept, {self.clipped} clipped, {self.dropped} dropped "
@@ -268,53 +277,89 @@ def _token_record(record: Mapping[str, Any], where: str) -> dict[str, Any]:
     return row
 
 
-def _apply_length(row: dict[str, Any], options: EncodingOptions, report: LengthReport, where: str, index: int
-                  ) -> dict[str, Any] | None:
-    report.records += 1
+def _apply_length(row: dict[str, Any], options: EncodingOptions, where: str) -> tuple[dict[str, Any] | None, str]:
+    """The row under the length policy and what happened to it: ``kept``, ``clipped`` or ``dropped``."""
     limit = options.max_length
     if limit is None or len(row["input_ids"]) <= limit:
-        report.kept += 1
-        return row
+        return row, "kept"
     if options.truncation == "error":
         raise DataError(f"{where}: {len(row['input_ids'])} tokens but max_length is {limit}; raise max_length, or "
                         "drop such records (truncation='filter') or clip their response (truncation='right')")
     if options.truncation == "right" and row["prompt_len"] <= limit:
-        report.clipped += 1
-        return {**row, **{name: row[name][:limit] for name in ("input_ids", "labels", "attention_mask") if name in row}}
-    report.dropped += 1
-    report.dropped_rows.append(index)
-    return None
+        return {**row, **{name: row[name][:limit] for name in ROW_FIELDS if name in row}}, "clipped"
+    return None, "dropped"
+
+
+def encode_record(record: Mapping[str, Any], index: int, tokenizer: Any, options: EncodingOptions,
+                  source: str = "data") -> dict[str, Any]:
+    """One record that is not ``text``: its row (``input_ids``, ``labels``, ``attention_mask`` or None),
+    ``record_index`` and ``status`` (``kept`` / ``clipped`` / ``dropped``: then the row is empty)."""
+    where = f"{source} row {index}"
+    if isinstance(record, Mapping):  # datasets gives a file's records one schema: absent fields are None
+        record = {name: value for name, value in record.items() if value is not None}
+    fmt = options.format or detect_format(record, where)
+    if fmt == "text":
+        raise DataError(f"{where}: text records are packed across records; encode them with encode_records")
+    row = (_token_record(record, where) if fmt == "tokens"
+           else encode_messages(tokenizer, to_messages(record, fmt, where), chat_template=options.chat_template,
+                                supervise=options.supervise, where=where))
+    row, status = _apply_length(row, options, where)
+    row = row or {"input_ids": [], "labels": []}
+    return {"input_ids": row["input_ids"], "labels": row["labels"], "attention_mask": row.get("attention_mask"),
+            "record_index": index, "status": status}
+
+
+def _is_text(record: Mapping[str, Any], options: EncodingOptions, where: str) -> bool:
+    if options.format is not None:
+        return options.format == "text"
+    return detect_format({k: v for k, v in record.items() if v is not None}, where) == "text"
 
 
 def encode_records(records: Iterable[Mapping[str, Any]], tokenizer: Any, options: EncodingOptions, *,
                    source: str = "data", report: LengthReport | None = None) -> Iterator[dict[str, Any]]:
-    """Training rows (``input_ids``, ``labels`` as lists, and ``record_index``: the record a row came from) of
-    ``records`` in order, under the length policy (counted in ``report``); ``text`` records are packed
-    (:func:`pack_documents`). Lazy: a streamed source is encoded as it is read, with the same rows as in memory."""
+    """Training rows (``input_ids``, ``labels`` as lists, ``attention_mask`` when given, and ``record_index``:
+    the record a row came from) of ``records`` in order, under the length policy (counted in ``report``);
+    ``text`` records are packed (:func:`pack_documents`). Lazy: a streamed source is encoded as it is read,
+    with the same rows as in memory."""
     report = report if report is not None else LengthReport()
     documents: list[list[int]] = []
     for index, record in enumerate(records):
-        where = f"{source} row {index}"
-        if isinstance(record, Mapping):  # datasets gives a file's records one schema: absent fields are None
-            record = {name: value for name, value in record.items() if value is not None}
-        fmt = options.format or detect_format(record, where)
-        if fmt == "text":
-            documents.append(tokenizer(_text(record, "text", where), add_special_tokens=False)["input_ids"])
+        if isinstance(record, Mapping) and _is_text(record, options, f"{source} row {index}"):
+            documents.append(tokenizer(_text(record, "text", f"{source} row {index}"),
+                                       add_special_tokens=False)["input_ids"])
             continue
-        row = (_token_record(record, where) if fmt == "tokens"
-               else encode_messages(tokenizer, to_messages(record, fmt, where), chat_template=options.chat_template,
-                                    supervise=options.supervise, where=where))
-        row = _apply_length(row, options, report, where, index)
-        if row is not None:
-            yield {**{name: row[name] for name in ("input_ids", "labels", "attention_mask") if name in row},
-                   "record_index": index}
+        encoded = encode_record(record, index, tokenizer, options, source)
+        report.count(encoded["status"], index)
+        if encoded["status"] != "dropped":
+            yield _row(encoded)
     if documents:
         if options.max_length is None:
             raise DataError(f"{source}: text records are packed into rows of max_length; give max_length")
         for row in pack_documents(documents, options.max_length, tokenizer.eos_token_id):
-            report.records += 1
-            report.kept += 1
+            report.count("kept", -1)
             yield row if options.document_mask else {k: v for k, v in row.items() if k != "document_ids"}
+
+
+def _row(encoded: Mapping[str, Any]) -> dict[str, Any]:
+    """A training row of :func:`encode_record`'s output (no status; an absent attention mask left out)."""
+    return {name: encoded[name] for name in (*ROW_FIELDS, "record_index") if encoded.get(name) is not None}
+
+
+def encode_dataset(dataset: Any, tokenizer: Any, options: EncodingOptions, *, source: str = "data",
+                   num_proc: int | None = None) -> tuple[list[dict[str, Any]], LengthReport]:
+    """:func:`encode_records` of an in-memory ``datasets.Dataset`` through ``Dataset.map``: the encoding is
+    cached by datasets (a rerun on the same file and settings reads it back), runs on ``num_proc`` processes
+    and shows its progress; the same rows in the same order. ``text`` records take the packing path."""
+    if len(dataset) == 0 or _is_text(dataset[0], options, f"{source} row 0"):
+        report = LengthReport()
+        return list(encode_records(dataset, tokenizer, options, source=source, report=report)), report
+    encoded = dataset.map(encode_record, with_indices=True, num_proc=num_proc, remove_columns=dataset.column_names,
+                          fn_kwargs={"tokenizer": tokenizer, "options": options, "source": source},
+                          desc=f"encoding {source}")
+    report = LengthReport()
+    for index, status in enumerate(encoded["status"]):
+        report.count(status, index)
+    return [_row(row) for row in encoded if row["status"] != "dropped"], report
 
 
 def pack_documents(documents: Iterable[Sequence[int]], length: int, eos_token_id: int) -> Iterator[dict[str, Any]]:

@@ -20,8 +20,8 @@ import torch
 from transformers import BitsAndBytesConfig, HfArgumentParser
 
 from bilevel_dlm.checkpoint import load_tokenizer
-from bilevel_dlm.finetune_data import (FORMATS, TRUNCATIONS, EncodingOptions, LengthReport, encode_records,
-                                       eos_pad_collate, load_records)
+from bilevel_dlm.finetune_data import (FORMATS, TRUNCATIONS, EncodingOptions, encode_dataset, eos_pad_collate,
+                                       load_records)
 from bilevel_dlm.integrations import load_pretrained
 from bilevel_dlm.trainer import MemDLMTrainer, MemDLMTrainingArguments
 
@@ -50,8 +50,7 @@ folder = Path(extra.model)
 tokenizer = load_tokenizer(folder) if (folder / "tokenizer_config.json").exists() else None
 options = EncodingOptions(format=extra.format, max_length=extra.max_length, truncation=extra.truncation,
                           chat_template=False if extra.no_chat_template else None)
-report = LengthReport()
-train = list(encode_records(load_records(extra.train_file), tokenizer, options, source=extra.train_file, report=report))
+train, report = encode_dataset(load_records(extra.train_file), tokenizer, options, source=extra.train_file)
 print(f"{extra.train_file}: {report.line()}")
 collator = partial(eos_pad_collate, eos_token_id=tokenizer.eos_token_id) if tokenizer is not None else None
 MemDLMTrainer(model, args, train_dataset=train, data_collator=collator, processing_class=tokenizer).train()

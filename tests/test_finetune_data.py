@@ -318,3 +318,56 @@ def test_cart_refuses_packed_documents_kept_apart():
     batch = {"input_ids": torch.randint(2, 120, (2, 10)), "document_ids": (torch.arange(10) >= 4).long().expand(2, -1)}
     with pytest.raises(NotImplementedError, match="use objective='mdlm' for such batches"):
         wrapper.step(batch)
+
+
+def test_the_cached_parallel_encoding_gives_the_rows_of_the_plain_one(tmp_path):
+    """encode_dataset (datasets.map: cached, num_proc workers) == encode_records, rows and counts; a second
+    call reads datasets' cache instead of encoding again."""
+    from bilevel_dlm.finetune_data import encode_dataset
+
+    tok = tokenizer()
+    path = tmp_path / "mixed.jsonl"
+    records = [{"messages": chat} for chat in CHATS.values()] + [{"prompt": "Capital?", "completion": "Paris"},
+                                                                 {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}]
+    path.write_text("".join(json.dumps(record) + "\n" for record in records * 4))
+    options = EncodingOptions(max_length=60, truncation="right")
+    report = LengthReport()
+    plain = list(encode_records(load_records(path), tok, options, report=report))
+    dataset = load_records(path)
+    cache = Path(dataset.cache_files[0]["filename"]).parent
+    before = set(cache.glob("cache-*.arrow"))
+    for num_proc in (None, 2):
+        rows, counted = encode_dataset(dataset, tok, options, num_proc=num_proc)
+        assert rows == plain and counted == report
+    written = set(cache.glob("cache-*.arrow")) - before
+    assert written, "the encoding was not cached"
+    encode_dataset(dataset, tok, options)
+    assert set(cache.glob("cache-*.arrow")) - before == written, "the second encoding did not read the cache"
+
+
+def test_the_command_line_holds_out_a_fraction_or_a_split_for_evaluation(tmp_path, capsys):
+    import datasets
+
+    tok = tokenizer()
+    folder = tmp_path / "model"
+    torch.manual_seed(0)
+    LLaDAModelLM(tiny_config(vocab_size=len(tok), embedding_size=len(tok), mask_token_id=tok.mask_token_id,
+                             max_sequence_length=128)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    records = [{"instruction": f"What is {i} + 30?", "output": str(i + 30)} for i in range(20)]
+    data = tmp_path / "alpaca.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    common = ["train", "--model", str(folder), "--steps", "2", "--batch-size", "4", "--no-progress",
+              "--device", "cpu", "--eval-every", "2"]
+    assert main([*common, "--data", str(data), "--eval-fraction", "0.25"]) == 0
+    err = capsys.readouterr().err
+    assert "15 records: 15 kept" in err and "5 records: 5 kept" in err  # training part, then the held-out part
+
+    splits = tmp_path / "splits"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(records[:12]),
+                          "test": datasets.Dataset.from_list(records[12:])}).save_to_disk(str(splits))
+    assert main([*common, "--data", str(splits), "--eval-split", "test"]) == 0
+    err = capsys.readouterr().err
+    assert "12 records: 12 kept" in err and "8 records: 8 kept" in err
+    assert main([*common, "--data", str(splits), "--split", "validation"]) == 2
+    assert "not 'validation'" in capsys.readouterr().err

@@ -39,6 +39,16 @@ class CLIError(Exception):
     """A user-facing problem (bad input, missing file, failed save); ``main`` prints it on one line and returns 2."""
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -103,6 +113,8 @@ def _add_data_arguments(parser: argparse.ArgumentParser, *, from_run: bool) -> N
                           help="encode <bos> prompt response <eos> without a template (base models)")
     records.add_argument("--supervise", choices=("last", "all"), default="last",
                          help="assistant turns to supervise in multi-turn chats (default: last)")
+    records.add_argument("--num-proc", type=_positive_int, metavar="N", help="processes that encode the records "
+                         "(datasets.map; the encoding is cached by datasets either way)")
     records.add_argument("--document-mask", action="store_true", help="text records: keep the documents packed "
                          "into a row apart in attention (block-diagonal mask), as if each ran alone")
     synthetic = parser.add_argument_group(
@@ -173,7 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "its history)")
     train.add_argument("--eval-every", type=_positive_int, metavar="N", help="eval loss (memory off and prompt "
                        "memory) every N steps and at the end, on --eval-data or, with --synthetic, on held-out examples")
-    train.add_argument("--eval-data", metavar="PATH", help="JSONL evaluation records (as --data) for --eval-every")
+    held_out = train.add_mutually_exclusive_group()
+    held_out.add_argument("--eval-data", metavar="PATH", help="evaluation records (read as --data) for --eval-every")
+    held_out.add_argument("--eval-split", metavar="NAME", help="evaluation records: this split of --data's folder or "
+                          "hub dataset (e.g. test)")
+    held_out.add_argument("--eval-fraction", type=_fraction, metavar="F", help="evaluation records: a fraction F of "
+                          "--data's records, held out of training (drawn with --data-seed)")
     _add_common_arguments(train)
     train.set_defaults(handler="train")
 

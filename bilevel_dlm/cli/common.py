@@ -19,8 +19,8 @@ from torch.utils.data import Dataset
 from ..checkpoint import META, load_tokenizer
 from ..config import MemDLMConfig
 from ..integrations import load_pretrained
-from ..finetune_data import (DataError, EncodingOptions, LengthReport, detect_format, encode_records,
-                             eos_pad_collate, load_records)
+from ..finetune_data import (DataError, EncodingOptions, LengthReport, detect_format, encode_dataset,
+                             encode_records, eos_pad_collate, load_records)
 from ..tasks import make_dataset
 from ..tasks.tokenizer import IGNORE_INDEX
 from ..wrapper import MemoryWrapper
@@ -86,13 +86,13 @@ def synthetic_pairs(
 
 def load_data(args: argparse.Namespace, tokenizer: Any, tokenizer_source: str) -> Data:
     """The rows of ``--data`` (:mod:`bilevel_dlm.finetune_data`: its formats, chat template and length policy,
-    counts printed) or ``--synthetic``. Chat rows are padded to ``--max-length`` (default: the longest) with
-    supervised EOS, as in LLaDA's supervised fine-tuning; token records and packed text are used as they are."""
+    counts printed; ``--eval-fraction`` holds out a part, ``args.records_part`` picks it) or ``--synthetic``.
+    Chat rows are padded to ``--max-length`` (default: the longest) with supervised EOS, as in LLaDA's
+    supervised fine-tuning; token records and packed text are used as they are."""
     if args.synthetic:
-        records: list[dict[str, Any]] = [
-            {"prompt": prompt, "answer": answer}
-            for prompt, answer in synthetic_pairs(args.tasks, args.examples_per_task, args.context_lengths,
-                                                  args.data_seed)]
+        records: Any = [{"prompt": prompt, "answer": answer}
+                        for prompt, answer in synthetic_pairs(args.tasks, args.examples_per_task,
+                                                              args.context_lengths, args.data_seed)]
         options = EncodingOptions(max_length=args.max_length, truncation="error", chat_template=False)
         source = "--synthetic"
     else:
@@ -100,16 +100,20 @@ def load_data(args: argparse.Namespace, tokenizer: Any, tokenizer_source: str) -
         options = EncodingOptions(format=args.format, max_length=args.max_length, truncation=args.truncation,
                                   chat_template=args.chat_template, supervise=args.supervise,
                                   document_mask=args.document_mask)
-    if tokenizer is None and any((args.format or _format(r, source, i)) != "tokens" for i, r in enumerate(records)):
+    formats = [args.format or _format(_clean(record), source, i) for i, record in enumerate(records)]
+    if tokenizer is None and any(fmt != "tokens" for fmt in formats):
         raise CLIError(f"text records need a tokenizer and {tokenizer_source} has none; "
                        'use token records ({"input_ids": [...], "labels": [...]}) instead')
     report = LengthReport()
     with reported(f"encoding {source}"):
-        encoded = list(encode_records(records, tokenizer, options, source=source, report=report))
+        if args.synthetic:
+            encoded = list(encode_records(records, tokenizer, options, source=source, report=report))
+        else:
+            encoded, report = encode_dataset(records, tokenizer, options, source=source, num_proc=args.num_proc)
     if not args.synthetic:
         print(f"--data {args.data}: {report.line()}", file=sys.stderr)
     args.length_report = report
-    is_chat = ["record_index" in row and "input_ids" not in records[row["record_index"]] for row in encoded]
+    is_chat = ["record_index" in row and formats[row["record_index"]] not in ("tokens", "text") for row in encoded]
     chats = [row for row, chat in zip(encoded, is_chat) if chat]
     padded = iter(_rows(eos_pad_collate(chats, tokenizer.eos_token_id, args.max_length)) if chats else [])
     rows, answered = [], []
@@ -117,7 +121,7 @@ def load_data(args: argparse.Namespace, tokenizer: Any, tokenizer_source: str) -
         tensors = next(padded) if chat else {name: torch.tensor(row[name]) for name in
                                              ("input_ids", "labels", "attention_mask", "document_ids") if name in row}
         rows.append(tensors)
-        answer = _answer(records[row["record_index"]]) if "record_index" in row else None
+        answer = _answer(_clean(records[row["record_index"]])) if chat else None
         if answer is not None:
             answered.append((tensors, answer))
     if not any(_supervised(row).any() for row in rows):
@@ -125,22 +129,33 @@ def load_data(args: argparse.Namespace, tokenizer: Any, tokenizer_source: str) -
     return Data(rows, answered)
 
 
-def _read_records(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The records of ``--data``: a local file or folder, else a hub dataset name."""
+def _clean(record: Any) -> Any:
+    """A record without the None fields datasets adds where a file's records differ in their fields."""
+    return {k: v for k, v in record.items() if v is not None} if isinstance(record, dict) else record
+
+
+def _read_records(args: argparse.Namespace) -> Any:
+    """The records of ``--data`` (a local file or folder, else a hub dataset name) as a ``datasets.Dataset``;
+    with ``--eval-fraction`` its training or held-out part (``args.records_part``, drawn with ``--data-seed``)."""
     path = Path(args.data)
     if not path.exists() and (path.suffix or "/" in args.data or args.data.startswith(".")) \
             and args.data.count("/") != 1:
         raise CLIError(f"--data {args.data}: no such file or directory")
     try:
         with reported(f"--data {args.data}"):
-            records = [{name: value for name, value in record.items() if value is not None}
-                       for record in load_records(args.data, split=args.split)]
+            records = load_records(args.data, split=args.split)
     except CLIError:
         raise
     except Exception as error:  # datasets' own errors: offline, unknown name, unreadable file
         raise CLIError(f"--data {args.data}: could not be loaded ({type(error).__name__}: {error})") from error
-    if not records:
+    if not len(records):
         raise CLIError(f"--data {args.data} holds no records")
+    fraction = getattr(args, "eval_fraction", None)
+    if fraction:
+        if len(records) < 2:
+            raise CLIError(f"--eval-fraction {fraction}: --data {args.data} has one record, nothing to hold out")
+        parts = records.train_test_split(test_size=fraction, seed=args.data_seed or 0)
+        records = parts["test" if getattr(args, "records_part", "train") == "eval" else "train"]
     return records
 
 

@@ -72,13 +72,23 @@ def _training_source(args: argparse.Namespace, resume: Path | None) -> tuple[Sou
 
 
 def _evaluation_data(args: argparse.Namespace, tokenizer: Any, source: str) -> Data | None:
-    """--eval-data records, or held-out synthetic examples (another data seed) with --synthetic."""
+    """--eval-data records, --eval-split / --eval-fraction of --data, or held-out synthetic examples (another
+    data seed) with --synthetic."""
     if args.eval_data is not None:
-        return load_data(argparse.Namespace(**{**vars(args), "data": args.eval_data, "synthetic": False}), tokenizer, source)
+        return load_data(argparse.Namespace(**{**vars(args), "data": args.eval_data, "synthetic": False,
+                                               "eval_fraction": None}), tokenizer, source)
+    if (args.eval_split or args.eval_fraction) and args.synthetic:
+        raise CLIError("--eval-split / --eval-fraction take records of --data; --synthetic holds out examples itself")
+    if args.eval_split:
+        return load_data(argparse.Namespace(**{**vars(args), "split": args.eval_split, "eval_fraction": None}),
+                         tokenizer, source)
+    if args.eval_fraction:
+        return load_data(argparse.Namespace(**{**vars(args), "records_part": "eval"}), tokenizer, source)
     if args.eval_every and args.synthetic:
         return load_data(argparse.Namespace(**{**vars(args), "data_seed": args.data_seed + 1}), tokenizer, source)
     if args.eval_every:
-        raise CLIError("--eval-every needs --eval-data PATH (or --synthetic, which holds out examples itself)")
+        raise CLIError("--eval-every needs --eval-data PATH, --eval-split NAME or --eval-fraction F (or --synthetic, "
+                       "which holds out examples itself)")
     return None
 
 
