@@ -13,7 +13,7 @@ the same whether it is split over ranks, micro-batches or both.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -277,6 +277,7 @@ def _with_stream_keys(batch: Mapping[str, Any], epoch: int, first: int) -> Mappi
 class BatchStream:
     """Batches from a Dataset or list of examples (in :class:`EpochOrder`, reshuffled every epoch when
     ``shuffle``), a DataLoader (as is) or any other iterable of examples or batches (in its own order).
+    Examples are collated by ``collate_fn`` (default: :func:`pad_collate` with ``pad_token_id``).
     Every batch carries its rows' ``example_index`` and ``epoch``: the dataset index, or for a DataLoader
     or iterable the position in the epoch's stream (unless it brings its own).
 
@@ -294,6 +295,7 @@ class BatchStream:
         shuffle: bool = True,
         seed: int = 0,
         repeat: bool = True,
+        collate_fn: Callable[[Sequence[Mapping[str, Any]]], Mapping[str, Any]] | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         if batch_size < 1:
@@ -304,6 +306,7 @@ class BatchStream:
             seed = generator.initial_seed()
         self.data, self.batch_size, self.pad_token_id = data, batch_size, pad_token_id
         self.shuffle, self.seed, self.repeat = shuffle, seed, repeat
+        self.collate = collate_fn or (lambda examples: pad_collate(examples, pad_token_id))
         self.epoch_batches: int | None = None
         self._batches = self._stream()
 
@@ -321,7 +324,7 @@ class BatchStream:
             order = EpochOrder(len(data), self.seed, self.shuffle)
             order.set_epoch(epoch)
             yield from DataLoader(IndexedExamples(data, order), batch_size=self.batch_size, sampler=order,
-                                  collate_fn=lambda ex: pad_collate(ex, self.pad_token_id))
+                                  collate_fn=self.collate)
         else:
             yield from self._keyed(self._batched(data), epoch)
 
@@ -333,10 +336,10 @@ class BatchStream:
                 continue
             pending.append(item)
             if len(pending) == self.batch_size:
-                yield pad_collate(pending, self.pad_token_id)
+                yield self.collate(pending)
                 pending = []
         if pending:
-            yield pad_collate(pending, self.pad_token_id)
+            yield self.collate(pending)
 
     @staticmethod
     def _keyed(batches: Iterable[Mapping[str, Any]], epoch: int) -> Iterator[Mapping[str, Any]]:
@@ -366,5 +369,5 @@ class BatchStream:
 
 def iterate_batches(data: Iterable[Mapping[str, Any]] | Dataset | DataLoader, batch_size: int, **options: Any
                     ) -> BatchStream:
-    """A :class:`BatchStream` over ``data`` (options: pad_token_id, shuffle, seed, repeat)."""
+    """A :class:`BatchStream` over ``data`` (options: pad_token_id, shuffle, seed, repeat, collate_fn)."""
     return BatchStream(data, batch_size, **options)

@@ -24,6 +24,7 @@ Batches are padded with supervised EOS (:func:`eos_pad_collate`, LLaDA's SFT: th
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -121,6 +122,10 @@ def load_records(source: str | Path, *, split: str = "train", streaming: bool = 
         builder = _FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise DataError(f"{path}: unknown file type {path.suffix!r}; use one of {sorted(_FILE_BUILDERS)}")
+        if split != "train":
+            raise DataError(f"{path} is one file, one split: split={split!r} applies to a save_to_disk folder or a "
+                            "hub dataset; hold out a fraction of the file instead (--eval-fraction) or give another "
+                            "file (--eval-data)")
         if path.suffix.lower() == ".jsonl":
             _check_json_lines(path)
         return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming)
@@ -226,12 +231,20 @@ def encode_messages(tokenizer: Any, messages: Sequence[Mapping[str, str]], *, ch
                     supervise: str = "last", where: str = "record") -> dict[str, Any]:
     """``input_ids``, ``labels`` (-100 off the supervised turns) and ``prompt_len`` of one chat; text the
     tokenizer can only encode as its unknown token is refused."""
-    row = _encode_chat(tokenizer, messages, chat_template, supervise, where)
+    for message in messages:
+        _check_known(tokenizer, message["content"], where)
+    return _encode_chat(tokenizer, messages, chat_template, supervise, where)
+
+
+def _check_known(tokenizer: Any, text: str, where: str) -> list[int]:
+    """The ids of ``text``, refused when the tokenizer could only encode part of it as its unknown token (a
+    byte-level tokenizer never does; special tokens the template adds are not looked at)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     unknown = getattr(tokenizer, "unk_token_id", None)
-    if unknown is not None and unknown in row["input_ids"]:
+    if unknown is not None and unknown in ids and tokenizer.unk_token not in text:
         raise DataError(f"{where}: words outside the tokenizer's vocabulary (encoded as {tokenizer.unk_token!r}); "
                         "use a tokenizer that covers the text")
-    return row
+    return ids
 
 
 def _encode_chat(tokenizer: Any, messages: Sequence[Mapping[str, str]], chat_template: bool | None, supervise: str,
@@ -257,6 +270,9 @@ def _encode_chat(tokenizer: Any, messages: Sequence[Mapping[str, str]], chat_tem
             labels[len(start): len(end)] = input_ids[len(start): len(end)]
         prompt_len = len(render(messages[:turns[-1]], True))
         return {"input_ids": input_ids, "labels": labels, "prompt_len": prompt_len}
+    if supervise == "all":
+        raise DataError(f"{where}: supervise='all' bounds each assistant turn with the chat template; without one a "
+                        "row has one response (the last turn)")
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     prompt = bos + tokenizer("\n\n".join(m["content"] for m in messages[:-1]), add_special_tokens=False)["input_ids"]
     response = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -325,8 +341,9 @@ def encode_records(records: Iterable[Mapping[str, Any]], tokenizer: Any, options
     documents: list[list[int]] = []
     for index, record in enumerate(records):
         if isinstance(record, Mapping) and _is_text(record, options, f"{source} row {index}"):
-            documents.append(tokenizer(_text(record, "text", f"{source} row {index}"),
-                                       add_special_tokens=False)["input_ids"])
+            where = f"{source} row {index}"
+            documents.append(_check_known(tokenizer, _text(record, "text", where), where))
+            report.count("kept", index)  # a document is never dropped: it is packed
             continue
         encoded = encode_record(record, index, tokenizer, options, source)
         report.count(encoded["status"], index)
@@ -336,7 +353,6 @@ def encode_records(records: Iterable[Mapping[str, Any]], tokenizer: Any, options
         if options.max_length is None:
             raise DataError(f"{source}: text records are packed into rows of max_length; give max_length")
         for row in pack_documents(documents, options.max_length, tokenizer.eos_token_id):
-            report.count("kept", -1)
             yield row if options.document_mask else {k: v for k, v in row.items() if k != "document_ids"}
 
 
@@ -345,16 +361,27 @@ def _row(encoded: Mapping[str, Any]) -> dict[str, Any]:
     return {name: encoded[name] for name in (*ROW_FIELDS, "record_index") if encoded.get(name) is not None}
 
 
+# datasets fingerprints a mapped function by its name: this module's source joins the key, so that a cache
+# written by another version of the encoding is never read back.
+_CODE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
+def _encode_for_map(record: Mapping[str, Any], index: int, *, tokenizer: Any, options: EncodingOptions, source: str,
+                    code: str) -> dict[str, Any]:
+    return encode_record(record, index, tokenizer, options, source)
+
+
 def encode_dataset(dataset: Any, tokenizer: Any, options: EncodingOptions, *, source: str = "data",
                    num_proc: int | None = None) -> tuple[list[dict[str, Any]], LengthReport]:
     """:func:`encode_records` of an in-memory ``datasets.Dataset`` through ``Dataset.map``: the encoding is
     cached by datasets (a rerun on the same file and settings reads it back), runs on ``num_proc`` processes
-    and shows its progress; the same rows in the same order. ``text`` records take the packing path."""
-    if len(dataset) == 0 or _is_text(dataset[0], options, f"{source} row 0"):
+    and shows its progress; the same rows in the same order. A source with ``text`` records takes the lazy
+    path (packing crosses records)."""
+    if len(dataset) == 0 or any(_is_text(record, options, f"{source} row {i}") for i, record in enumerate(dataset)):
         report = LengthReport()
         return list(encode_records(dataset, tokenizer, options, source=source, report=report)), report
-    encoded = dataset.map(encode_record, with_indices=True, num_proc=num_proc, remove_columns=dataset.column_names,
-                          fn_kwargs={"tokenizer": tokenizer, "options": options, "source": source},
+    encoded = dataset.map(_encode_for_map, with_indices=True, num_proc=num_proc, remove_columns=dataset.column_names,
+                          fn_kwargs={"tokenizer": tokenizer, "options": options, "source": source, "code": _CODE},
                           desc=f"encoding {source}")
     report = LengthReport()
     for index, status in enumerate(encoded["status"]):
@@ -381,16 +408,18 @@ def pack_documents(documents: Iterable[Sequence[int]], length: int, eos_token_id
 def eos_pad_collate(examples: Sequence[Mapping[str, Any]], eos_token_id: int, length: int | None = None
                     ) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example (or ``length``) with EOS that is attended and supervised (LLaDA's
-    SFT: the model learns to end its answer); ``example_index`` / ``epoch`` are kept when every example has
-    them. ``list(map(dict, zip(...)))`` of the result's rows gives EOS-padded rows for ``fit``."""
+    SFT: the model learns to end its answer); an example's own ``attention_mask`` is kept (a token record's
+    padding stays hidden), ``example_index`` / ``epoch`` when every example has them."""
     width = max(length or 0, *(len(example["input_ids"]) for example in examples))
     batch = {"input_ids": torch.full((len(examples), width), eos_token_id, dtype=torch.long),
              "labels": torch.full((len(examples), width), eos_token_id, dtype=torch.long)}
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
     for row, example in enumerate(examples):
         n = len(example["input_ids"])
         batch["input_ids"][row, :n] = torch.as_tensor(example["input_ids"])
         batch["labels"][row, :n] = torch.as_tensor(example.get("labels", example["input_ids"]))
-    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+        if example.get("attention_mask") is not None:  # a token record's own padding stays hidden
+            batch["attention_mask"][row, :n] = torch.as_tensor(example["attention_mask"])
     if all(example.get("document_ids") is not None for example in examples):  # the EOS padding: its own block
         batch["document_ids"] = torch.full_like(batch["input_ids"], -1)
         for row, example in enumerate(examples):

@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -197,6 +197,7 @@ def fit(
     max_steps: int,
     batch_size: int = 8,
     gradient_accumulation_steps: int = 1,
+    collate_fn: Callable[[Sequence[Mapping[str, Any]]], Mapping[str, Any]] | None = None,
     eval_every: int | None = None,
     eval_prompt_memory: bool = True,
     save_every: int | None = None,
@@ -212,7 +213,9 @@ def fit(
     ``config.seed``), a DataLoader, or any iterable of example or batch dicts (used in its order). Each
     optimizer step takes ``gradient_accumulation_steps`` micro-batches of ``batch_size``; every random
     draw is keyed by the example (seed, epoch, index), so accumulating 2 micro-batches of 4 draws what
-    MemDLMTrainer draws on 2 processes with 4 each. With ``eval_data``, the eval loss (memory off, and
+    MemDLMTrainer draws on 2 processes with 4 each. ``collate_fn`` batches the examples (default:
+    ``bilevel_dlm.data.pad_collate``; ``bilevel_dlm.finetune_data.eos_pad_collate`` pads with supervised EOS,
+    as LLaDA's SFT does). With ``eval_data``, the eval loss (memory off, and
     adapted on the prompt when ``eval_prompt_memory``) is measured every ``eval_every`` steps and at the
     end. With ``save_every``, a checkpoint is written to ``output_dir/checkpoint-<step>``;
     ``resume_from`` such a checkpoint continues with exactly the draws and weights of an uninterrupted
@@ -242,7 +245,8 @@ def fit(
     if resume_from is not None:
         history, step, consumed, saved_run = wrapper.restore_training(resume_from, allow_pickle=allow_pickle)
         check_resume(resume_from, step, saved_run, definition, history, allow_changes)
-    batches = iterate_batches(train_data, batch_size, pad_token_id=wrapper.pad_token_id(), seed=wrapper.config.seed)
+    batches = iterate_batches(train_data, batch_size, pad_token_id=wrapper.pad_token_id(), seed=wrapper.config.seed,
+                              collate_fn=collate_fn)
     for _ in range(consumed):
         next(batches)
     if save_every and max_steps // save_every * save_every <= step:

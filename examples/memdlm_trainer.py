@@ -32,6 +32,9 @@ parser.add_argument("--format", choices=FORMATS, help="record format (default: d
 parser.add_argument("--max_length", type=int, help="length policy limit (default: none)")
 parser.add_argument("--truncation", choices=TRUNCATIONS, default="filter", help="a longer record: filter, right, error")
 parser.add_argument("--no_chat_template", action="store_true", help="encode <bos> prompt response <eos> (base models)")
+parser.add_argument("--supervise", choices=("last", "all"), default="last", help="assistant turns to supervise")
+parser.add_argument("--document_mask", action="store_true", help="text records: packed documents kept apart")
+parser.add_argument("--num_proc", type=int, help="processes that encode the records (datasets.map)")
 parser.add_argument("--load_in_4bit", action="store_true", help="NF4 4-bit base (needs an outer LoRA)")
 args, extra = parser.parse_args_into_dataclasses()
 
@@ -49,8 +52,11 @@ else:
 folder = Path(extra.model)
 tokenizer = load_tokenizer(folder) if (folder / "tokenizer_config.json").exists() else None
 options = EncodingOptions(format=extra.format, max_length=extra.max_length, truncation=extra.truncation,
-                          chat_template=False if extra.no_chat_template else None)
-train, report = encode_dataset(load_records(extra.train_file), tokenizer, options, source=extra.train_file)
+                          chat_template=False if extra.no_chat_template else None, supervise=extra.supervise,
+                          document_mask=extra.document_mask)
+with args.main_process_first(desc="encoding the records"):  # rank 0 writes datasets' cache, the others read it
+    train, report = encode_dataset(load_records(extra.train_file), tokenizer, options, source=extra.train_file,
+                                   num_proc=extra.num_proc)
 print(f"{extra.train_file}: {report.line()}")
 collator = partial(eos_pad_collate, eos_token_id=tokenizer.eos_token_id) if tokenizer is not None else None
 MemDLMTrainer(model, args, train_dataset=train, data_collator=collator, processing_class=tokenizer).train()

@@ -178,6 +178,12 @@ def test_packing_loses_no_token_and_separates_documents_with_eos():
     assert joined == expected
 
 
+def test_eos_padding_keeps_a_token_records_own_padding_hidden():
+    batch = eos_pad_collate([{"input_ids": [3, 4, 0], "labels": [3, 4, -100], "attention_mask": [1, 1, 0]},
+                             {"input_ids": [6], "labels": [6]}], eos_token_id=1)
+    assert batch["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+
+
 def test_eos_padding_is_attended_and_supervised():
     batch = eos_pad_collate([{"input_ids": [3, 4, 5], "labels": [-100, 4, 5], "example_index": 7, "epoch": 1},
                              {"input_ids": [6], "labels": [6], "example_index": 2, "epoch": 1}], eos_token_id=1)
@@ -322,7 +328,8 @@ def test_cart_refuses_packed_documents_kept_apart():
 
 def test_the_cached_parallel_encoding_gives_the_rows_of_the_plain_one(tmp_path):
     """encode_dataset (datasets.map: cached, num_proc workers) == encode_records, rows and counts; a second
-    call reads datasets' cache instead of encoding again."""
+    call reads datasets' cache (its file is not rewritten), and the cache key holds the encoder's code."""
+    import bilevel_dlm.finetune_data as module
     from bilevel_dlm.finetune_data import encode_dataset
 
     tok = tokenizer()
@@ -335,14 +342,66 @@ def test_the_cached_parallel_encoding_gives_the_rows_of_the_plain_one(tmp_path):
     plain = list(encode_records(load_records(path), tok, options, report=report))
     dataset = load_records(path)
     cache = Path(dataset.cache_files[0]["filename"]).parent
-    before = set(cache.glob("cache-*.arrow"))
+    before = {file: file.stat().st_mtime_ns for file in cache.glob("cache-*.arrow")}
     for num_proc in (None, 2):
         rows, counted = encode_dataset(dataset, tok, options, num_proc=num_proc)
         assert rows == plain and counted == report
-    written = set(cache.glob("cache-*.arrow")) - before
+    written = {file: file.stat().st_mtime_ns for file in cache.glob("cache-*.arrow") if file not in before}
     assert written, "the encoding was not cached"
     encode_dataset(dataset, tok, options)
-    assert set(cache.glob("cache-*.arrow")) - before == written, "the second encoding did not read the cache"
+    assert {file: file.stat().st_mtime_ns for file in written} == written, "the second encoding was recomputed"
+    module._CODE = "another version of the encoder"
+    try:
+        encode_dataset(dataset, tok, options)
+    finally:
+        module._CODE = __import__("hashlib").sha256(Path(module.__file__).read_bytes()).hexdigest()
+    assert len(set(cache.glob("cache-*.arrow")) - set(before)) > len(written), "a new encoder read the old cache"
+
+
+def test_a_file_mixing_chats_and_text_encodes_alike_both_ways(tmp_path):
+    from bilevel_dlm.finetune_data import encode_dataset
+
+    tok = tokenizer()
+    path = tmp_path / "mixed.jsonl"
+    records = [{"messages": CHATS["single turn"]}, {"text": "Paris is the capital."}, {"text": "1889!"}]
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    options = EncodingOptions(max_length=64)
+    report = LengthReport()
+    plain = list(encode_records(load_records(path), tok, options, report=report))
+    rows, counted = encode_dataset(load_records(path), tok, options)
+    assert rows == plain and counted == report
+    assert (report.records, report.kept) == (3, 3), "documents are counted as records, not as packed rows"
+
+
+def test_a_tokenizer_whose_unknown_token_is_its_eos_encodes_plain_chats():
+    """GPT-2's (and MDLM's) tokenizer: one token for unk, BOS and EOS; only the text is checked for it."""
+    tok = tokenizer(None)
+    tok.unk_token = tok.eos_token
+    row = encode_messages(tok, CHATS["single turn"])
+    assert row["input_ids"][-1] == tok.eos_token_id == tok.unk_token_id
+
+
+def test_a_data_file_has_one_split(tmp_path):
+    path = tmp_path / "records.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    with pytest.raises(DataError, match="one file, one split"):
+        load_records(path, split="test")
+
+
+def test_fit_batches_with_the_collate_function_it_is_given():
+    """eos_pad_collate in fit: the batches of the global order, padded with supervised EOS."""
+    from functools import partial
+
+    from bilevel_dlm.data import EpochOrder, iterate_batches
+
+    tok = tokenizer()
+    rows = [dict(r) for r in encode_records([{"messages": chat} for chat in CHATS.values()], tok, EncodingOptions())]
+    collate = partial(eos_pad_collate, eos_token_id=tok.eos_token_id)
+    batch = next(iterate_batches(rows, 3, seed=4, collate_fn=collate))
+    order = [index for _, index in EpochOrder(3, 4)]
+    expected = eos_pad_collate([{**rows[i], "example_index": i, "epoch": 0} for i in order], tok.eos_token_id)
+    assert batch.keys() == expected.keys() and all(torch.equal(batch[k], expected[k]) for k in batch)
+    assert (batch["labels"] == tok.eos_token_id).sum() > len(order), "EOS padding is supervised"
 
 
 def test_the_command_line_holds_out_a_fraction_or_a_split_for_evaluation(tmp_path, capsys):

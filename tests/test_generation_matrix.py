@@ -58,13 +58,13 @@ def valid(factors: dict[str, tuple]):
 CASES = [dict(zip(factors, row)) for factors in (LLADA, DREAM, BLOCK) for row in all_pairs(factors, valid(factors))]
 
 
-def wrapper(family: str) -> MemoryWrapper:
+def wrapper(family: str, device: torch.device | str = "cpu") -> MemoryWrapper:
     """A float64 model and memory: a batch and its rows alone then differ by rounding far below the gaps
     between the (near-tied, random-model) confidences, so "decodes as alone" is checked exactly. Its head
     is scaled (``confident``) so that the thresholds and factors here reveal several tokens in a step."""
     config = MemDLMConfig(memory=MemoryConfig(rank=4, layer_fraction=0.5, dtype="float64"),
                           inner=InnerConfig(lr=20.0, clip=None))
-    return MemoryWrapper(confident(FAMILIES[family].build(0).double().eval()), config)
+    return MemoryWrapper(confident(FAMILIES[family].build(0).to(device, torch.float64).eval()), config)
 
 
 def prompts(padding: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,12 +79,13 @@ def exact_cache(settings: dict) -> bool:
     return settings["cache"] != "none" and (settings["family"] == "llada2" or settings.get("cache_refresh") == 1)
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("settings", CASES, ids=lambda case: "-".join(map(str, case.values())))
-def test_generation_under_the_option_combination(settings: dict) -> None:
+def test_generation_under_the_option_combination(settings: dict, device: torch.device) -> None:
     family, padding = settings["family"], settings["padding"]
     options = {key: value for key, value in settings.items() if key not in ("family", "padding", "parallel")}
     options = {**FIXED[family], **options, **PARALLEL[settings.get("parallel")], "max_new_tokens": NEW, "seed": 0}
-    w = wrapper(family)
+    w = wrapper(family, device)
     ids, mask = prompts(padding)
     out = w.generate(ids, mask, **options)
     assert torch.equal(out[:, :ids.shape[1]], ids)

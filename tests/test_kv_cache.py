@@ -21,10 +21,10 @@ CACHED_FAMILIES = ("llada", "llada_moe", "llada_moe_shared")  # decoded by the L
 WINDOWED_FAMILIES = (*CACHED_FAMILIES, "dream", "llada2")  # every native model whose forward takes kv_cache
 
 
-def wrapper(family: str = "llada", sharp: bool = False) -> MemoryWrapper:
+def wrapper(family: str = "llada", sharp: bool = False, device: torch.device | str = "cpu") -> MemoryWrapper:
     """A tiny model with memory; ``sharp``: its head scaled so that thresholds have confidences to act on."""
     config = MemDLMConfig(memory=MemoryConfig(rank=4, layer_fraction=0.5), inner=InnerConfig(lr=20.0, clip=None))
-    model = FAMILIES[family].build(0).eval()
+    model = FAMILIES[family].build(0).to(device).eval()
     return MemoryWrapper(confident(model) if sharp else model, config)
 
 
@@ -102,20 +102,23 @@ def test_a_growing_block_causal_canvas_is_computed_exactly_from_the_stored_block
         fresh.columns(8)
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
-def test_with_one_step_per_block_the_cached_sampler_is_the_plain_one(cache: str) -> None:
-    w = wrapper()
+def test_with_one_step_per_block_the_cached_sampler_is_the_plain_one(cache: str, device: torch.device) -> None:
+    w = wrapper(device=device)
     ids, mask = left_padded()
     settings = dict(max_new_tokens=8, block_length=2, steps=4, seed=0)
     assert torch.equal(w.generate(ids, mask, cache=cache, **settings), w.generate(ids, mask, **settings))
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("family", CACHED_FAMILIES)
 @pytest.mark.parametrize("adapt", [True, "blocks"])
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
-def test_cached_generation_of_a_batch_row_equals_the_row_alone(cache: str, adapt, family: str) -> None:
+def test_cached_generation_of_a_batch_row_equals_the_row_alone(cache: str, adapt, family: str,
+                                                              device: torch.device) -> None:
     """Per-sample prompt memory (re-adapted after each block with 'blocks') is bound while the cache is built."""
-    w = wrapper(family)
+    w = wrapper(family, device=device)
     ids, mask = left_padded()
     settings = dict(max_new_tokens=8, block_length=4, steps=8, seed=3, cache=cache, adapt=adapt)
     batched = w.generate(ids, mask, **settings)

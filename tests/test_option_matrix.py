@@ -120,9 +120,10 @@ def recipe(loss: str, trajectory: str, mode: str, memory: str, objective: str = 
     )
 
 
-def one_step(family: str, config: MemDLMConfig, batch: dict, checkpointing: str, share: bool):
-    """Outer loss, inner result and theta's gradient of one bilevel step on a float64 tiny model."""
-    model = FAMILIES[family].build(0).double().train()
+def one_step(family: str, config: MemDLMConfig, batch: dict, checkpointing: str, share: bool,
+             device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64):
+    """Outer loss, inner result and theta's gradient of one bilevel step on a tiny model (float64 by default)."""
+    model = FAMILIES[family].build(0).to(device, dtype).train()
     if checkpointing == "on":
         model.gradient_checkpointing_enable()
     wrapper = MemoryWrapper(model, config)
@@ -138,11 +139,11 @@ def one_step(family: str, config: MemDLMConfig, batch: dict, checkpointing: str,
 
 
 def check(family: str, loss: str, trajectory: str, mode: str, memory: str, padding: str, checkpointing: str,
-          objective: str, init: str) -> None:
+          objective: str, init: str, device: torch.device | str = "cpu") -> None:
     config = recipe(loss, trajectory, mode, memory, objective, init)
     batch = padded(make_batch(FAMILIES[family].bos, n=len(REAL_LENGTHS), length=LENGTH, prompt=PROMPT, seed=1), padding)
-    wrapper, shared_loss, inner, shared_grads = one_step(family, config, batch, checkpointing, share=True)
-    _, plain_loss, plain_inner, plain_grads = one_step(family, config, batch, checkpointing, share=False)
+    wrapper, shared_loss, inner, shared_grads = one_step(family, config, batch, checkpointing, True, device)
+    _, plain_loss, plain_inner, plain_grads = one_step(family, config, batch, checkpointing, False, device)
 
     assert torch.isfinite(inner.losses).all() and math.isfinite(float(shared_loss))
     assert (inner.grad_norms > 0).all(), f"a stage did not move the fast weights: {inner.grad_norms}"
@@ -174,9 +175,31 @@ def test_the_default_design_covers_every_pair_of_option_values() -> None:
                 assert any(row[i] == u and row[j] == v for row in DEFAULT), (a, u, b, v)
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("combination", DEFAULT, ids="-".join)
-def test_one_step_under_the_option_combination(combination: tuple) -> None:
-    check(*combination)
+def test_one_step_under_the_option_combination(combination: tuple, device: torch.device) -> None:
+    check(*combination, device=device)
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("family", FACTORS["family"])
+def test_one_step_with_a_bfloat16_base_and_float32_fast_weights(family: str, device: torch.device) -> None:
+    """The mixed precision users train in: finite losses, every stage moves the fast weights (float32, whatever
+    the base dtype), prefix sharing equals recomputation to bfloat16 rounding, adapt leaves the base bitwise."""
+    config = MemDLMConfig(memory=MemoryConfig(rank=4, layer_fraction=0.5), inner=InnerConfig(lr=0.5))
+    batch = padded(make_batch(FAMILIES[family].bos, n=len(REAL_LENGTHS), length=LENGTH, prompt=PROMPT, seed=1), "right")
+    wrapper, shared_loss, inner, shared_grads = one_step(family, config, batch, "off", True, device, torch.bfloat16)
+    _, plain_loss, _, plain_grads = one_step(family, config, batch, "off", False, device, torch.bfloat16)
+    assert all(v.dtype == torch.float32 for v in wrapper.memory.values) or not wrapper.memory.values
+    assert torch.isfinite(inner.losses).all() and math.isfinite(float(shared_loss))
+    assert (inner.grad_norms > 0).all()
+    torch.testing.assert_close(shared_loss.float(), plain_loss.float(), rtol=2e-2, atol=1e-3)
+    for name, grad in shared_grads.items():
+        error = float((grad.float() - plain_grads[name].float()).norm() / plain_grads[name].float().norm().clamp_min(1e-30))
+        assert error <= 5e-2, f"{name}: relative gradient difference {error:.2e} in bfloat16"
+    before = snapshot(wrapper.model)
+    wrapper.adapt(*prompts(batch, "right"))
+    assert all(bitwise_equal(before[k], v) for k, v in snapshot(wrapper.model).items())
 
 
 @pytest.mark.slow

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from ..checkpoint import META, load_tokenizer
 from ..config import MemDLMConfig
 from ..integrations import load_pretrained
 from ..finetune_data import (DataError, EncodingOptions, LengthReport, detect_format, encode_dataset,
-                             encode_records, eos_pad_collate, load_records)
+                             encode_records, eos_pad_collate, load_records, to_messages)
 from ..tasks import make_dataset
 from ..tasks.tokenizer import IGNORE_INDEX
 from ..wrapper import MemoryWrapper
@@ -51,11 +52,13 @@ def existing(path: str, flag: str) -> Path:
 # ----- data ------------------------------------------------------------------------------------------
 @dataclass
 class Data:
-    """Encoded rows (``input_ids``, ``labels``, ``attention_mask``) and, for the text records, their
-    encoded row and reference answer (for exact-match accuracy)."""
+    """Encoded rows (``input_ids``, ``labels``, ``attention_mask``), for the text records their encoded row
+    and reference answer (for exact-match accuracy), and the collate function training batches them with
+    (None: ``pad_collate``)."""
 
     rows: list[dict[str, torch.Tensor]]
     answered: list[tuple[dict[str, torch.Tensor], str]]
+    collate: Callable[[Any], dict[str, torch.Tensor]] | None = None
 
 
 class Rows(Dataset):
@@ -84,11 +87,12 @@ def synthetic_pairs(
     return pairs
 
 
-def load_data(args: argparse.Namespace, tokenizer: Any, tokenizer_source: str) -> Data:
+def load_data(args: argparse.Namespace, tokenizer: Any, tokenizer_source: str, *, batch_padding: bool = False) -> Data:
     """The rows of ``--data`` (:mod:`bilevel_dlm.finetune_data`: its formats, chat template and length policy,
     counts printed; ``--eval-fraction`` holds out a part, ``args.records_part`` picks it) or ``--synthetic``.
-    Chat rows are padded to ``--max-length`` (default: the longest) with supervised EOS, as in LLaDA's
-    supervised fine-tuning; token records and packed text are used as they are."""
+    Chat rows get supervised EOS padding, as in LLaDA's supervised fine-tuning: with ``batch_padding`` (the
+    training records of ``--data``) up to the longest row of each batch (``Data.collate``), otherwise each row
+    up to ``--max-length`` (default: the longest row); token records and packed text are used as they are."""
     if args.synthetic:
         records: Any = [{"prompt": prompt, "answer": answer}
                         for prompt, answer in synthetic_pairs(args.tasks, args.examples_per_task,
@@ -115,18 +119,20 @@ def load_data(args: argparse.Namespace, tokenizer: Any, tokenizer_source: str) -
     args.length_report = report
     is_chat = ["record_index" in row and formats[row["record_index"]] not in ("tokens", "text") for row in encoded]
     chats = [row for row, chat in zip(encoded, is_chat) if chat]
-    padded = iter(_rows(eos_pad_collate(chats, tokenizer.eos_token_id, args.max_length)) if chats else [])
+    batch_padding = batch_padding and not args.synthetic and bool(chats)
+    padded = iter(_rows(eos_pad_collate(chats, tokenizer.eos_token_id, args.max_length))
+                  if chats and not batch_padding else [_tensors(row) for row in chats])
     rows, answered = [], []
     for row, chat in zip(encoded, is_chat):
-        tensors = next(padded) if chat else {name: torch.tensor(row[name]) for name in
-                                             ("input_ids", "labels", "attention_mask", "document_ids") if name in row}
+        tensors = next(padded) if chat else _tensors(row)
         rows.append(tensors)
-        answer = _answer(_clean(records[row["record_index"]])) if chat else None
+        answer = _answer(_clean(records[row["record_index"]]), formats[row["record_index"]], source) if chat else None
         if answer is not None:
             answered.append((tensors, answer))
     if not any(_supervised(row).any() for row in rows):
         raise CLIError("no record has a supervised token (every label is -100): nothing to train on or score")
-    return Data(rows, answered)
+    collate = partial(eos_pad_collate, eos_token_id=tokenizer.eos_token_id) if batch_padding else None
+    return Data(rows, answered, collate)
 
 
 def _clean(record: Any) -> Any:
@@ -138,8 +144,8 @@ def _read_records(args: argparse.Namespace) -> Any:
     """The records of ``--data`` (a local file or folder, else a hub dataset name) as a ``datasets.Dataset``;
     with ``--eval-fraction`` its training or held-out part (``args.records_part``, drawn with ``--data-seed``)."""
     path = Path(args.data)
-    if not path.exists() and (path.suffix or "/" in args.data or args.data.startswith(".")) \
-            and args.data.count("/") != 1:
+    looks_local = path.suffix.lower() in (".json", ".jsonl", ".parquet", ".csv") or args.data.startswith((".", "/", "~"))
+    if not path.exists() and looks_local:
         raise CLIError(f"--data {args.data}: no such file or directory")
     try:
         with reported(f"--data {args.data}"):
@@ -154,7 +160,8 @@ def _read_records(args: argparse.Namespace) -> Any:
     if fraction:
         if len(records) < 2:
             raise CLIError(f"--eval-fraction {fraction}: --data {args.data} has one record, nothing to hold out")
-        parts = records.train_test_split(test_size=fraction, seed=args.data_seed or 0)
+        with reported(f"--eval-fraction {fraction}"):
+            parts = records.train_test_split(test_size=fraction, seed=args.data_seed or 0)
         records = parts["test" if getattr(args, "records_part", "train") == "eval" else "train"]
     return records
 
@@ -166,12 +173,16 @@ def _format(record: Any, source: str, index: int) -> str:
         raise CLIError(str(error)) from None
 
 
-def _answer(record: dict[str, Any]) -> str | None:
-    """The reference answer of a one-turn record (exact-match accuracy), None for others."""
-    for key in ("answer", "completion", "output"):
-        if isinstance(record.get(key), str):
-            return record[key]
-    return None
+def _answer(record: dict[str, Any], fmt: str, source: str) -> str | None:
+    """The reference answer of a one-turn record (exact-match accuracy): its chat's last turn, as encoded."""
+    if fmt not in ("alpaca", "prompt_completion"):
+        return None
+    return to_messages(record, fmt, source)[-1]["content"]
+
+
+def _tensors(row: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {name: torch.tensor(row[name]) for name in ("input_ids", "labels", "attention_mask", "document_ids")
+            if name in row}
 
 
 def _rows(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -190,7 +201,8 @@ def data_record(args: argparse.Namespace) -> dict[str, Any]:
     return {"source": "records", "path": str(Path(args.data).resolve()) if Path(args.data).exists() else args.data,
             "split": args.split, "format": args.format, "truncation": args.truncation,
             "chat_template": args.chat_template, "supervise": args.supervise, "max_length": args.max_length,
-            "document_mask": args.document_mask,
+            "document_mask": args.document_mask, "eval_split": getattr(args, "eval_split", None),
+            "eval_fraction": getattr(args, "eval_fraction", None), "data_seed": args.data_seed,
             "length_report": None if report is None else asdict(report)}
 
 

@@ -154,7 +154,10 @@ def _train(args: argparse.Namespace, output: Path | None, checkpoints: Path | No
     with progress_bars(not args.no_progress):
         source, tokenizer, tokenizer_source = _training_source(args, resume)
         config = effective_config(args, source.saved if source else None)
-        data = load_data(args, tokenizer, tokenizer_source)
+        if getattr(args, "document_mask", False) and config.outer.objective == "cart":
+            raise CLIError("--document-mask keeps packed documents apart, which CART's context weights would cross; "
+                           "use outer.objective: mdlm with it")
+        data = load_data(args, tokenizer, tokenizer_source, batch_padding=True)
         evaluation = _evaluation_data(args, tokenizer, tokenizer_source)
         if source is None:
             torch.manual_seed(config.seed)
@@ -169,7 +172,8 @@ def _train(args: argparse.Namespace, output: Path | None, checkpoints: Path | No
             with reported("training"):
                 history = wrapper.fit(Rows(data.rows), eval_data=evaluation.rows if evaluation else None,
                                       eval_every=args.eval_every, max_steps=args.steps, batch_size=args.batch_size,
-                                      gradient_accumulation_steps=args.accumulation, save_every=args.save_every,
+                                      gradient_accumulation_steps=args.accumulation, collate_fn=data.collate,
+                                      save_every=args.save_every,
                                       output_dir=checkpoints, resume_from=resume,
                                       allow_pickle=args.allow_pickle, allow_changes=args.allow_changes,
                                       progress=not args.no_progress)
