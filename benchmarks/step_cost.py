@@ -6,6 +6,7 @@ dispatch mode in a separate pass so that it does not disturb the timings).
 
     python benchmarks/step_cost.py                 # CPU, defaults
     python benchmarks/step_cost.py --device cuda --d-model 1024 --layers 16 --batch 8 --length 512
+    python benchmarks/step_cost.py --compile inductor --threads 1   # also the compiled MDLM and MemDLM steps
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ from bilevel_dlm.prefix import PrefixReplay
 from bilevel_dlm.diagnostics import LiveTensorBytes
 
 
-def build(args: argparse.Namespace, mode: str, share_prefix: bool = True) -> MemoryWrapper:
+def build(args: argparse.Namespace, mode: str, share_prefix: bool = True, compile_backend: str | None = None
+          ) -> MemoryWrapper:
     torch.manual_seed(0)
     config = tiny_config(d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.heads,
                          mlp_hidden_size=4 * args.d_model, vocab_size=args.vocab, embedding_size=args.vocab,
                          mask_token_id=args.vocab - 1)
     model = LLaDAModelLM(config).to(args.device)
+    if compile_backend:
+        model.compile(backend=compile_backend)
     wrapper = MemoryWrapper(model, MemDLMConfig(inner=InnerConfig(mode=mode), outer=OuterConfig(warmup_ratio=0.0)))
     wrapper.share_prefix = share_prefix
     wrapper.configure_optimizers(10_000)
@@ -69,6 +73,8 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    parser.add_argument("--compile", metavar="BACKEND", help="also time the MDLM and MemDLM steps of a model compiled "
+                        "in place with this torch.compile backend (inductor, aot_eager)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -79,9 +85,13 @@ def main() -> None:
         "memdlm_no_prefix_sharing": (build(args, "first_order", share_prefix=False), MemoryWrapper.step),
         "memdlm_unrolled": (build(args, "unrolled"), MemoryWrapper.step),
     }
+    if args.compile:
+        variants["mdlm_compiled"] = (build(args, "first_order", compile_backend=args.compile), mdlm_step)
+        variants["memdlm_preset_compiled"] = (build(args, "first_order", compile_backend=args.compile), MemoryWrapper.step)
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for name, (wrapper, step) in variants.items():  # warm-up
-        step(wrapper, batch)
+    for name, (wrapper, step) in variants.items():  # warm-up (a compiled model compiles in its first two steps)
+        for _ in range(2 if name.endswith("_compiled") else 1):
+            step(wrapper, batch)
     for _ in range(args.repeats):
         for name, (wrapper, step) in variants.items():
             sync(args.device)
@@ -97,6 +107,8 @@ def main() -> None:
             base = torch.cuda.memory_allocated()
             step(wrapper, batch)
             peaks[name] = torch.cuda.max_memory_allocated() - base
+        elif name.endswith("_compiled"):  # a dispatch mode would trace into the compiled graphs
+            peaks[name] = float("nan")
         else:
             with LiveTensorBytes() as tracker:
                 step(wrapper, batch)
@@ -111,6 +123,10 @@ def main() -> None:
     for name in variants:
         ratio_t = statistics.median(times[name]) / base_time
         print(f"{name:28s} {ratio_t:10.2f} {peaks[name] / base_peak:18.3f}")
+    if args.compile:
+        for eager, compiled in (("mdlm", "mdlm_compiled"), ("memdlm_preset", "memdlm_preset_compiled")):
+            print(f"{compiled}: {statistics.median(times[eager]) / statistics.median(times[compiled]):.2f}x "
+                  f"faster than {eager} ({args.compile})")
     print(f"preset inner loop (anchor stage recorded for the outer pass): peak {inner_peak / 2**20:.1f} MiB, "
           f"{inner_peak / base_peak:.3f} of the MDLM step's peak")
 

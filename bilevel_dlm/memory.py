@@ -82,6 +82,9 @@ class MemoryParams(FastWeights):
         self.batch_size: int | None = None
         self._bind_depth = 0
         self._handles: list = []
+        # One hook function per target for the memory's lifetime: a compiled model's guards on module hooks
+        # (bilevel_dlm.wrapper turns them on) then see the same hooks at every bind, so nothing recompiles.
+        self._hooks = [self._hook(index, path) for index, path in enumerate(self.targets)]
         # Indices (into ``values``) of the fast weights whose module ran since the last clear: a fast
         # weight that was used must receive a gradient (InnerLoop checks).
         self.used_values: set[int] = set()
@@ -213,10 +216,7 @@ class MemoryParams(FastWeights):
         the forward during backward and must see the same fast weights).
         """
         if self._bind_depth == 0:
-            self._handles = [
-                module.register_forward_hook(self._hook(index, path))
-                for index, (path, module) in enumerate(self.targets.items())
-            ]
+            self._register()
         self._bind_depth += 1
         try:
             yield self
@@ -237,8 +237,10 @@ class MemoryParams(FastWeights):
             yield
         finally:
             if self._bind_depth:
-                self._handles = [module.register_forward_hook(self._hook(index, path))
-                                 for index, (path, module) in enumerate(self.targets.items())]
+                self._register()
+
+    def _register(self) -> None:
+        self._handles = [module.register_forward_hook(hook) for hook, module in zip(self._hooks, self.targets.values())]
 
     def _hook(self, index: int, path: str):
         lora = self.config.kind == "lora"
