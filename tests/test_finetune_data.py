@@ -41,6 +41,21 @@ def tokenizer(template: str | None = LLADA_TEMPLATE):
     return tok
 
 
+def tiny_llada(tok, length: int) -> LLaDAModelLM:
+    """A tiny LLaDA sized to ``tok``'s vocabulary."""
+    torch.manual_seed(0)
+    return LLaDAModelLM(tiny_config(vocab_size=len(tok), embedding_size=len(tok), mask_token_id=tok.mask_token_id,
+                                    max_sequence_length=length))
+
+
+def model_folder(tmp_path, tok, length: int) -> Path:
+    """A model folder the command line loads: the tiny LLaDA and its tokenizer."""
+    folder = tmp_path / "model"
+    tiny_llada(tok, length).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def ids(rendered) -> list[int]:
     return list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
 
@@ -226,9 +241,7 @@ def test_the_data_order_of_a_datasets_source_is_fixed_by_the_seed_and_a_resume_c
     config = MemDLMConfig(memory=MemoryConfig(rank=2, layer_fraction=0.5), outer=OuterConfig(lr=1e-3), seed=4)
 
     def model():
-        torch.manual_seed(0)
-        return LLaDAModelLM(tiny_config(vocab_size=len(tok), embedding_size=len(tok), mask_token_id=tok.mask_token_id,
-                                        max_sequence_length=128))
+        return tiny_llada(tok, 128)
 
     full = MemoryWrapper(model(), config, tokenizer=tok)
     full.fit(rows, max_steps=5, batch_size=4, save_every=2, output_dir=tmp_path / "run", progress=False)
@@ -242,11 +255,7 @@ def test_the_readme_recipe_runs_on_a_50_record_longalpaca_file(tmp_path, capsys)
     """The paper's data pipeline at toy scale: LongAlpaca-format records, the chat template, --truncation
     filter at --max-length, the MemDLM preset with an outer LoRA, through the command line."""
     tok = tokenizer()
-    folder = tmp_path / "model"
-    torch.manual_seed(0)
-    LLaDAModelLM(tiny_config(vocab_size=len(tok), embedding_size=len(tok), mask_token_id=tok.mask_token_id,
-                             max_sequence_length=256)).save_pretrained(folder)
-    tok.save_pretrained(folder)
+    folder = model_folder(tmp_path, tok, 256)
     records = [{"instruction": f"Read the passage and answer. Passage: {'The quick brown fox. ' * (4 * (i % 9))}"
                                f"Question: what is {i} + 30?", "input": "", "output": f"{i + 30}."} for i in range(50)]
     data = tmp_path / "longalpaca.json"
@@ -408,11 +417,7 @@ def test_the_command_line_holds_out_a_fraction_or_a_split_for_evaluation(tmp_pat
     import datasets
 
     tok = tokenizer()
-    folder = tmp_path / "model"
-    torch.manual_seed(0)
-    LLaDAModelLM(tiny_config(vocab_size=len(tok), embedding_size=len(tok), mask_token_id=tok.mask_token_id,
-                             max_sequence_length=128)).save_pretrained(folder)
-    tok.save_pretrained(folder)
+    folder = model_folder(tmp_path, tok, 128)
     records = [{"instruction": f"What is {i} + 30?", "output": str(i + 30)} for i in range(20)]
     data = tmp_path / "alpaca.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
