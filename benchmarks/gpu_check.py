@@ -53,7 +53,7 @@ SHAPES = {  # model and workload per (device kind, quick)
     "cpu": dict(d_model=64, layers=2, heads=4, mlp=128, vocab=256, batch=2, lengths=(64, 128), repeats=3,
                 prompt=32, new=16, gen_batch=4, block=8),
 }
-ALLOWANCE = {"correctness": 0.40, "step_cost": 0.30, "host_syncs": 0.05, "generation": 0.25}  # of the budget
+ALLOWANCE = {"correctness": 0.35, "step_cost": 0.30, "host_syncs": 0.10, "generation": 0.25}  # of the budget
 MINIMUM_SECONDS = {"correctness": 10.0, "step_cost": 5.0, "host_syncs": 1.0, "generation": 3.0}  # to start at all
 
 
@@ -113,48 +113,64 @@ def bf16_peak(device: torch.device) -> tuple[float | None, str]:
 
 
 # ----- sections ----------------------------------------------------------------------------------------------
-def correctness(args: argparse.Namespace, budget: Budget, allowance: float) -> dict[str, Any]:
+DEVICE_TESTS = ("tests/test_option_matrix.py", "tests/test_kv_cache.py", "tests/test_generation_matrix.py",
+                "tests/test_compile.py")  # where the tests marked ``device`` are (they need the [test] extra)
+
+
+def correctness(args: argparse.Namespace, allowance: float) -> dict[str, Any]:
     selection = ["-m", "device"] + (["-k", "bfloat16 or one_step_per_block or llada-none"] if args.quick else [])
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--device", args.device,
-               *selection, "tests"]
+    command = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "--device", args.device,
+               *selection, *DEVICE_TESTS]
     started = time.perf_counter()
     try:
-        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=max(allowance, 30))
-    except subprocess.TimeoutExpired:
-        return {"status": "timed out", "seconds": time.perf_counter() - started,
-                "note": f"the device tests ran past the section's {allowance:.0f} s"}
-    tail = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-400:]
-    counts = {word: int(number) for number, word in re.findall(r"(\d+) (passed|failed|errors?)", tail)}
-    failures = re.findall(r"^FAILED (\S+)", result.stdout, flags=re.M)
-    return {"status": "pass" if result.returncode == 0 else "fail", "passed": counts.get("passed", 0),
-            "failed": counts.get("failed", 0) + counts.get("error", 0) + counts.get("errors", 0),
-            "failures": failures[:20], "summary": tail, "seconds": time.perf_counter() - started}
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=allowance)
+        output, status = result.stdout, "pass" if result.returncode == 0 else "fail"
+    except subprocess.TimeoutExpired as expired:  # what ran so far still counts
+        output, status = expired.stdout or "", "timed out"
+        output = output.decode() if isinstance(output, bytes) else output
+    passed = len(re.findall(r" PASSED", output))
+    failures = re.findall(r"^(\S+) (?:FAILED|ERROR)", output, flags=re.M)
+    return {"status": status, "passed": passed, "failed": len(failures), "failures": failures[:20],
+            "summary": output.strip().splitlines()[-1] if output.strip() else "", "seconds": time.perf_counter() - started,
+            "note": "needs the test extra: pip install -e '.[test]'"}
 
 
 def step_cost(args: argparse.Namespace, shape: dict, device: torch.device, dtype: torch.dtype,
-              budget: Budget, allowance: float) -> dict[str, Any]:
+              allowance: float) -> dict[str, Any]:
     section_end = time.perf_counter() + allowance
     peak, peak_note = bf16_peak(device)
+    steps = {"MDLM": 0, "MemDLM preset": 2}
     rows = []
     for length in shape["lengths"]:
-        if time.perf_counter() > section_end:
-            rows.append({"length": length, "skipped": "the section's time was spent"})
-            continue
         checkpointing = length > shape["lengths"][0]
-        variants = {"MDLM": random_llada(shape, device, dtype, 0), "MemDLM preset": random_llada(shape, device, dtype, 2)}
-        if checkpointing:
-            for wrapper in variants.values():
-                wrapper.model.gradient_checkpointing_enable()
+        row: dict[str, Any] = {"length": length, "activation_checkpointing": checkpointing}
+        if time.perf_counter() > section_end:
+            rows.append({**row, "skipped": "the section's time was spent"})
+            continue
         batch = batch_of(shape, length, device)
-        times: dict[str, list[float]] = {name: [] for name in variants}
-        peaks: dict[str, int] = {}
-        for name, wrapper in variants.items():  # warm-up, and the peak of one step
+
+        def build(inner_steps: int) -> MemoryWrapper:
+            wrapper = random_llada(shape, device, dtype, inner_steps)
+            if checkpointing:
+                wrapper.model.gradient_checkpointing_enable()
+            return wrapper
+
+        peaks: dict[str, int | None] = {}
+        for name, inner_steps in steps.items():  # each variant's peak with only its model alive
+            wrapper = build(inner_steps)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             wrapper.step(batch)
             peaks[name] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+            del wrapper
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        variants = {name: build(inner_steps) for name, inner_steps in steps.items()}
+        for wrapper in variants.values():  # warm-up
+            wrapper.step(batch)
+        times: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(shape["repeats"]):
-            if time.perf_counter() > section_end:
+            if time.perf_counter() > section_end and all(times.values()):
                 break
             for name, wrapper in variants.items():
                 synchronize(device)
@@ -164,21 +180,21 @@ def step_cost(args: argparse.Namespace, shape: dict, device: torch.device, dtype
                 times[name].append(time.perf_counter() - started)
         tokens = shape["batch"] * length
         flops = 3.0 * forward_flops(variants["MDLM"], tokens, length)  # forward + backward of one pass
-        row: dict[str, Any] = {"length": length, "activation_checkpointing": checkpointing,
-                               "parameters": sum(p.numel() for p in variants["MDLM"].model.parameters())}
+        row["parameters"] = sum(p.numel() for p in variants["MDLM"].model.parameters())
         for name in variants:
-            median = statistics.median(times[name]) if times[name] else None
+            median = statistics.median(times[name])
             row[name] = {"median_seconds": median, "repeats": len(times[name]), "peak_bytes": peaks[name],
-                         "mfu": None if peak is None or median is None else flops / median / peak}
-        if row["MDLM"]["median_seconds"] and row["MemDLM preset"]["median_seconds"]:
-            row["cost_ratio"] = row["MemDLM preset"]["median_seconds"] / row["MDLM"]["median_seconds"]
+                         "mfu": None if peak is None else flops / median / peak}
+        row["cost_ratio"] = row["MemDLM preset"]["median_seconds"] / row["MDLM"]["median_seconds"]
         rows.append(row)
         del variants
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return {"dtype": str(dtype).replace("torch.", ""), "peak": peak_note, "rows": rows,
             "mfu_rule": "3 x (2 x non-embedding parameters x tokens + 4 x layers x tokens x length x d_model) per "
-                        "step for both variants: MemDLM's inner passes count as overhead, not as useful work"}
+                        "step for both variants, the LM head counted on every token (the step runs it on the "
+                        "supervised positions only, so MFU is overstated by the head's share); MemDLM's inner "
+                        "passes count as overhead, not as useful work"}
 
 
 def host_syncs(shape: dict, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -186,10 +202,11 @@ def host_syncs(shape: dict, device: torch.device, dtype: torch.dtype) -> dict[st
     batch = batch_of(shape, shape["lengths"][0], device)
     wrapper.step(batch)  # warm-up
     budget = 1 + wrapper.config.inner.steps + 1 + 1
-    # AdamW reads its host-side step counter once per parameter: the library's counter sees these reads, which
-    # wait for nothing (the counters live on the CPU unless the optimizer is capturable).
-    optimizer_reads = len(wrapper.trainable_parameters())
-    with HostSyncCounter() as counter:
+    # AdamW reads its step counters, CPU tensors that wait for nothing: on a GPU the counter skips reads of CPU
+    # tensors; on a CPU, where every read is counted as it would cost on a GPU, the optimizer's are taken off
+    # (one per parameter on the CPU's single-tensor path).
+    optimizer_reads = 0 if device.type == "cuda" else len(wrapper.trainable_parameters())
+    with HostSyncCounter(device_only=device.type == "cuda") as counter:
         wrapper.step(batch)
     result: dict[str, Any] = {"budget": budget, "library_counter": counter.count - optimizer_reads,
                               "adamw_step_counter_reads": optimizer_reads, "events": dict(counter.events)}
@@ -211,8 +228,12 @@ def generation(shape: dict, device: torch.device, dtype: torch.dtype, allowance:
     generator = torch.Generator().manual_seed(1)
     prompts = torch.randint(2, shape["vocab"] - 1, (shape["gen_batch"], shape["prompt"]), generator=generator).to(device)
     common = dict(max_new_tokens=shape["new"], steps=shape["new"], block_length=shape["block"], adapt=False, seed=0)
+    # A random model is rarely 0.9 confident: that variant then reveals about one token per step, as uncached.
     variants = {"uncached": {}, "prefix cache": {"cache": "prefix"}, "dual cache": {"cache": "dual"},
-                "threshold 0.9": {"threshold": 0.9}}
+                "threshold 0.9 (random model: about one token per step)": {"threshold": 0.9}}
+    with torch.no_grad():  # warm-up: kernels, allocator, the first adapt
+        wrapper.generate(prompts[:1], **{**common, "max_new_tokens": shape["block"], "steps": shape["block"]})
+        wrapper.adapt(prompts[:1])
     rates: dict[str, Any] = {}
     for name, options in variants.items():
         if time.perf_counter() > section_end:
@@ -247,7 +268,9 @@ def generation(shape: dict, device: torch.device, dtype: torch.dtype, allowance:
 def summary_lines(results: dict[str, Any]) -> list[str]:
     lines = []
     for name, section in results["sections"].items():
-        if "skipped" in section:
+        if "error" in section:
+            lines.append(f"{name}: error {section['error']}")
+        elif "skipped" in section:
             lines.append(f"{name}: skipped ({section['skipped']})")
         elif name == "correctness":
             lines.append(f"correctness: {section['status']}, {section.get('passed', 0)} passed, "
@@ -265,8 +288,8 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
         elif name == "host_syncs":
             cuda = section.get("cuda_synchronizations")
             lines.append(f"host syncs per step: library counter {section['library_counter']} (budget "
-                         f"{section['budget']}; besides {section['adamw_step_counter_reads']} reads of AdamW's host-side "
-                         "step counters)" + (f", CUDA synchronisations {cuda}" if cuda is not None else ""))
+                         f"{section['budget']}; AdamW's host-side step counters not counted)"
+                         + (f", CUDA synchronisations {cuda}" if cuda is not None else ""))
         elif name == "generation":
             rates = ", ".join(f"{k} {v:.0f} tok/s" if isinstance(v, float) else f"{k} {v}"
                               for k, v in section["tokens_per_second"].items())
@@ -319,8 +342,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"command": " ".join(["python benchmarks/gpu_check.py", *(argv or sys.argv[1:])]),
                                "environment": environment(device), "budget_seconds": seconds, "sections": {}}
     runs: dict[str, Callable[[float], dict[str, Any]]] = {
-        "correctness": lambda allowance: correctness(args, budget, allowance),
-        "step_cost": lambda allowance: step_cost(args, shape, device, dtype, budget, allowance),
+        "correctness": lambda allowance: correctness(args, allowance),
+        "step_cost": lambda allowance: step_cost(args, shape, device, dtype, allowance),
         "host_syncs": lambda allowance: host_syncs(shape, device, dtype),
         "generation": lambda allowance: generation(shape, device, dtype, allowance),
     }
@@ -337,17 +360,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         started = time.perf_counter()
         try:
             results["sections"][name] = runs[name](min(allowance, budget.left()))
+            print(summary_lines({"sections": {name: results["sections"][name]}})[0], flush=True)
         except Exception as error:  # a failing section is a finding, not the end of the check
             results["sections"][name] = {"status": "error", "error": f"{type(error).__name__}: {error}"}
+            print(f"{name}: error {results['sections'][name]['error']}", flush=True)
         results["sections"][name]["seconds"] = time.perf_counter() - started
-        print(summary_lines({"sections": {name: results["sections"][name]}})[0] if "error" not in
-              results["sections"][name] else f"{name}: error {results['sections'][name]['error']}", flush=True)
+        save(results, budget, Path(args.out))  # after every section: an interrupted check keeps what it measured
+    save(results, budget, Path(args.out))
+    return results
+
+
+def save(results: dict[str, Any], budget: Budget, out: Path) -> None:
     results["seconds"] = budget.total - budget.left()
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_results.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "gpu_results.md").write_text(markdown(results))
-    return results
 
 
 if __name__ == "__main__":

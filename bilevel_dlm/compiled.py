@@ -1,12 +1,13 @@
 """torch.compile and fast weights: what a compiled model needs so that the hooks binding fast weights take part.
 
-Compile the model in place (``model.compile()``, or ``model.forward = torch.compile(model.forward)``) before or
+Compile the model in place (``model.compile()``, or ``model.forward = torch.compile(model.forward)``), before or
 after wrapping it. The fast weights are added by forward hooks bound for each step, after the model was
 compiled; dynamo by default does not guard on module hooks (``skip_nnmodule_hook_guards``), so a graph traced
-without them would run on, silently without memory. :func:`prepare_for_compilation` turns those guards on
-(process-wide), and each memory keeps one hook function per target for its lifetime, so the guards see the same
-hooks at every step: training compiles a handful of graphs in its first step and none after. Unrolled inner
-loops differentiate twice, which torch.compile's AOTAutograd does not support: they are refused.
+without them would run on, silently without memory. Importing this module (``bilevel_dlm.memory`` does) turns
+those guards on, process-wide, so every graph compiled after ``import bilevel_dlm...`` checks the hooks it was
+traced with; each memory keeps one hook function per target for its lifetime, so the guards see the same hooks
+at every step and training stops compiling after its second step. Unrolled inner loops differentiate twice,
+which torch.compile's AOTAutograd does not support: they are refused.
 """
 
 from __future__ import annotations
@@ -16,15 +17,19 @@ from torch import nn
 
 __all__ = ["is_compiled", "prepare_for_compilation"]
 
+torch._dynamo.config.skip_nnmodule_hook_guards = False
+
 
 def is_compiled(model: nn.Module) -> bool:
-    """Whether ``model`` runs through torch.compile: compiled in place, or its forward replaced by a compiled one."""
-    return getattr(model, "_compiled_call_impl", None) is not None or hasattr(model.forward, "_torchdynamo_orig_callable")
+    """Whether ``model`` or one of its modules runs through torch.compile: compiled in place, or a forward
+    replaced by a compiled one."""
+    return any(getattr(module, "_compiled_call_impl", None) is not None
+               or hasattr(module.forward, "_torchdynamo_orig_callable") for module in model.modules())
 
 
 def prepare_for_compilation(model: nn.Module, unrolled: bool) -> None:
-    """Refuse what cannot run compiled (a ``torch.compile(model)`` wrapper, unrolled inner loops on a compiled
-    model) and turn on dynamo's guards on module hooks."""
+    """Refuse what cannot run compiled: a ``torch.compile(model)`` wrapper (its layout hides the model's
+    modules), and unrolled inner loops on a compiled model."""
     if type(model).__name__ == "OptimizedModule":
         raise TypeError("MemoryWrapper got the wrapper torch.compile(model) returns, whose layout hides the model's "
                         "modules; compile the model in place instead (model.compile(), the same options) and pass it")
@@ -32,4 +37,3 @@ def prepare_for_compilation(model: nn.Module, unrolled: bool) -> None:
         raise NotImplementedError("inner.mode='unrolled' differentiates through the inner updates (double backward), "
                                   "which torch.compile does not support; use mode='first_order' with a compiled "
                                   "model, or an eager one")
-    torch._dynamo.config.skip_nnmodule_hook_guards = False

@@ -43,7 +43,7 @@ class _Reads(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
-        if name in _HOST_READS:
+        if name in _HOST_READS and self.owner.counts(args):
             self.owner.events[name] += 1
             self.owner.inside_read += 1
             try:
@@ -68,12 +68,20 @@ class _Operators(TorchDispatchMode):
 
 
 class HostSyncCounter:
-    """``with HostSyncCounter() as c: ...`` then ``c.count`` (total) and ``c.events`` (by kind)."""
+    """``with HostSyncCounter() as c: ...`` then ``c.count`` (total) and ``c.events`` (by kind).
 
-    def __init__(self) -> None:
+    ``device_only``: count reads of tensors off the CPU only (on a GPU, where a read of a CPU tensor, such as
+    AdamW's step counters, waits for nothing); by default every read counts, as it would cost on a GPU."""
+
+    def __init__(self, *, device_only: bool = False) -> None:
         self.events: Counter[str] = Counter()
         self.inside_read = 0
+        self.device_only = device_only
         self._modes = (_Reads(self), _Operators(self))
+
+    def counts(self, args: tuple) -> bool:
+        tensor = args[0] if args else None
+        return not (self.device_only and isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu")
 
     @property
     def count(self) -> int:

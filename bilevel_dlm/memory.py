@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import compiled  # noqa: F401  (turns on dynamo's guards on module hooks: see bilevel_dlm.compiled)
 from .backbone import Backbone, detect_backbone, resolve_targets
 from .config import MemoryConfig
 from .contracts import FastWeights
@@ -83,7 +84,7 @@ class MemoryParams(FastWeights):
         self._bind_depth = 0
         self._handles: list = []
         # One hook function per target for the memory's lifetime: a compiled model's guards on module hooks
-        # (bilevel_dlm.wrapper turns them on) then see the same hooks at every bind, so nothing recompiles.
+        # (bilevel_dlm.compiled turns them on) then see the same hooks at every bind, so nothing recompiles.
         self._hooks = [self._hook(index, path) for index, path in enumerate(self.targets)]
         # Indices (into ``values``) of the fast weights whose module ran since the last clear: a fast
         # weight that was used must receive a gradient (InnerLoop checks).

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from bilevel_dlm import InnerConfig, MemDLMConfig, MemoryConfig, MemoryWrapper
+from bilevel_dlm import InnerConfig, MemDLMConfig, MemoryConfig, MemoryWrapper, detect_backbone
 from test_backbones_bilevel import FAMILIES, make_batch
 
 FAMILY_NAMES = ("llada", "llada_moe", "dream", "mdlm", "llada2")
@@ -19,44 +19,53 @@ FAMILY_NAMES = ("llada", "llada_moe", "dream", "mdlm", "llada2")
 DENSE = ("llada", "dream", "mdlm")
 
 
-def pair(family: str, backend: str) -> tuple[MemoryWrapper, MemoryWrapper]:
-    """The same model eager and compiled, each in its own wrapper (MemDLM preset, first order)."""
+def pair(family: str, backend: str, device: torch.device | str) -> tuple[MemoryWrapper, MemoryWrapper]:
+    """The same model eager and compiled, each in its own wrapper (MemDLM preset, first order); the compiled
+    one runs once before it is wrapped (a graph without hooks is then cached, which must not be reused)."""
     config = MemDLMConfig(memory=MemoryConfig(rank=4, layer_fraction=0.5), inner=InnerConfig(lr=0.5))
-    eager = MemoryWrapper(FAMILIES[family].build(0), config)
-    model = FAMILIES[family].build(0)
+    eager = MemoryWrapper(FAMILIES[family].build(0).to(device), config)
+    model = FAMILIES[family].build(0).to(device)
     model.compile(backend=backend)
+    with torch.no_grad():  # as the backbone's adapter calls it (MDLM's forward takes its time steps)
+        detect_backbone(model).call(model, make_batch(FAMILIES[family].bos, n=4, length=12)["input_ids"].to(device), None)
     return eager, MemoryWrapper(model, config)
 
 
-def check_equal(family: str, backend: str, tolerance: float) -> None:
+def check_equal(family: str, backend: str, tolerance: float, device: torch.device | str = "cpu") -> None:
     torch._dynamo.reset()
-    eager, compiled = pair(family, backend)
+    before = counters["stats"]["unique_graphs"]
+    eager, compiled = pair(family, backend, device)
     bos = FAMILIES[family].bos
-    graphs = []
     for step in range(4):
         batch = {**make_batch(bos, n=4, length=12, seed=step), "example_index": torch.arange(4) + 4 * step}
-        expected, got = eager.step(batch), compiled.step(batch)
+        # Dense models: the first step compiles, the second makes the varying shapes (the supervised positions)
+        # dynamic; after that a recompilation raises.
+        stance = "fail_on_recompile" if family in DENSE and step >= 2 else "default"
+        torch.compiler.set_stance(stance)
+        try:
+            expected, got = eager.step(batch), compiled.step(batch)
+        finally:
+            torch.compiler.set_stance("default")
         for name, value in expected.items():
             assert got[name] == pytest.approx(value, rel=tolerance, abs=tolerance), (step, name)
-        graphs.append(counters["stats"]["unique_graphs"])
-    if family in DENSE:  # the second step recompiles once, making the varying shapes (supervised positions) dynamic
-        assert graphs[1] == graphs[2] == graphs[3], f"a training step recompiled: graphs after each step {graphs}"
+    assert counters["stats"]["unique_graphs"] > before, "nothing was compiled"
     for a, b in zip(eager.model.parameters(), compiled.model.parameters()):
         torch.testing.assert_close(b, a, atol=tolerance, rtol=tolerance)
 
-    prompts = make_batch(bos, n=2, length=8, seed=9)["input_ids"]
+    prompts = make_batch(bos, n=2, length=8, seed=9)["input_ids"].to(device)
     for a, b in zip(eager.adapt(prompts).values, compiled.adapt(prompts).values):
         torch.testing.assert_close(b, a, atol=tolerance, rtol=tolerance)
-    data = [make_batch(bos, n=3, length=12, seed=11)]
+    data = [{key: value.to(device) for key, value in make_batch(bos, n=3, length=12, seed=11).items()}]
     for memory in ("off", "prompt"):
         assert compiled.eval_loss(data, memory) == pytest.approx(eager.eval_loss(data, memory), rel=tolerance)
     settings = dict(max_new_tokens=4, steps=4, seed=0)
     assert torch.equal(compiled.generate(prompts, **settings), eager.generate(prompts, **settings))
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_a_compiled_model_computes_what_the_eager_one_does(family: str) -> None:
-    check_equal(family, "aot_eager", 1e-5)
+def test_a_compiled_model_computes_what_the_eager_one_does(family: str, device: torch.device) -> None:
+    check_equal(family, "aot_eager", 1e-5, device)
 
 
 @pytest.mark.slow
