@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["is_compiled", "prepare_for_compilation"]
+__all__ = ["is_compiled", "refuse_compiled_wrapper", "refuse_unrolled_if_compiled"]
 
 torch._dynamo.config.skip_nnmodule_hook_guards = False
 
@@ -27,12 +27,15 @@ def is_compiled(model: nn.Module) -> bool:
                or hasattr(module.forward, "_torchdynamo_orig_callable") for module in model.modules())
 
 
-def prepare_for_compilation(model: nn.Module, unrolled: bool) -> None:
-    """Refuse what cannot run compiled: a ``torch.compile(model)`` wrapper (its layout hides the model's
-    modules), and unrolled inner loops on a compiled model."""
+def refuse_compiled_wrapper(model: nn.Module) -> None:
+    """A ``torch.compile(model)`` wrapper hides the model's modules (their layout is what the adapters read)."""
     if type(model).__name__ == "OptimizedModule":
         raise TypeError("MemoryWrapper got the wrapper torch.compile(model) returns, whose layout hides the model's "
                         "modules; compile the model in place instead (model.compile(), the same options) and pass it")
+
+
+def refuse_unrolled_if_compiled(model: nn.Module, unrolled: bool) -> None:
+    """Unrolled inner loops differentiate twice, which a compiled model cannot."""
     if unrolled and is_compiled(model):
         raise NotImplementedError("inner.mode='unrolled' differentiates through the inner updates (double backward), "
                                   "which torch.compile does not support; use mode='first_order' with a compiled "

@@ -375,9 +375,10 @@ def encode_dataset(dataset: Any, tokenizer: Any, options: EncodingOptions, *, so
                    num_proc: int | None = None) -> tuple[list[dict[str, Any]], LengthReport]:
     """:func:`encode_records` of an in-memory ``datasets.Dataset`` through ``Dataset.map``: the encoding is
     cached by datasets (a rerun on the same file and settings reads it back), runs on ``num_proc`` processes
-    and shows its progress; the same rows in the same order. A source with ``text`` records takes the lazy
+    and shows its progress; the same rows in the same order. A source with a ``text`` field takes the lazy
     path (packing crosses records)."""
-    if len(dataset) == 0 or any(_is_text(record, options, f"{source} row {i}") for i, record in enumerate(dataset)):
+    has_text = options.format == "text" or (options.format is None and "text" in dataset.column_names)
+    if len(dataset) == 0 or has_text:
         report = LengthReport()
         return list(encode_records(dataset, tokenizer, options, source=source, report=report)), report
     encoded = dataset.map(_encode_for_map, with_indices=True, num_proc=num_proc, remove_columns=dataset.column_names,

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointSaveError
 from .contracts import InnerMethod, InnerResult
-from .data import iterate_batches
+from .data import PreparedBatch, iterate_batches
 from .engine import Engine
 from .history import History
 from .run_definition import run_changes, run_definition
@@ -105,13 +105,11 @@ def train_step(wrapper: Engine, batch: Mapping[str, Any] | Sequence[Mapping[str,
     if not usable:
         return {"skipped": 1.0, "skipped_batches": float(wrapper.skipped_batches)}
     wrapper.model.train()
-    denominators = [wrapper.outer.denominator(p.maskable).double() for p in usable]
-    total = torch.stack(denominators).sum()
     outer, inner_losses, inner_norms = [], [], []
-    for micro_batch, denominator in zip(usable, denominators):
+    for micro_batch, part in zip(usable, _shares(wrapper, usable)):
         with wrapper.bilevel_context():
             loss, inner, _ = wrapper.compute_loss(micro_batch)
-            share = loss * (denominator / total).to(loss.dtype)  # this micro-batch's part of the step's loss
+            share = loss if part is None else loss * part.to(loss.dtype)  # its part of the step's loss
             share.backward()
         wrapper.inner.after_backward()
         wrapper.memory.clear()
@@ -151,6 +149,16 @@ def train_step(wrapper: Engine, batch: Mapping[str, Any] | Sequence[Mapping[str,
         wrapper.inner.after_step(stepped=stepped)
         wrapper.optimizer.zero_grad(set_to_none=True)
     return metrics
+
+
+def _shares(wrapper: Engine, batches: list[PreparedBatch]) -> list[torch.Tensor | None]:
+    """Each micro-batch's share of the step's normaliser, in float64 (None for a lone batch: its loss is the
+    step's, and nothing is counted)."""
+    if len(batches) == 1:
+        return [None]
+    denominators = [wrapper.outer.denominator(b.maskable).double() for b in batches]
+    total = torch.stack(denominators).sum()
+    return [denominator / total for denominator in denominators]
 
 
 def check_weight_norm(wrapper: Engine, norm: float) -> None:

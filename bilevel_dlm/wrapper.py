@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .adaptation import adapt
 from .backbone import Backbone, detect_backbone, get_backbone
-from .compiled import prepare_for_compilation
+from .compiled import refuse_compiled_wrapper, refuse_unrolled_if_compiled
 from .config import MemDLMConfig
 from .contracts import FastWeights, InnerMethod, InnerResult, OuterObjective
 from .data import PreparedBatch, prepare_batch
@@ -77,8 +77,7 @@ class MemoryWrapper:
         outer: OuterObjective | Callable[[ModelView], OuterObjective] | None = None,
     ) -> None:
         self.config = config or MemDLMConfig()
-        if type(model).__name__ == "OptimizedModule":  # before anything reads its layout
-            prepare_for_compilation(model, unrolled=False)
+        refuse_compiled_wrapper(model)  # before anything reads its layout
         model = with_requested_outer_lora(model, self.config.outer.lora)
         # Under PEFT the bilevel core runs on the base model, whose linears carry the injected LoRA layers.
         self.peft_model = model if is_peft_model(model) else None
@@ -100,7 +99,7 @@ class MemoryWrapper:
         if not isinstance(inner, InnerMethod):
             raise TypeError(f"inner must be an InnerMethod or build one from (view, memory), got {type(inner).__name__}")
         self.inner, self.memory = inner, inner.memory
-        prepare_for_compilation(model, self.inner.unrolled)
+        refuse_unrolled_if_compiled(model, self.inner.unrolled)
         if outer is None:
             outer = make_objective(self.view, self.config.outer)
         elif not isinstance(outer, OuterObjective):
