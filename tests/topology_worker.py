@@ -17,6 +17,7 @@ import torch
 
 from bilevel_dlm.trainer import MemDLMTrainer
 from topology import MICRO_BATCH, STEPS, examples, model, recipe, trainer_arguments
+from torchrun import leave_process_group
 
 
 def main(out_dir: Path) -> None:
@@ -44,3 +45,4 @@ def main(out_dir: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    leave_process_group()

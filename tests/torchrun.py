@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch.distributed as dist
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -23,3 +25,13 @@ def launch_two_processes(worker: Path, out: Path, timeout: int = 300) -> Path:
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return out
+
+
+def leave_process_group() -> None:
+    """End a worker cleanly: every rank waits for the others, then the process group is destroyed.
+
+    A rank that exits while gloo (or DeepSpeed's shared-memory communicator) still holds its threads can abort
+    at interpreter exit ("terminate called without an active exception") after its results were written."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
