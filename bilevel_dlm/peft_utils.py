@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import OuterLoRAConfig
 
-__all__ = ["apply_outer_lora", "base_model_of", "is_peft_model", "with_requested_outer_lora"]
+__all__ = ["apply_outer_lora", "base_model_of", "has_adapter_layers", "is_peft_model", "with_requested_outer_lora"]
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -23,6 +23,17 @@ def is_peft_model(model: nn.Module) -> bool:
     the bitsandbytes it imports, with its start-up warnings) is not imported here."""
     peft = sys.modules.get("peft")
     return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def has_adapter_layers(model: nn.Module) -> bool:
+    """Whether PEFT adapter layers (LoRA's ``base_layer`` / ``lora_A`` / ``lora_B``) are injected in ``model``,
+    inside a PeftModel or not (the backbone a wrapper trains under an outer LoRA has them)."""
+    peft = sys.modules.get("peft")
+    if peft is None:
+        return False
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(module, BaseTunerLayer) for module in model.modules())
 
 
 def base_model_of(model: nn.Module) -> nn.Module:

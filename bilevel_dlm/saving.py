@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from .checkpoint import (CONFIG, HISTORY, MODEL_DIR, TOKENIZER_DIR, atomic_directory_write, check_weights_fit,
-                         load_tokenizer, load_weights, model_class_path, read_meta, resolve_checkpoint,
-                         resolve_model_class, write_meta)
+from .checkpoint import (CONFIG, HISTORY, MODEL_DIR, TOKENIZER_DIR, CheckpointError, atomic_directory_write,
+                         check_weights_fit, load_tokenizer, load_weights, model_class_path, read_meta,
+                         resolve_checkpoint, resolve_model_class, write_meta)
 from .config import MemDLMConfig
 from .engine import Engine
 from .history import History
@@ -67,7 +67,13 @@ def load_pretrained(cls: type, directory: str | Path, *, device: str | torch.dev
     model_class = resolve_model_class(meta["model_class"], path / MODEL_DIR, trust_remote_code=trust_remote_code)
     check_weights_fit(model_class, path / MODEL_DIR)
     state = read_state(path, allow_pickle=allow_pickle)
-    model = model_class.from_pretrained(path / MODEL_DIR)
+    model, loading = model_class.from_pretrained(path / MODEL_DIR, output_loading_info=True)
+    if loading["missing_keys"] or loading["unexpected_keys"]:
+        raise CheckpointError(
+            f"checkpoint {path}: its weights do not match {model_class.__name__} (missing "
+            f"{sorted(loading['missing_keys'])[:3]}, unexpected {sorted(loading['unexpected_keys'])[:3]}), so some "
+            "weights would stay random; the weights were saved from a modified model (merge adapters before saving) "
+            "or the folder was edited")
     if device is not None:
         model.to(device)
     tokenizer = None

@@ -35,7 +35,7 @@ from .inner import InnerLoop
 from .memory import MemoryParams
 from .noise import Anchor
 from .outer import build_outer_optimizer, make_objective
-from .peft_utils import base_model_of, is_peft_model, with_requested_outer_lora
+from .peft_utils import base_model_of, has_adapter_layers, is_peft_model, with_requested_outer_lora
 from .prefix import PrefixReplay
 from .rng import KeyedRandom, RandomSource
 from .saving import load_pretrained, restore_training, save_pretrained
@@ -215,10 +215,12 @@ class MemoryWrapper:
     restore_training = restore_training
 
     def check_savable(self) -> None:
-        """Refuse early what :meth:`save_pretrained` cannot write (a PEFT model)."""
-        if self.peft_model is not None:
+        """Refuse early what :meth:`save_pretrained` cannot write: a PEFT model, or a backbone with adapter layers
+        injected (its weight names would not fit the plain model class, and loading would leave weights random)."""
+        if self.peft_model is not None or has_adapter_layers(self.model):
             raise NotImplementedError(
-                "save_pretrained does not support a PEFT (outer LoRA) model yet: save the adapter with "
+                "save_pretrained does not support a model with PEFT (outer LoRA) layers yet: merge them first "
+                "(wrapper.peft_model.merge_and_unload() gives the plain model), save the adapter with "
                 "wrapper.peft_model.save_pretrained(dir), or train with MemDLMTrainer, whose checkpoints do"
             )
 

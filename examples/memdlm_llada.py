@@ -1,196 +1,348 @@
-"""The main job: does memory-aware training help a diffusion LM recall, at equal steps and at equal time?
+"""The main job: does MemDLM fine-tuning beat MDLM fine-tuning of the same pretrained diffusion LM at
+retrieval from context, at equal steps and at equal compute? Offline, on CPU, the paper's protocol in small.
 
-Offline, on CPU, from scratch. A tiny LLaDA learns two short recall tasks (bilevel_dlm.tasks.recall):
-retrieval by position (copy the values of a key-value list in order) and retrieval by content
-(multi-query associative recall: the value of each queried key). Four arms start from the same initial
-weights and see the same data order, for every seed:
+1. A tokenizer: byte-level BPE (digits one token each) trained on the job's own text: English prose from
+   Python's documentation topics (``pydoc_data.topics``) plus the task formats.
+2. A base model: a tiny LLaDA pretrained with plain MDLM on that prose and the task formats, once, cached in
+   ``--output/base`` (a rerun with the same settings reuses it). Every arm and seed starts from it.
+3. Fine-tuning arms, each with the paper's outer LoRA (r 32, alpha 64), same data order per seed:
+   MDLM; MDLM at 2x the learning rate (a control for "MemDLM only trains faster"); MemDLM, the paper's
+   preset (anchor-consistent trajectory, 2 inner SGD steps, fast weights on the last block's FFN); MemDLM
+   with fast weights on every block. Tasks: RULER's needle format (``needle``: one key; ``multikey``: two
+   keys, retrieval by content), and two short recall tasks (``position``: copy values in order; ``mqar``:
+   multi-query associative recall).
+4. Evaluation as the paper's Table 1: memory off ("train-only") and prompt memory ("train & inference", the
+   adaptation rate chosen per run on a validation split); held-out eval loss curves, exact match by decoding.
+5. Equal compute: each arm's step cost relative to MDLM is calibrated by timing the arms' steps interleaved
+   on the same batches in this process (one thread); an arm's curve is placed at steps x cost. Wall clocks
+   of the worker processes are kept in results.json for reference only.
+6. Verdicts by the rule of :mod:`bilevel_dlm.comparison` (paired-by-seed differences, 95% t intervals).
+7. lm-eval's own RULER ``niah_single_1`` and ``ruler_vt`` on each arm's seed-0 checkpoint at the model's
+   length, memory off and prompt (needs ``lm-eval[ruler]``; reported as not run otherwise).
 
-- MDLM: plain masked diffusion training (0 inner steps);
-- MDLM (2x lr): the same with twice the learning rate, a control for "MemDLM only trains faster";
-- MemDLM (last block): the paper's preset (anchor-consistent trajectory, 2 inner SGD steps), fast weights
-  on the FFN of the last block (the last-10% rule on 2 blocks);
-- MemDLM (all blocks): fast weights on every block's FFN.
+    python examples/memdlm_llada.py                  # the default budget (5 seeds; about 10 minutes on 2 cores)
+    python examples/memdlm_llada.py --budget quick   # a smoke run (CI)
+    python examples/memdlm_llada.py --budget long    # more steps and data (about an hour on 2 cores)
 
-Reported per arm, as mean and [min, max] over the seeds: the memory-off eval loss on held-out data
-(curves against steps and against training time; the time per step is part of the result), exact-match
-and token accuracy of the real decoding path (LLaDA's sampler), and prompt-memory eval loss and accuracy
-with the adaptation learning rate chosen on a validation split (the sweep is reported). The training loss
-(measured after adapting on the same batch) is never used as evidence. Writes results.json, results.csv
-and four PNGs to --output.
-
-    python examples/memdlm_llada.py                    # the default budget: 3 seeds, 331 s measured on 2 cores
-    python examples/memdlm_llada.py --budget quick     # a smoke run (CI)
-    python examples/memdlm_llada.py --budget long      # 10x the steps, harder recall (sized for ~1 hour; not run)
-    python examples/memdlm_llada.py --arms meta-init   # fresh fast weights against a meta-learned phi_0
+Writes results.json, results.md (the tables and verdicts), four PNGs and checkpoints/ to --output.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import hashlib
 import json
+import logging
 import os
 import platform
+import random
+import re
 import statistics
+from collections import Counter
 import time
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, replace
+from functools import cache, partial
 from multiprocessing import get_context
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from bilevel_dlm import AdaptConfig, InnerConfig, MemDLMConfig, MemoryConfig, MemoryWrapper, OuterConfig
+from bilevel_dlm.comparison import RULE, mean_interval, paired_difference, verdict
+from bilevel_dlm.config import OuterLoRAConfig
 from bilevel_dlm.evaluation import task_accuracy
-from bilevel_dlm.integrations import TINY_FAMILIES, tiny_model
-from bilevel_dlm.tasks import encode_example, token_accuracy
-from bilevel_dlm.tasks.recall import make_recall_dataset, recall_tokenizer
+from bilevel_dlm.data import pad_collate
+from bilevel_dlm.finetune_data import EncodingOptions, encode_record, pack_documents
+from bilevel_dlm.integrations import tiny_model
+from bilevel_dlm.tasks import build_byte_level_tokenizer, exact_match, token_accuracy
+from bilevel_dlm.tasks.needles import documentation_prose, generate_needle
+from bilevel_dlm.tasks.recall import generate_associative_recall, generate_position_recall
+from bilevel_dlm.training import train_step
 
 
 @dataclass(frozen=True)
 class Budget:
     seeds: int
+    pretrain_steps: int
     steps: int
     eval_every: int
-    train_examples: int
-    eval_examples: int
-    position_pairs: int
-    mqar_pairs: int
-    mqar_queries: int
+    batch_size: int
+    train_examples: int  # per task
+    eval_examples: int  # per task and split (validation, test)
+    haystack: int  # at most this many filler sentences around the needles
+    calibration_rounds: int
+    ruler_examples: int
 
 
 BUDGETS = {
-    "quick": Budget(seeds=2, steps=8, eval_every=4, train_examples=64, eval_examples=8, position_pairs=4,
-                    mqar_pairs=2, mqar_queries=2),
-    "default": Budget(seeds=3, steps=400, eval_every=50, train_examples=4096, eval_examples=128, position_pairs=6,
-                      mqar_pairs=2, mqar_queries=2),
-    "long": Budget(seeds=3, steps=4000, eval_every=250, train_examples=32768, eval_examples=256, position_pairs=8,
-                   mqar_pairs=4, mqar_queries=4),
+    "quick": Budget(seeds=2, pretrain_steps=4, steps=4, eval_every=2, batch_size=4, train_examples=16,
+                    eval_examples=4, haystack=1, calibration_rounds=3, ruler_examples=1),
+    "default": Budget(seeds=5, pretrain_steps=600, steps=120, eval_every=20, batch_size=8, train_examples=2048,
+                      eval_examples=24, haystack=2, calibration_rounds=12, ruler_examples=8),
+    "long": Budget(seeds=5, pretrain_steps=4000, steps=1000, eval_every=100, batch_size=8, train_examples=8192,
+                   eval_examples=64, haystack=2, calibration_rounds=20, ruler_examples=32),
 }
-ARMS = {  # name: (inner steps, lr factor, fraction of blocks with fast weights, meta_init, meta-lr factor)
-    "MDLM": (0, 1.0, 0.1, "none", 1.0),
-    "MDLM (2x lr)": (0, 2.0, 0.1, "none", 1.0),
-    "MemDLM (last block)": (2, 1.0, 0.1, "none", 1.0),
-    "MemDLM (all blocks)": (2, 1.0, 1.0, "none", 1.0),
-    "MemDLM (FOMAML init)": (2, 1.0, 0.1, "fomaml", 1.0),
-    "MemDLM (FOMAML init, meta lr / 20)": (2, 1.0, 0.1, "fomaml", 0.05),
-    "MemDLM (Reptile init)": (2, 1.0, 0.1, "reptile", 1.0),
+
+
+@dataclass(frozen=True)
+class Arm:
+    inner_steps: int
+    lr_factor: float = 1.0
+    layer_fraction: float = 0.1  # the last-10% rule: the last block of a 2-block model
+    meta_init: str = "none"
+    meta_lr_factor: float = 1.0  # phi_0's learning rate relative to theta's (a meta-learned init only)
+
+
+ARMS = {
+    "MDLM": Arm(0),
+    "MDLM (2x lr)": Arm(0, lr_factor=2.0),
+    "MemDLM (last block)": Arm(2),
+    "MemDLM (all blocks)": Arm(2, layer_fraction=1.0),
+    "MemDLM (FOMAML init)": Arm(2, meta_init="fomaml"),
+    "MemDLM (FOMAML init, meta lr / 20)": Arm(2, meta_init="fomaml", meta_lr_factor=0.05),
+    "MemDLM (Reptile init)": Arm(2, meta_init="reptile"),
 }
-ARM_SETS = {  # --arms: the arms a run trains (MDLM, the reference of every comparison, is in each)
+ARM_SETS = {  # --arms; MDLM, the reference of every comparison, is in each
     "default": ("MDLM", "MDLM (2x lr)", "MemDLM (last block)", "MemDLM (all blocks)"),
     "meta-init": ("MDLM", "MemDLM (last block)", "MemDLM (FOMAML init)", "MemDLM (FOMAML init, meta lr / 20)",
                   "MemDLM (Reptile init)"),
 }
-ADAPT_LRS = (0.001, 0.003, 0.01, 0.03, 0.1)  # 0.1 is the preset's inner rate
-TASK_NAMES = ("position", "mqar")
+ADAPT_LRS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # 0.1 is the preset's inner rate; the sweep goes on until it hurts
+TASKS = ("needle", "multikey", "position", "mqar")
+CHANCE = {"needle": 0.0, "multikey": 0.5, "position": 0.0, "mqar": 0.5}  # exact match of a guess (mqar: tokens)
+RULER_TASKS = ("niah_single_1", "ruler_vt")
+MAX_LENGTH = 256  # the model's length, RULER's max_seq_length (lm-eval keeps 128 of it for the answer)
+VT_TOO_SHORT = ("lm-eval 0.4.13's ruler_vt puts a few-shot example built for max_seq_length 500 in every prompt; "
+                "at 500 or less its sample loop (vt_utils.sys_vartrack_w_noise_random) never ends")
+VOCAB = 1024
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="default")
-    parser.add_argument("--arms", choices=sorted(ARM_SETS), default="default",
-                        help="'meta-init': the preset's fresh fast weights against a meta-learned phi_0 (FOMAML, Reptile)")
-    parser.add_argument("--output", default="outputs/memdlm_llada", help="folder for the table, plots and JSON")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--backbone", choices=TINY_FAMILIES, default="llada", help="family of the tiny model")
-    parser.add_argument("--lr", type=float, default=2e-3, help="outer learning rate of the MDLM / MemDLM arms")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--arms", choices=sorted(ARM_SETS), default="default")
+    parser.add_argument("--output", default="outputs/memdlm_llada", help="folder for results, plots and checkpoints")
+    parser.add_argument("--lr", type=float, default=3e-3, help="outer learning rate of fine-tuning (LoRA)")
+    parser.add_argument("--pretrain-lr", type=float, default=3e-3)
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--workers", type=int, default=0,
-                        help="processes running seeds side by side (0: one per CPU core, up to the seeds)")
+    parser.add_argument("--outer", choices=("lora", "full"), default="lora",
+                        help="fine-tune an outer LoRA (the paper's recipe) or every weight")
+    parser.add_argument("--workers", type=int, default=0, help="worker processes, one thread each (0: one per core)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-ruler", action="store_true", help="skip lm-eval's RULER tasks")
     return parser.parse_args(argv)
 
 
-# ----- data ---------------------------------------------------------------------------------------------
+# ----- data ------------------------------------------------------------------------------------------------
+def make_examples(task: str, n: int, seed: int, budget: Budget) -> list:
+    """``n`` examples of a task; a deterministic function of (task, seed, budget)."""
+    rng = random.Random(f"main-job:{task}:{seed}")
+    if task in ("needle", "multikey"):
+        keys = 1 if task == "needle" else 2
+        return [generate_needle(rng, keys, rng.randint(0, budget.haystack), rng.choice(("noise", "prose")))
+                for _ in range(n)]
+    make = generate_position_recall if task == "position" else generate_associative_recall
+    keys, values = recall_words()
+    # The answer continues the prompt after a space, so its words are the same tokens as in the context.
+    return [replace(example, answer=f" {example.answer}")
+            for example in (make(rng, 4, 2, keys=keys, values=values) for _ in range(n))]
+
+
+@cache
+def recall_words() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Keys and values of the recall tasks: the 128 most frequent words of the prose (each one BPE token),
+    alternately assigned."""
+    counts = Counter(w for p in documentation_prose() for w in re.findall(r"\b[a-z]{4,}\b", p))
+    common = [word for word, _ in counts.most_common(128)]
+    return tuple(common[0::2]), tuple(common[1::2])
+
+
+def splits(budget: Budget) -> dict[str, dict[str, list]]:
+    """split -> task -> examples: train, validation (adaptation rate) and test come from disjoint streams."""
+    sizes = {"train": budget.train_examples, "validation": budget.eval_examples, "test": budget.eval_examples}
+    return {split: {task: make_examples(task, n, index, budget) for task in TASKS}
+            for index, (split, n) in enumerate(sizes.items())}
+
+
+def job_tokenizer(budget: Budget):
+    """Byte-level BPE over the prose and examples of every task (digits one token each)."""
+    samples = [e.prompt + e.answer for task in TASKS for e in make_examples(task, 200, 99, budget)]
+    return build_byte_level_tokenizer([*documentation_prose(), *samples], VOCAB, individual_digits=True)
+
+
 def rows_of(tokenizer, examples) -> list[dict]:
-    """<bos> prompt answer <eos>: the response (answer + EOS) is supervised."""
-    rows = []
-    for example in examples:
-        length = 2 + sum(len(tokenizer(text, add_special_tokens=False)["input_ids"])
-                         for text in (example.prompt, example.answer))
-        rows.append(encode_example(tokenizer, example.prompt, example.answer, length))
-    return rows
+    """Prompt / completion rows (the completion and its EOS supervised), no chat template."""
+    options = EncodingOptions(format="prompt_completion", chat_template=False)
+    return [encode_record({"prompt": e.prompt, "completion": e.answer}, i, tokenizer, options)
+            for i, e in enumerate(examples)]
 
 
-def datasets(budget: Budget) -> dict[str, dict[str, list]]:
-    """split -> task -> examples; train, validation (adaptation rate) and test are disjoint seeds."""
-    sizes = {"train": budget.train_examples // 2, "validation": budget.eval_examples, "test": budget.eval_examples}
-    pairs = {"position": (budget.position_pairs, 1), "mqar": (budget.mqar_pairs, budget.mqar_queries)}
-    return {split: {task: make_recall_dataset(task, n, seed, n_pairs=pairs[task][0], n_queries=pairs[task][1])
-                    for task in TASK_NAMES}
-            for seed, (split, n) in enumerate(sizes.items())}
+def collate(tokenizer):
+    """Batches padded with unsupervised, unattended padding (each row's own EOS is supervised): with tasks of
+    very different lengths in a batch, LLaDA's supervised EOS padding would make most targets of a short
+    task's row EOS."""
+    return partial(pad_collate, pad_token_id=tokenizer.pad_token_id)
 
 
-# ----- one arm, one seed ---------------------------------------------------------------------------------
-def recipe(arm: str, args: argparse.Namespace, seed: int, adapt_lr: float | None = None) -> MemDLMConfig:
-    inner_steps, lr_factor, fraction, meta_init, meta_lr_factor = ARMS[arm]
-    lr = args.lr * lr_factor
-    return MemDLMConfig(inner=InnerConfig(steps=inner_steps, meta_init=meta_init),
-                        memory=MemoryConfig(layer_fraction=fraction),
-                        outer=OuterConfig(lr=lr, meta_lr=lr * meta_lr_factor, warmup_ratio=0.05),
+# ----- the base model ----------------------------------------------------------------------------------------
+def pretrained_base(output: Path, args: argparse.Namespace, budget: Budget, progress: bool) -> Path:
+    """Pretrain (or reuse) the base: plain MDLM on packed prose rows and the task formats (fresh examples),
+    every weight trained. Cached under ``output/base`` with the settings that made it."""
+    settings = {"budget": asdict(budget), "d_model": args.d_model, "layers": args.layers, "lr": args.pretrain_lr,
+                "vocab": VOCAB, "max_length": MAX_LENGTH}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    folder = output / "base"
+    if (folder / "job_settings.json").exists() and json.loads((folder / "job_settings.json").read_text())["key"] == key:
+        return folder
+    tokenizer = job_tokenizer(budget)
+    tasks = [row for task in TASKS for row in rows_of(tokenizer, make_examples(task, budget.train_examples, 1000, budget))]
+    prose = list(pack_documents((tokenizer(p, add_special_tokens=False)["input_ids"] for p in documentation_prose()),
+                                64, tokenizer.eos_token_id))
+    rows = [*random.Random(0).sample(prose, min(len(prose), len(tasks) // 4)), *tasks]  # one row in five is prose
+    torch.manual_seed(0)
+    model = tiny_model("llada", tokenizer, width=args.d_model, layers=args.layers, max_length=MAX_LENGTH)
+    config = MemDLMConfig(inner=InnerConfig(steps=0), outer=OuterConfig(lr=args.pretrain_lr, warmup_ratio=0.05))
+    wrapper = MemoryWrapper(model, config, tokenizer=tokenizer)
+    wrapper.fit(rows, max_steps=budget.pretrain_steps, batch_size=32, collate_fn=collate(tokenizer), progress=progress)
+    wrapper.save_pretrained(folder)
+    (folder / "job_settings.json").write_text(json.dumps({"key": key, **settings}, indent=1))
+    return folder
+
+
+def load_base(folder: Path):
+    base = MemoryWrapper.from_pretrained(folder)
+    return base.model, base.tokenizer
+
+
+# ----- one arm ------------------------------------------------------------------------------------------------
+def quiet() -> None:
+    """No progress bars or load reports from transformers or lm-eval: the job shows one display of its own."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ["TQDM_DISABLE"] = "1"
+
+
+def recipe(arm: str, args: argparse.Namespace, seed: int, adapt_lr: float | None = None,
+           outer_lora: bool | None = None) -> MemDLMConfig:
+    spec = ARMS[arm]
+    lr = args.lr * spec.lr_factor
+    lora = OuterLoRAConfig(apply=args.outer == "lora" if outer_lora is None else outer_lora, dropout=0.0)
+    return MemDLMConfig(inner=InnerConfig(steps=spec.inner_steps, meta_init=spec.meta_init),
+                        memory=MemoryConfig(layer_fraction=spec.layer_fraction),
+                        outer=OuterConfig(lr=lr, meta_lr=lr * spec.meta_lr_factor, warmup_ratio=0.05, lora=lora),
                         adapt=AdaptConfig(lr=adapt_lr), seed=seed)
 
 
-def accuracies(wrapper: MemoryWrapper, tokenizer, examples: dict[str, list], adapt: bool, seed: int) -> dict:
-    """Exact match and token accuracy per task, by generation with the backbone's sampler."""
+def fine_tuning_wrapper(base: Path, arm: str, args: argparse.Namespace, seed: int) -> MemoryWrapper:
+    """The base with the arm's recipe; the outer LoRA's random init depends on the seed only."""
+    model, tokenizer = load_base(base)
+    torch.manual_seed(seed)
+    return MemoryWrapper(model, recipe(arm, args, seed), tokenizer=tokenizer)
+
+
+def decoding_scores(wrapper: MemoryWrapper, tokenizer, examples: dict[str, list], adapt: bool, seed: int) -> dict:
+    """Exact match and token accuracy per task, by generation with LLaDA's sampler."""
     scores = {}
     for task, items in examples.items():
-        answer_tokens = len(tokenizer(items[0].answer, add_special_tokens=False)["input_ids"])
-        exact, predictions = task_accuracy(wrapper, tokenizer, items, max_new_tokens=answer_tokens + 1, adapt=adapt,
-                                           batch_size=64, seed=seed)
-        scores[task] = {"exact_match": exact, "token_accuracy": statistics.fmean(
-            token_accuracy(p, e.answer) for p, e in zip(predictions, items))}
+        longest = max(len(tokenizer(e.answer, add_special_tokens=False)["input_ids"]) for e in items)
+        _, predictions = task_accuracy(wrapper, tokenizer, items, max_new_tokens=longest + 1, adapt=adapt,
+                                       batch_size=32, seed=seed)
+        scores[task] = {"exact_match": statistics.fmean(exact_match(p, e.answer) for p, e in zip(predictions, items)),
+                        "token_accuracy": statistics.fmean(token_accuracy(p, e.answer)
+                                                           for p, e in zip(predictions, items))}
     return scores
 
 
-def run_arm(arm: str, seed: int, args: argparse.Namespace, budget: Budget) -> dict:
-    """Train one arm from the seed's initial weights; evaluate it as the module docstring says."""
+def with_adaptation(wrapper: MemoryWrapper, arm: str, args: argparse.Namespace, seed: int, lr: float
+                    ) -> MemoryWrapper:
+    """The trained model and inner method, adapting at rate ``lr`` at inference."""
+    config = recipe(arm, args, seed, adapt_lr=lr, outer_lora=False)  # the model already carries its LoRA
+    return MemoryWrapper(wrapper.model, config, tokenizer=wrapper.tokenizer, inner=wrapper.inner)
+
+
+def run_arm(arm: str, seed: int, base: Path, args: argparse.Namespace, budget: Budget, checkpoints: Path | None
+            ) -> dict:
+    """Fine-tune one arm from the base for one seed; evaluate it as the module docstring says."""
     torch.set_num_threads(1)
-    tokenizer = recall_tokenizer()
-    data = datasets(budget)
+    quiet()
+    started = time.perf_counter()
+    wrapper = fine_tuning_wrapper(base, arm, args, seed)
+    tokenizer = wrapper.tokenizer
+    data = splits(budget)
     rows = {split: {task: rows_of(tokenizer, items) for task, items in tasks.items()} for split, tasks in data.items()}
-    torch.manual_seed(seed)
-    model = tiny_model(args.backbone, tokenizer, width=args.d_model, layers=args.layers).to(args.device)
-    wrapper = MemoryWrapper(model, recipe(arm, args, seed), tokenizer=tokenizer)
-    test_rows = [row for task in TASK_NAMES for row in rows["test"][task]]
-    initial = wrapper.eval_loss(test_rows, batch_size=64)
-    history = wrapper.fit([row for task in TASK_NAMES for row in rows["train"][task]], eval_data=test_rows,
-                          eval_every=budget.eval_every, eval_prompt_memory=False, max_steps=budget.steps,
-                          batch_size=args.batch_size, progress=not args.no_progress)
-    elapsed = [0.0] + [sum(history.step_seconds[:step]) for step in history.eval_steps]
-    result = {"arm": arm, "seed": seed, "eval_steps": [0, *history.eval_steps], "eval_seconds": elapsed,
-              "eval_loss": [initial, *history.eval_loss], "step_seconds": statistics.median(history.step_seconds),
-              "loss_off": {task: wrapper.eval_loss(rows["test"][task], batch_size=64) for task in TASK_NAMES},
-              "accuracy_off": accuracies(wrapper, tokenizer, data["test"], adapt=False, seed=seed)}
-    # The adaptation rate is chosen on the validation split; memory off competes too (rate 0). The sweep's
-    # wrappers share the trained inner method (a meta-learned phi_0 is where adaptation starts).
-    sweep = {"0": wrapper.eval_loss([r for t in TASK_NAMES for r in rows["validation"][t]], batch_size=64)}
-    for lr in ADAPT_LRS:
-        adapted = MemoryWrapper(model, recipe(arm, args, seed, adapt_lr=lr), tokenizer=tokenizer, inner=wrapper.inner)
-        sweep[str(lr)] = adapted.eval_loss([r for t in TASK_NAMES for r in rows["validation"][t]], memory="prompt",
-                                           batch_size=64)
+    pooled = {split: [row for task in TASKS for row in rows[split][task]] for split in rows}
+    initial = wrapper.eval_loss(pooled["test"], batch_size=32)
+    history = wrapper.fit(pooled["train"], eval_data=pooled["test"], eval_every=budget.eval_every,
+                          eval_prompt_memory=False, max_steps=budget.steps, batch_size=budget.batch_size,
+                          collate_fn=collate(tokenizer), progress=False)
+    result = {"arm": arm, "seed": seed, "eval_steps": [0, *history.eval_steps], "eval_loss": [initial, *history.eval_loss],
+              "wall_seconds_per_step": statistics.median(history.step_seconds),
+              "loss_off": {task: wrapper.eval_loss(rows["test"][task], batch_size=32) for task in TASKS},
+              "decoding_off": decoding_scores(wrapper, tokenizer, data["test"], adapt=False, seed=seed)}
+    off = wrapper.eval_loss(pooled["validation"], batch_size=32)
+    sweep = {str(lr): with_adaptation(wrapper, arm, args, seed, lr).eval_loss(pooled["validation"], "prompt",
+                                                                              batch_size=32) - off
+             for lr in ADAPT_LRS}
     chosen = min(sweep, key=sweep.get)
-    result["adapt_sweep"], result["adapt_choice"], result["adapt_lr"] = sweep, chosen, float(chosen)
-    if chosen == "0":
-        result["loss_prompt"], result["accuracy_prompt"] = result["loss_off"], result["accuracy_off"]
-    else:
-        adapted = MemoryWrapper(model, recipe(arm, args, seed, adapt_lr=float(chosen)), tokenizer=tokenizer,
-                                inner=wrapper.inner)
-        result["loss_prompt"] = {task: adapted.eval_loss(rows["test"][task], memory="prompt", batch_size=64)
-                                 for task in TASK_NAMES}
-        result["accuracy_prompt"] = accuracies(adapted, tokenizer, data["test"], adapt=True, seed=seed)
+    adapted = with_adaptation(wrapper, arm, args, seed, float(chosen))
+    result.update(adapt_sweep=sweep, adapt_lr=float(chosen),
+                  loss_prompt={task: adapted.eval_loss(rows["test"][task], "prompt", batch_size=32) for task in TASKS},
+                  decoding_prompt=decoding_scores(adapted, tokenizer, data["test"], adapt=True, seed=seed))
+    if checkpoints is not None:
+        result["checkpoint"] = str(save_merged(wrapper, adapted.config, checkpoints / slug(arm)))
+    result["wall_seconds"] = time.perf_counter() - started
     return result
 
 
-def run_seed(seed: int, args: argparse.Namespace, budget: Budget) -> list[dict]:
-    return [run_arm(arm, seed, args, budget) for arm in ARM_SETS[args.arms]]
+def save_merged(trained: MemoryWrapper, config: MemDLMConfig, folder: Path) -> Path:
+    """A stand-alone checkpoint of a trained wrapper (its last use): the outer LoRA merged into the weights,
+    the trained inner method kept, ``config`` (the chosen adaptation rate) recorded."""
+    model = trained.peft_model.merge_and_unload() if trained.peft_model is not None else trained.model
+    return MemoryWrapper(model, config, tokenizer=trained.tokenizer, inner=trained.inner).save_pretrained(folder)
 
 
-# ----- aggregation -------------------------------------------------------------------------------------
-def spread(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
+def slug(arm: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in arm.lower()).strip("-").replace("--", "-")
+
+
+# ----- equal compute ------------------------------------------------------------------------------------------
+def calibrate(base: Path, arms: tuple[str, ...], args: argparse.Namespace, budget: Budget) -> dict:
+    """Each arm's step cost relative to MDLM: the arms' training steps timed interleaved (a shuffled order per
+    round) on the same batch per round, one thread; round 0 is a warm-up. Ratios are per round, so machine
+    load that changes between rounds cancels."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        wrappers = {arm: fine_tuning_wrapper(base, arm, args, 0) for arm in arms}
+        tokenizer = wrappers["MDLM"].tokenizer
+        rows = [row for task in TASKS for row in rows_of(tokenizer, make_examples(task, budget.batch_size, 7, budget))]
+        random.Random(0).shuffle(rows)
+        seconds: dict[str, list[float]] = {arm: [] for arm in arms}
+        for wrapper in wrappers.values():
+            wrapper.configure_optimizers(budget.calibration_rounds + 1)
+        for round_index in range(budget.calibration_rounds + 1):
+            start = (round_index * budget.batch_size) % max(len(rows) - budget.batch_size, 1)
+            batch = collate(tokenizer)(rows[start:start + budget.batch_size])
+            order = list(arms)
+            random.Random(round_index).shuffle(order)
+            for arm in order:
+                begin = time.perf_counter()
+                train_step(wrappers[arm], batch)
+                if round_index:
+                    seconds[arm].append(time.perf_counter() - begin)
+    finally:
+        torch.set_num_threads(threads)
+    ratios = {arm: [t / m for t, m in zip(seconds[arm], seconds["MDLM"])] for arm in arms}
+    return {"rounds": budget.calibration_rounds, "seconds": seconds,
+            "cost": {arm: statistics.fmean(r) for arm, r in ratios.items()},
+            "cost_interval": {arm: mean_interval(r).as_dict() if arm != "MDLM" else None for arm, r in ratios.items()}}
 
 
 def interpolate(xs: list[float], ys: list[float], x: float) -> float:
@@ -203,188 +355,291 @@ def interpolate(xs: list[float], ys: list[float], x: float) -> float:
     return ys[-1]
 
 
-def compare(name: str, value: dict, reference: dict, lower_is_better: bool = True) -> str:
-    """A claim only when the seed ranges do not overlap; otherwise 'no difference'."""
-    better = value["max"] < reference["min"] if lower_is_better else value["min"] > reference["max"]
-    worse = value["min"] > reference["max"] if lower_is_better else value["max"] < reference["min"]
-    if better:
-        return f"{name} is better than MDLM (no overlap over the seeds)"
-    if worse:
-        return f"{name} is worse than MDLM (no overlap over the seeds)"
-    return f"{name}: no difference from MDLM beyond the seed spread"
+# ----- lm-eval's RULER ----------------------------------------------------------------------------------------
+def ruler_scores(checkpoint: Path, examples: int) -> dict:
+    """lm-eval's own RULER tasks on a checkpoint at MAX_LENGTH, memory off and prompt: {mode: {task: score}}."""
+    try:
+        import lm_eval
+    except ImportError:
+        return {"not run": "lm-eval is not installed (pip install -e '.[ruler]')"}
+    from bilevel_dlm.lm_eval import BilevelDLM
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    wrapper = MemoryWrapper.from_pretrained(checkpoint)
+    scores: dict = {}
+    for mode in ("off", "prompt"):
+        model = BilevelDLM(wrapper=wrapper, memory=mode, batch_size=8, steps=32, block_length=32)
+        for task in RULER_TASKS:
+            if task == "ruler_vt" and MAX_LENGTH <= 500:
+                scores.setdefault(mode, {})[task] = {"not run": VT_TOO_SHORT}
+                continue
+            try:
+                out = lm_eval.simple_evaluate(model=model, tasks=[task], limit=examples, log_samples=False,
+                                              metadata={"max_seq_lengths": [MAX_LENGTH],
+                                                        "tokenizer": str(checkpoint / "tokenizer")})
+            except ValueError as error:  # lm-eval could not build one example at this length
+                scores.setdefault(mode, {})[task] = {"not run": str(error)[:300]}
+                continue
+            metrics = out["results"][task]
+            scores.setdefault(mode, {})[task] = {"score": metrics[f"{MAX_LENGTH},none"],
+                                                 "stderr": metrics[f"{MAX_LENGTH}_stderr,none"],
+                                                 "examples": examples}
+    return scores
 
 
+# ----- aggregation --------------------------------------------------------------------------------------------
 def runs_by_arm(results: list[dict]) -> dict[str, list[dict]]:
-    """arm -> its runs, in the order the arms ran."""
-    return {arm: [r for r in results if r["arm"] == arm] for arm in dict.fromkeys(r["arm"] for r in results)}
+    """arm -> its runs sorted by seed, arms in the order they were listed."""
+    return {arm: sorted((r for r in results if r["arm"] == arm), key=lambda r: r["seed"])
+            for arm in dict.fromkeys(r["arm"] for r in results)}
 
 
-def summarise(results: list[dict]) -> dict:
+def per_seed_measures(runs: list[dict], cost: float, equal_compute: float) -> dict[str, list[float]]:
+    """The numbers compared between arms, one per seed (lower is better for losses, higher for accuracies)."""
+    measures = {"final eval loss": [r["eval_loss"][-1] for r in runs],
+                "eval loss at equal compute": [interpolate(r["eval_steps"], r["eval_loss"], equal_compute / cost)
+                                               for r in runs],
+                "prompt memory: test loss change": [statistics.fmean(r["loss_prompt"].values())
+                                                    - statistics.fmean(r["loss_off"].values()) for r in runs]}
+    for task in TASKS:
+        metric = "token_accuracy" if task == "mqar" else "exact_match"
+        for mode in ("off", "prompt"):
+            measures[f"{task} {metric.replace('_', ' ')}, memory {mode}"] = [r[f"decoding_{mode}"][task][metric]
+                                                                            for r in runs]
+    return measures
+
+
+LOWER_IS_BETTER = ("final eval loss", "eval loss at equal compute", "prompt memory: test loss change")
+
+
+def summarise(results: list[dict], calibration: dict) -> dict:
+    """Per arm: each measure's mean and 95% interval; per arm and measure: the paired difference to MDLM and
+    its verdict; per arm: whether prompt memory changes the test loss (its interval against 0)."""
     by_arm = runs_by_arm(results)
-    equal_time = min(max(r["eval_seconds"]) for r in results)  # the time every arm's runs reached
-    base_step = statistics.fmean(r["step_seconds"] for r in by_arm["MDLM"])
-    summary = {}
-    for arm, runs in by_arm.items():
-        row = {
-            "final_eval_loss": spread([r["eval_loss"][-1] for r in runs]),
-            "eval_loss_at_equal_time": spread([interpolate(r["eval_seconds"], r["eval_loss"], equal_time) for r in runs]),
-            "step_cost_vs_mdlm": statistics.fmean(r["step_seconds"] for r in runs) / base_step,
-            "adapt_lr_chosen": [r["adapt_lr"] for r in runs],
-        }
-        for task in TASK_NAMES:
-            for mode in ("off", "prompt"):
-                row[f"{task}_loss_{mode}"] = spread([r[f"loss_{mode}"][task] for r in runs])
-                for metric in ("exact_match", "token_accuracy"):
-                    row[f"{task}_{metric}_{mode}"] = spread([r[f"accuracy_{mode}"][task][metric] for r in runs])
-        summary[arm] = row
-    mdlm = summary["MDLM"]
-    claims = {"equal_time_seconds": equal_time}
-    for arm, row in summary.items():
+    cost = calibration["cost"]
+    equal_compute = min(max(r["eval_steps"]) * cost[arm] for arm, runs in by_arm.items() for r in runs)
+    measures = {arm: per_seed_measures(runs, cost[arm], equal_compute) for arm, runs in by_arm.items()}
+    arms = {arm: {name: mean_interval(values).as_dict() for name, values in m.items()} for arm, m in measures.items()}
+    comparisons = {}
+    for arm in by_arm:
         if arm == "MDLM":
             continue
-        claims[arm] = {
-            "equal_steps": compare(arm, row["final_eval_loss"], mdlm["final_eval_loss"]),
-            "equal_time": compare(arm, row["eval_loss_at_equal_time"], mdlm["eval_loss_at_equal_time"]),
-        }
-    for arm, row in summary.items():
-        claims.setdefault("prompt_memory", {})[arm] = adaptation_effect(by_arm[arm])
-    return {"arms": summary, "claims": claims}
+        for name, values in measures[arm].items():
+            difference = paired_difference(values, measures["MDLM"][name])
+            comparisons.setdefault(arm, {})[name] = {
+                **difference.as_dict(), "verdict": verdict(difference, name.startswith(LOWER_IS_BETTER))}
+    memory_effect = {}
+    for arm in by_arm:
+        change = mean_interval(measures[arm]["prompt memory: test loss change"])
+        memory_effect[arm] = {**change.as_dict(), "verdict": verdict(change, lower_is_better=True)}
+    return {"equal_compute_mdlm_steps": equal_compute, "arms": arms, "comparisons": comparisons,
+            "prompt_memory_effect": memory_effect}
 
 
-def adaptation_effect(runs: list[dict]) -> str:
-    """Whether prompt memory (at the rate chosen on validation) changes the test loss beyond the seed spread."""
-    off = [statistics.fmean(r["loss_off"].values()) for r in runs]
-    prompt = [statistics.fmean(r["loss_prompt"].values()) for r in runs]
-    gaps = [p - o for p, o in zip(prompt, off)]
-    mean, width = statistics.fmean(gaps), max(gaps) - min(gaps)
-    if abs(mean) <= width or not (all(g < 0 for g in gaps) or all(g > 0 for g in gaps)):
-        return f"does nothing measurable (test loss {mean:+.4f}, within the spread between seeds {width:.4f})"
-    verdict = "helps" if mean < 0 else "hurts"
-    return f"{verdict} (test loss {mean:+.4f} with memory, every seed alike, spread {width:.4f})"
-
-
-# ----- output ---------------------------------------------------------------------------------------------
+# ----- output -------------------------------------------------------------------------------------------------
 def cell(value: dict) -> str:
-    return f"{value['mean']:.3f} [{value['min']:.3f}, {value['max']:.3f}]"
+    return f"{value['mean']:.3f} [{value['low']:.3f}, {value['high']:.3f}]"
 
 
-TABLE_COLUMNS = (
-    ("eval loss, memory off (final)", "final_eval_loss"),
-    ("eval loss at equal time", "eval_loss_at_equal_time"),
-    ("position exact match", "position_exact_match_off"),
-    ("position token acc.", "position_token_accuracy_off"),
-    ("mqar token acc.", "mqar_token_accuracy_off"),
-    ("position exact, prompt memory", "position_exact_match_prompt"),
-    ("mqar token acc., prompt memory", "mqar_token_accuracy_prompt"),
-)
-
-
-def write_table(output: Path, summary: dict) -> str:
-    header = ["arm", *(title for title, _ in TABLE_COLUMNS), "step cost vs MDLM", "adaptation lr (per seed)"]
-    rows = [[arm, *(cell(row[key]) for _, key in TABLE_COLUMNS), f"{row['step_cost_vs_mdlm']:.2f}",
-             " ".join(f"{lr:g}" for lr in row["adapt_lr_chosen"])] for arm, row in summary["arms"].items()]
-    with open(output / "results.csv", "w", newline="") as handle:
-        csv.writer(handle).writerows([header, *rows])
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def headline(claims: dict, key: str, prefix: str) -> str:
-    """A title that states the finding: the arms grouped by their verdict against MDLM."""
-    groups: dict[str, list[str]] = {"better": [], "no different": [], "worse": []}
-    for arm, claim in claims.items():
-        if arm in ARMS and isinstance(claim, dict):
-            verdict = "better" if "is better" in claim[key] else "worse" if "is worse" in claim[key] else "no different"
-            groups[verdict].append(arm)
-    parts = [f"{verdict} than MDLM: {', '.join(arms)}" for verdict, arms in groups.items() if arms]
-    return f"{prefix}, " + ";\n".join(parts)
+def report(record: dict) -> str:
+    """results.md: the environment, the rule, the tables and every verdict."""
+    summary, seeds = record["summary"], len(record["seeds"])
+    measures = list(next(iter(summary["arms"].values())))
+    arms_table = markdown_table(["arm", "step cost vs MDLM", *measures], [
+        [arm, f"{record['calibration']['cost'][arm]:.2f}", *(cell(row[m]) for m in measures)]
+        for arm, row in summary["arms"].items()])
+    comparison_rows = [[arm, name, cell(value), value["verdict"]]
+                       for arm, rows in summary["comparisons"].items() for name, value in rows.items()]
+    comparison_table = markdown_table(["arm", "measure", "arm - MDLM, paired by seed", "verdict"], comparison_rows)
+    memory_table = markdown_table(["arm", "test loss, prompt memory - memory off", "verdict", "rates chosen (per seed)"],
+                                  [[arm, cell(value), value["verdict"], " ".join(
+                                      f"{r['adapt_lr']:g}" for r in runs_by_arm(record["runs"])[arm])]
+                                   for arm, value in summary["prompt_memory_effect"].items()])
+    ruler = record["ruler"]
+    ruler_rows = []
+    for arm, modes in ruler.items():
+        for mode, tasks in modes.items():
+            if not isinstance(tasks, dict):
+                ruler_rows.append([arm, "-", mode, tasks])
+                continue
+            for task, value in tasks.items():
+                stderr = value.get("stderr")
+                text = (f"{value['score']:.2f} ± {stderr if isinstance(stderr, str) else f'{stderr:.2f}'} "
+                        f"({value['examples']} examples)" if "score" in value else f"not run: {value['not run']}")
+                ruler_rows.append([arm, task, mode, text])
+    env = record["environment"]
+    return "\n\n".join([
+        f"Budget `{record['budget']}`: {seeds} seeds, {record['budget_settings']['steps']} fine-tuning steps from one "
+        f"base model pretrained {record['budget_settings']['pretrain_steps']} steps (shared by every seed); "
+        f"torch {env['torch']} ({env['build']}), {env['cpu']}, {env['workers']} workers x 1 thread; "
+        f"{record['seconds']:.0f} s.",
+        f"Rule: {record['rule']}.",
+        f"Equal compute: {summary['equal_compute_mdlm_steps']:.0f} MDLM steps' worth (each arm's eval steps x its "
+        "calibrated step cost).",
+        arms_table, comparison_table, memory_table,
+        markdown_table(["arm (seed 0 checkpoint)", "lm-eval task", "memory", "score (lm-eval stderr)"], ruler_rows)])
 
 
-def plot(output: Path, results: list[dict], summary: dict, budget: Budget) -> list[Path]:
+def interval_band(curves: list[list[float]]) -> tuple[list[float], list[float], list[float]]:
+    """Mean and 95% t interval at each point of equally long curves (one per seed)."""
+    points = [mean_interval(values) for values in zip(*curves)]
+    return [p.mean for p in points], [p.low for p in points], [p.high for p in points]
+
+
+def headline(comparisons: dict, measure: str) -> str:
+    """A title that states the finding: the arms grouped by their verdict on ``measure``."""
+    groups: dict[str, list[str]] = {}
+    for arm, rows in comparisons.items():
+        groups.setdefault(rows[measure]["verdict"], []).append(arm)
+    return "; ".join(f"{verdict} than MDLM: {', '.join(arms)}" if verdict != "no difference detected"
+                     else f"no difference from MDLM detected: {', '.join(arms)}" for verdict, arms in groups.items())
+
+
+def plot(output: Path, record: dict) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    claims, paths = summary["claims"], []
-    by_arm = runs_by_arm(results)
-    for axis, key, label in (("steps", "eval_steps", "training step"), ("time", "eval_seconds", "training time (s)")):
-        fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    summary, by_arm = record["summary"], runs_by_arm(record["runs"])
+    seeds, cost, paths = len(record["seeds"]), record["calibration"]["cost"], []
+    band = f"line: mean over {seeds} seeds; band: 95% t interval"
+    for axis, measure in (("steps", "final eval loss"), ("compute", "eval loss at equal compute")):
+        fig, ax = plt.subplots(figsize=(8, 4.6))
         for arm, runs in by_arm.items():
-            grid = runs[0]["eval_steps"] if axis == "steps" else [
-                claims["equal_time_seconds"] * i / 20 for i in range(1, 21)]
-            curves = [[interpolate(r[key], r["eval_loss"], x) for x in grid] for r in runs]
-            mean = [statistics.fmean(c) for c in zip(*curves)]
-            ax.plot(grid, mean, label=arm)
-            ax.fill_between(grid, [min(c) for c in zip(*curves)], [max(c) for c in zip(*curves)], alpha=0.2)
-        ax.set(xlabel=label, ylabel="held-out eval loss, memory off\n(ELBO-weighted CE per response token)",
-               title=headline(claims, f"equal_{axis}", f"At equal {axis}"))
-        ax.legend(fontsize=8, title=f"{len(by_arm['MDLM'])} seeds, band = min-max", title_fontsize=8)
+            scale = cost[arm] if axis == "compute" else 1.0
+            x = [step * scale for step in runs[0]["eval_steps"]]
+            mean, low, high = interval_band([r["eval_loss"] for r in runs])
+            ax.plot(x, mean, label=f"{arm} (step cost {cost[arm]:.2f})" if axis == "compute" else arm)
+            ax.fill_between(x, low, high, alpha=0.2)
+        if axis == "compute":
+            ax.axvline(summary["equal_compute_mdlm_steps"], color="grey", ls=":", lw=1)
+        ax.set(xlabel="fine-tuning step" if axis == "steps" else "compute (MDLM steps, calibrated by interleaved timing)",
+               ylabel="held-out eval loss, memory off", title=f"At equal {axis}: " + headline(summary["comparisons"], measure))
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=8, title=band, title_fontsize=8)
         paths.append(output / f"eval_loss_vs_{axis}.png")
         fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, (task, metric, chance) in zip(axes, (("position", "exact_match", None),
-                                                 ("mqar", "token_accuracy", 1 / budget.mqar_pairs))):
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(4.2 * len(TASKS), 4.4))
+    for ax, task in zip(axes, TASKS):
+        metric = "token accuracy" if task == "mqar" else "exact match"
         for i, arm in enumerate(by_arm):
             for j, mode in enumerate(("off", "prompt")):
-                value = summary["arms"][arm][f"{task}_{metric}_{mode}"]
-                ax.bar(i + 0.4 * j, value["mean"], 0.38, color=f"C{i}", alpha=1.0 if mode == "off" else 0.5,
-                       yerr=[[value["mean"] - value["min"]], [value["max"] - value["mean"]]], capsize=3,
+                value = summary["arms"][arm][f"{task} {metric}, memory {mode}"]
+                ax.bar(i + 0.4 * j, value["mean"], 0.38, color=f"C{i}", alpha=1.0 if mode == "off" else 0.45,
+                       yerr=[[value["mean"] - value["low"]], [value["high"] - value["mean"]]], capsize=3,
                        label=f"memory {mode}" if i == 0 else None)
-        if chance is not None:
-            ax.axhline(chance, color="grey", ls="--", lw=1, label="chance (pick one of the pairs' values)")
-        ax.set_xticks([i + 0.2 for i in range(len(by_arm))], list(by_arm), rotation=15, fontsize=8)
-        ax.set(ylim=(0, 1), ylabel=metric.replace("_", " "), title=f"{task}: {metric.replace('_', ' ')} by decoding")
-        ax.legend(fontsize=8)
+        if CHANCE[task]:
+            ax.axhline(CHANCE[task], color="grey", ls="--", lw=1, label="chance")
+        ax.set_xticks([i + 0.2 for i in range(len(by_arm))], list(by_arm), rotation=25, fontsize=7, ha="right")
+        learnt = [arm for arm in by_arm if summary["arms"][arm][f"{task} {metric}, memory off"]["low"] > CHANCE[task]]
+        verdicts = {rows[f"{task} {metric}, memory off"]["verdict"] for rows in summary["comparisons"].values()}
+        finding = (f"above chance: {', '.join(learnt)}" if learnt else "no arm above chance") + (
+            "; no arm differs from MDLM" if verdicts == {"no difference detected"} else "; arms differ (see table)")
+        ax.set(ylim=(0, 1.05), ylabel=metric, title=f"{task}: {finding}")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Decoding accuracy on held-out examples (bars: mean over {seeds} seeds; whiskers: 95% t interval)",
+                 fontsize=9)
     paths.append(output / "accuracy.png")
     fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 4.6))
     for arm, runs in by_arm.items():
-        off = statistics.fmean(r["adapt_sweep"]["0"] for r in runs)
-        means = [statistics.fmean(r["adapt_sweep"][str(lr)] for r in runs) for lr in ADAPT_LRS]
-        line = ax.plot(ADAPT_LRS, means, marker="o", label=arm)[0]
-        ax.axhline(off, color=line.get_color(), ls=":", lw=1)
-    ax.set(xscale="log", xlabel="adaptation learning rate (dotted: memory off)",
-           ylabel="validation eval loss with prompt memory", title="Inference-time adaptation sweep (validation split)")
-    ax.legend(fontsize=8)
-    paths.append(output / "adaptation_sweep.png")
+        mean, low, high = interval_band([[r["adapt_sweep"][str(lr)] for lr in ADAPT_LRS] for r in runs])
+        ax.plot(ADAPT_LRS, mean, marker="o", label=arm)
+        ax.fill_between(ADAPT_LRS, low, high, alpha=0.2)
+    ax.axhline(0.0, color="grey", lw=1)
+    ax.set(xscale="log", xlabel="adaptation learning rate at inference",
+           ylabel="validation eval loss: prompt memory - memory off\n(below 0: memory helps)",
+           title="Prompt memory: " + "; ".join(f"{arm}: {v['verdict'].replace('better', 'helps').replace('worse', 'hurts')}"
+                                              for arm, v in summary["prompt_memory_effect"].items()))
+    ax.title.set_fontsize(8)
+    ax.legend(fontsize=8, title=band, title_fontsize=8)
+    paths.append(output / "adaptation.png")
     fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
     plt.close("all")
     return paths
 
 
+def environment(workers: int) -> dict:
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").exists():
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {"torch": torch.__version__, "build": f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU",
+            "cpu": cpu, "cores": os.cpu_count(), "workers": workers, "threads_per_worker": 1,
+            "platform": platform.platform(), "python": platform.python_version()}
+
+
+def run_all(base: Path, arms: tuple[str, ...], args: argparse.Namespace, budget: Budget, output: Path,
+            workers: int) -> list[dict]:
+    """Every (arm, seed) fine-tuning run, on ``workers`` processes of one thread; one progress bar."""
+    jobs = [(arm, seed) for seed in range(budget.seeds) for arm in arms]
+    checkpoints = output / "checkpoints"
+    bar = tqdm(total=len(jobs), desc="fine-tuning runs", disable=args.no_progress)
+    results = []
+    if workers == 1:
+        for arm, seed in jobs:
+            results.append(run_arm(arm, seed, base, args, budget, checkpoints if seed == 0 else None))
+            bar.update()
+        bar.close()
+        return results
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(run_arm, arm, seed, base, args, budget, checkpoints if seed == 0 else None)
+                   for arm, seed in jobs]
+        for future in as_completed(futures):
+            results.append(future.result())
+            bar.update()
+    bar.close()
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     budget = BUDGETS[args.budget]
+    arms = ARM_SETS[args.arms]
     started = time.time()
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    seeds = list(range(budget.seeds))
-    workers = min(len(seeds), args.workers or os.cpu_count() or 1)
-    print(f"{args.budget} budget: {len(ARM_SETS[args.arms])} arms x {len(seeds)} seeds x {budget.steps} steps, {workers} worker(s)")
-    if workers > 1:
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            results = [r for seed_results in pool.map(run_seed, seeds, [args] * len(seeds), [budget] * len(seeds))
-                       for r in seed_results]
-    else:
-        results = [r for seed in seeds for r in run_seed(seed, args, budget)]
-    summary = summarise(results)
-    table = write_table(output, summary)
-    plots = plot(output, results, summary, budget)
-    record = {"budget": args.budget, "budget_settings": asdict(budget),
-              "arguments": vars(args), "arms": {arm: list(ARMS[arm]) for arm in ARM_SETS[args.arms]},
-              "adaptation_rates": list(ADAPT_LRS), "seeds": seeds, "runs": results, **summary,
-              "machine": {"cpus": os.cpu_count(), "torch_threads_per_worker": 1, "workers": workers,
-                          "platform": platform.platform(), "torch": torch.__version__},
-              "seconds": time.time() - started}
+    workers = max(1, min(args.workers or os.cpu_count() or 1, budget.seeds * len(arms)))
+    print(f"{args.budget} budget: base {budget.pretrain_steps} steps, then {len(arms)} arms x {budget.seeds} seeds x "
+          f"{budget.steps} steps on {workers} worker(s) of one thread", flush=True)
+    phases = {}
+    clock = time.time()
+    base = pretrained_base(output, args, budget, progress=not args.no_progress)
+    quiet()
+    phases["base"], clock = time.time() - clock, time.time()
+    calibration = calibrate(base, arms, args, budget)
+    phases["calibration"], clock = time.time() - clock, time.time()
+    results = run_all(base, arms, args, budget, output, workers)
+    phases["fine-tuning"], clock = time.time() - clock, time.time()
+    by_arm = runs_by_arm(results)
+    ruler = {} if args.no_ruler else {
+        arm: ruler_scores(Path(next(r for r in runs if r["seed"] == 0)["checkpoint"]), budget.ruler_examples)
+        for arm, runs in tqdm(by_arm.items(), desc="lm-eval RULER", disable=args.no_progress)}
+    phases["ruler"] = time.time() - clock
+    record = {"budget": args.budget, "budget_settings": asdict(budget), "arguments": vars(args),
+              "arms": {arm: asdict(ARMS[arm]) for arm in arms}, "tasks": list(TASKS), "chance": CHANCE,
+              "adaptation_rates": list(ADAPT_LRS), "seeds": list(range(budget.seeds)), "rule": RULE,
+              "environment": environment(workers), "base": str(base), "calibration": calibration,
+              "runs": sorted(results, key=lambda r: (list(arms).index(r["arm"]), r["seed"])), "ruler": ruler,
+              "phase_seconds": phases}
+    record["summary"] = summarise(record["runs"], calibration)
+    record["seconds"] = time.time() - started
     (output / "results.json").write_text(json.dumps(record, indent=1))
-    print(table)
-    for arm, claim in summary["claims"].items():
-        print(f"{arm}: {claim}")
-    print(f"wrote {output / 'results.json'}, {output / 'results.csv'}, " + ", ".join(str(p) for p in plots))
-    print(f"total time {record['seconds']:.0f} s")
+    text = report(record)
+    (output / "results.md").write_text(text + "\n")
+    plots = plot(output, record)
+    print(text)
+    print(f"wrote {output / 'results.json'}, {output / 'results.md'}, " + ", ".join(str(p) for p in plots))
     return record
 
 

@@ -203,3 +203,42 @@ def test_the_package_never_unpickles_unrestricted() -> None:
                  if re.search(r"weights_only\s*=\s*False|pickle\.loads?\(|Unpickler\(|torch\.load\((?!.*weights_only=True)",
                               line)]
     assert offending == []
+
+
+def test_a_backbone_carrying_lora_layers_is_refused_and_its_merged_model_round_trips(tmp_path) -> None:
+    """The backbone trained under an outer LoRA has PEFT's layers injected; saved as it is, its weight names
+    (``base_layer``, ``lora_A``) would not fit the model class and loading would leave the weights random."""
+    pytest.importorskip("peft")
+    from bilevel_dlm.config import OuterConfig, OuterLoRAConfig
+
+    torch.manual_seed(0)
+    config = MemDLMConfig(memory=MemoryConfig(rank=4, layer_fraction=0.5),
+                          outer=OuterConfig(lora=OuterLoRAConfig(apply=True, rank=4, dropout=0.0)))
+    trained = MemoryWrapper(LLaDAModelLM(tiny_config()), config)
+    with torch.no_grad():
+        for name, parameter in trained.model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()  # a LoRA that changes the outputs
+    plain_config = config.model_copy(update={"outer": OuterConfig()})
+    for wrapper in (trained, MemoryWrapper(trained.model, plain_config)):
+        with pytest.raises(NotImplementedError, match="merge_and_unload"):
+            wrapper.save_pretrained(tmp_path / "refused")
+    ids = torch.randint(0, 100, (2, 12))
+    expected = trained.model.eval()(input_ids=ids).logits
+    merged = MemoryWrapper(trained.peft_model.merge_and_unload(), plain_config)
+    loaded = MemoryWrapper.from_pretrained(merged.save_pretrained(tmp_path / "merged"))
+    torch.testing.assert_close(loaded.model.eval()(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)  # merging rounds
+
+
+def test_weights_saved_under_other_names_are_refused_not_left_random(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    _, checkpoint = saved(tmp_path)
+    (weights,) = (checkpoint / "model").glob("*.safetensors")
+    tensors = load_file(weights)
+    name = next(n for n in sorted(tensors) if n.endswith("ff_out.weight"))
+    tensors[name.replace("ff_out.weight", "ff_out.base_layer.weight")] = tensors.pop(name)  # same sizes, other name
+    save_file(tensors, weights, metadata={"format": "pt"})
+    _write_manifest(checkpoint)
+    with pytest.raises(CheckpointError, match="would stay random"):
+        MemoryWrapper.from_pretrained(checkpoint)

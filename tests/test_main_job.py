@@ -1,8 +1,6 @@
 """The main job's quick budget end to end: its outputs are consistent with each other; evaluation helpers."""
 
-import csv
 import json
-import math
 
 import pytest
 import torch
@@ -27,52 +25,122 @@ def quick_run(job, tmp_path_factory):
 
 
 def test_the_quick_run_writes_every_output(quick_run) -> None:
-    output, _ = quick_run
-    for name in ("results.json", "results.csv", "eval_loss_vs_steps.png", "eval_loss_vs_time.png", "accuracy.png",
-                 "adaptation_sweep.png"):
+    output, record = quick_run
+    for name in ("results.json", "results.md", "eval_loss_vs_steps.png", "eval_loss_vs_compute.png", "accuracy.png",
+                 "adaptation.png"):
         assert (output / name).stat().st_size > 0, name
+    environment = record["environment"]
+    assert environment["torch"] == torch.__version__ and environment["threads_per_worker"] == 1
+    assert environment["workers"] * environment["threads_per_worker"] <= environment["cores"]
+    assert "excludes 0" in record["rule"]
 
 
-def test_table_json_and_csv_agree_and_record_every_seed(job, quick_run) -> None:
+def test_one_row_per_arm_and_every_interval_contains_its_mean(job, quick_run) -> None:
     output, record = quick_run
     saved = json.loads((output / "results.json").read_text())
-    assert saved["seeds"] == [0, 1] and set(saved["arms"]) == set(job.ARM_SETS["default"])
-    assert sorted((r["arm"], r["seed"]) for r in saved["runs"]) == sorted((a, s) for a in job.ARM_SETS["default"] for s in (0, 1))
-    with open(output / "results.csv") as handle:
-        rows = list(csv.reader(handle))
-    assert [row[0] for row in rows[1:]] == list(job.ARM_SETS["default"]), "one table row per arm"
-    header = rows[0]
-    for row in rows[1:]:
-        arm = saved["arms"][row[0]]
-        for title, key in job.TABLE_COLUMNS:
-            assert row[header.index(title)] == job.cell(arm[key])
-        runs = [r for r in saved["runs"] if r["arm"] == row[0]]
-        final = [r["eval_loss"][-1] for r in runs]
-        assert arm["final_eval_loss"]["mean"] == pytest.approx(sum(final) / len(final))
-        assert arm["final_eval_loss"]["min"] == min(final) and arm["final_eval_loss"]["max"] == max(final)
+    assert list(saved["summary"]["arms"]) == list(job.ARM_SETS["default"])
+    assert sorted((r["arm"], r["seed"]) for r in saved["runs"]) == sorted(
+        (a, s) for a in job.ARM_SETS["default"] for s in (0, 1))
+    table = (output / "results.md").read_text().split("\n\n")[3].splitlines()[2:]
+    assert [line.split(" | ")[0].lstrip("| ") for line in table] == list(job.ARM_SETS["default"])
+    intervals = [v for row in saved["summary"]["arms"].values() for v in row.values()]
+    intervals += [v for row in saved["summary"]["comparisons"].values() for v in row.values()]
+    for value in intervals:
+        assert value["low"] <= value["mean"] <= value["high"] and value["n"] == 2
 
 
-def test_curves_and_metrics_are_well_formed(quick_run) -> None:
+def test_paired_differences_come_from_the_per_seed_numbers(quick_run) -> None:
     _, record = quick_run
-    for run in record["runs"]:
-        steps, seconds = run["eval_steps"], run["eval_seconds"]
-        assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == record["budget_settings"]["steps"]
-        assert seconds == sorted(seconds) and len(seconds) == len(steps) == len(run["eval_loss"])
-        assert all(math.isfinite(v) for v in run["eval_loss"])
-        for mode in ("off", "prompt"):
-            for scores in run[f"accuracy_{mode}"].values():
-                assert 0.0 <= scores["exact_match"] <= scores["token_accuracy"] <= 1.0
-        assert run["adapt_sweep"][run["adapt_choice"]] == min(run["adapt_sweep"].values()), \
-            "the chosen adaptation rate is the best on the validation split"
-        assert float(run["adapt_choice"]) == run["adapt_lr"]
+    runs = {(r["arm"], r["seed"]): r for r in record["runs"]}
+    for arm, rows in record["summary"]["comparisons"].items():
+        differences = [runs[arm, s]["eval_loss"][-1] - runs["MDLM", s]["eval_loss"][-1] for s in (0, 1)]
+        assert rows["final eval loss"]["mean"] == pytest.approx(sum(differences) / 2, abs=1e-12)
+        half = 12.706204736174694 * abs(differences[0] - differences[1]) / 2  # t(0.975, 1) * sd / sqrt(2)
+        assert rows["final eval loss"]["high"] - rows["final eval loss"]["mean"] == pytest.approx(half, abs=1e-9)
+        verdict = rows["final eval loss"]["verdict"]
+        low, high = rows["final eval loss"]["low"], rows["final eval loss"]["high"]
+        assert verdict == ("better" if high < 0 else "worse" if low > 0 else "no difference detected")
 
 
-def test_arms_start_from_the_same_weights_and_data(job) -> None:
-    """Every arm of a seed evaluates the same initial model: its step-0 eval loss is identical."""
-    args = job.parse_args(["--budget", "quick", "--no-progress"])
-    budget = job.Budget(**{**job.BUDGETS["quick"].__dict__, "steps": 1, "eval_every": 1})
-    first = {arm: job.run_arm(arm, 3, args, budget)["eval_loss"][0] for arm in ("MDLM", "MemDLM (last block)")}
-    assert first["MDLM"] == first["MemDLM (last block)"]
+def test_equal_compute_places_each_arm_at_steps_times_its_calibrated_cost(quick_run) -> None:
+    import numpy as np
+
+    _, record = quick_run
+    cost = record["calibration"]["cost"]
+    assert cost["MDLM"] == 1.0 and cost["MemDLM (all blocks)"] > 1.0, "a MemDLM step costs more than an MDLM step"
+    assert all(len(seconds) == record["budget_settings"]["calibration_rounds"]
+               for seconds in record["calibration"]["seconds"].values())
+    budget = record["summary"]["equal_compute_mdlm_steps"]
+    assert budget == pytest.approx(min(max(r["eval_steps"]) * cost[r["arm"]] for r in record["runs"]))
+    for arm, row in record["summary"]["arms"].items():
+        runs = [r for r in record["runs"] if r["arm"] == arm]
+        expected = [np.interp(budget, [s * cost[arm] for s in r["eval_steps"]], r["eval_loss"]) for r in runs]
+        assert row["eval loss at equal compute"]["mean"] == pytest.approx(sum(expected) / len(expected), abs=1e-12)
+
+
+def test_checkpoints_load_and_score_as_the_run_measured(quick_run) -> None:
+    """A seed-0 checkpoint (outer LoRA merged) reloads to the model the run evaluated: the same test loss."""
+    from bilevel_dlm import MemoryWrapper
+
+    _, record = quick_run
+    job_tasks = record["tasks"]
+    for run in (r for r in record["runs"] if r["seed"] == 0):
+        loaded = MemoryWrapper.from_pretrained(run["checkpoint"])
+        assert loaded.config.adapt.lr == run["adapt_lr"]
+        assert loaded.tokenizer.decode(loaded.tokenizer("Is 9152513 in A.B?")["input_ids"]) == "Is 9152513 in A.B?"
+        assert set(run["loss_off"]) == set(job_tasks)
+
+
+def test_a_checkpoint_reproduces_the_loss_the_run_reported(job, quick_run) -> None:
+    from bilevel_dlm import MemoryWrapper
+
+    _, record = quick_run
+    run = next(r for r in record["runs"] if r["seed"] == 0 and r["arm"] == "MemDLM (last block)")
+    loaded = MemoryWrapper.from_pretrained(run["checkpoint"])
+    budget = job.BUDGETS["quick"]
+    rows = job.rows_of(loaded.tokenizer, job.splits(budget)["test"]["position"])
+    assert loaded.eval_loss(rows, batch_size=32) == pytest.approx(run["loss_off"]["position"], rel=1e-4)
+
+
+def test_ruler_scores_every_arm_and_memory_mode_with_lm_eval(quick_run) -> None:
+    pytest.importorskip("lm_eval")
+    _, record = quick_run
+    assert set(record["ruler"]) == set(record["summary"]["arms"])
+    for arm, modes in record["ruler"].items():
+        assert set(modes) == {"off", "prompt"}, arm
+        for mode in modes.values():
+            niah = mode["niah_single_1"]
+            assert 0.0 <= niah["score"] <= 1.0 and niah["examples"] == 1
+            assert "never ends" in mode["ruler_vt"]["not run"]
+
+
+def test_the_tokenizer_round_trips_digits_capitals_and_punctuation(job) -> None:
+    tokenizer = job.job_tokenizer(job.BUDGETS["quick"])
+    for text in ("The special magic number for X-Ray is: 9152513.", "A (B) {c}; 3.14 != 2_718 @ 10%"):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids) == text and tokenizer.unk_token_id not in ids
+    digits = tokenizer.tokenize(" 9152513")
+    assert digits[1:] == list("9152513"), "every digit is its own token"
+
+
+def test_the_base_is_pretrained_once_and_reused(job, quick_run) -> None:
+    output, record = quick_run
+    base = output / "base"
+    stamp = (base / "job_settings.json").stat().st_mtime_ns
+    args = job.parse_args(["--budget", "quick", "--output", str(output)])
+    assert job.pretrained_base(output, args, job.BUDGETS["quick"], progress=False) == base
+    assert (base / "job_settings.json").stat().st_mtime_ns == stamp
+
+
+def test_arms_of_a_seed_start_from_the_same_weights(job, quick_run) -> None:
+    """Same base, same seed: every arm's outer LoRA starts identical, so the arms differ only by their method."""
+    output, _ = quick_run
+    args = job.parse_args(["--budget", "quick", "--output", str(output)])
+    states = [job.fine_tuning_wrapper(output / "base", arm, args, 3).model.state_dict()
+              for arm in ("MDLM", "MemDLM (all blocks)")]
+    assert states[0].keys() == states[1].keys() and any("lora_A" in name for name in states[0])
+    for name, value in states[0].items():
+        assert torch.equal(value, states[1][name]), name
 
 
 def test_recall_tasks_are_deterministic_and_answer_from_the_context() -> None:
@@ -106,3 +174,16 @@ def test_prompts_are_left_padded_and_answers_stop_at_eos():
     kitchen = tok("kitchen", add_special_tokens=False)["input_ids"]
     generated = torch.tensor([kitchen + [tok.eos_token_id] + kitchen, kitchen * 3])
     assert decode_answers(tok, generated) == ["kitchen", "kitchen kitchen kitchen"]
+
+
+def test_every_arm_and_outer_option_builds_the_recipe_it_names(job) -> None:
+    for outer in ("lora", "full"):
+        args = job.parse_args(["--outer", outer, "--lr", "0.01"])
+        for name, arm in job.ARMS.items():
+            config = job.recipe(name, args, seed=4, adapt_lr=0.3)
+            assert (config.inner.steps, config.inner.meta_init) == (arm.inner_steps, arm.meta_init), name
+            assert config.memory.layer_fraction == arm.layer_fraction and config.seed == 4 and config.adapt.lr == 0.3
+            assert config.outer.lr == pytest.approx(0.01 * arm.lr_factor)
+            assert config.outer.meta_lr == pytest.approx(0.01 * arm.lr_factor * arm.meta_lr_factor)
+            assert config.outer.lora.apply == (outer == "lora")
+    assert all(set(arms) <= set(job.ARMS) and arms[0] == "MDLM" for arms in job.ARM_SETS.values())

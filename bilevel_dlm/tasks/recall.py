@@ -15,7 +15,7 @@ Keys and values come from disjoint word lists, each word one token of the local 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from itertools import product
 
 from .generators import Example
@@ -39,23 +39,22 @@ def recall_tokenizer():
     return build_tokenizer(recall_vocabulary())
 
 
-def _pairs(rng: random.Random, n_pairs: int) -> tuple[list[str], list[str]]:
-    return rng.sample(RECALL_KEYS, n_pairs), rng.sample(RECALL_VALUES, n_pairs)
-
-
-def generate_position_recall(rng: random.Random, n_pairs: int = 8, n_queries: int = 0) -> Example:
+def generate_position_recall(rng: random.Random, n_pairs: int = 8, n_queries: int = 0, *,
+                             keys: Sequence[str] = RECALL_KEYS, values: Sequence[str] = RECALL_VALUES) -> Example:
     """``k1 ... kn v1 ... vn answer:`` -> ``v1 ... vn``: answer token j copies the token a fixed
-    ``n_pairs + 2`` positions back (the pairs are given as a block of keys, then their values)."""
-    keys, values = _pairs(rng, n_pairs)
+    ``n_pairs + 2`` positions back (the pairs are given as a block of keys, then their values). ``keys`` and
+    ``values``: the words to draw from (default: the local tokenizer's)."""
+    keys, values = rng.sample(keys, n_pairs), rng.sample(values, n_pairs)
     context = " ".join([*keys, *values])
     return Example(f"{context} {ANSWER_MARK}:", " ".join(values), "position", 2 * n_pairs)
 
 
-def generate_associative_recall(rng: random.Random, n_pairs: int = 4, n_queries: int = 2) -> Example:
+def generate_associative_recall(rng: random.Random, n_pairs: int = 4, n_queries: int = 2, *,
+                                keys: Sequence[str] = RECALL_KEYS, values: Sequence[str] = RECALL_VALUES) -> Example:
     """``k1 v1 ... kn vn query: ka kb answer:`` -> ``va vb`` for ``n_queries`` distinct keys in random order."""
     if not 1 <= n_queries <= n_pairs:
         raise ValueError(f"n_queries must be in 1..n_pairs={n_pairs}, got {n_queries}")
-    keys, values = _pairs(rng, n_pairs)
+    keys, values = rng.sample(keys, n_pairs), rng.sample(values, n_pairs)
     asked = rng.sample(range(n_pairs), n_queries)
     context = " ".join(f"{k} {v}" for k, v in zip(keys, values))
     question = " ".join(keys[i] for i in asked)

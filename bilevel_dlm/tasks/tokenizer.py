@@ -55,12 +55,16 @@ def build_tokenizer(vocabulary_words: Sequence[str] | None = None) -> PreTrained
     return PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS)
 
 
-def build_byte_level_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+def build_byte_level_tokenizer(corpus: Iterable[str], vocab_size: int = 512, *, individual_digits: bool = False
+                               ) -> PreTrainedTokenizerFast:
     """Byte-level BPE (the GPT-2 / Qwen scheme: any string encodes, a space belongs to the next word's token,
     " Paris" -> "ĠParis") trained on ``corpus``; special tokens ``<pad>`` (0), ``<eos>`` (1), ``<mask>`` (2)
-    and no BOS, like Dream's and Qwen's tokenizers."""
+    and no BOS, like Dream's and Qwen's tokenizers. ``individual_digits``: every digit is its own token (as
+    in LLaMA's and Qwen's tokenizers), so a number of n digits is n tokens whatever its value."""
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                             if individual_digits else byte_level)
     backend.decoder = decoders.ByteLevel()
     specials = {"pad_token": "<pad>", "eos_token": "<eos>", "mask_token": "<mask>"}
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials.values()), show_progress=False,
