@@ -17,7 +17,8 @@ __all__ = ["RULE", "Interval", "t_quantile", "mean_interval", "paired_difference
 
 RULE = ("per arm: mean over seeds with its 95% Student-t interval; per comparison: the mean of the per-seed "
         "differences (arm - reference, same seed = same initial weights and data order) with its 95% t interval; "
-        "'better' / 'worse' only when that interval excludes 0, otherwise 'no difference detected'")
+        "'better' / 'worse' only when that interval excludes 0, otherwise 'no difference detected'; a difference "
+        "identical on every seed (an interval of width 0) is flagged as such")
 
 
 def _central_probability(t: float, df: int) -> float:
@@ -88,7 +89,9 @@ def paired_difference(values: Sequence[float], reference: Sequence[float], confi
 
 
 def verdict(difference: Interval, lower_is_better: bool) -> str:
-    """'better', 'worse' or 'no difference detected' under :data:`RULE`."""
+    """'better', 'worse' or 'no difference detected' under :data:`RULE`; a difference that is the same on every
+    seed has an interval of width 0, and says so (there is no spread to test, e.g. one example in every seed)."""
     if difference.high < 0 or difference.low > 0:
-        return "better" if (difference.high < 0) == lower_is_better else "worse"
+        found = "better" if (difference.high < 0) == lower_is_better else "worse"
+        return found if difference.high > difference.low else f"{found} (the same on every seed: no spread to test)"
     return "no difference detected"

@@ -24,7 +24,8 @@ retrieval from context, at equal steps and at equal compute? Offline, on CPU, th
     python examples/memdlm_llada.py --budget quick   # a smoke run (CI)
     python examples/memdlm_llada.py --budget long    # more steps and data (about an hour on 2 cores)
 
-Writes results.json, results.md (the tables and verdicts), four PNGs and checkpoints/ to --output.
+Writes to --output: runs.json (every run, as soon as the runs end), results.json, results.md (the tables and
+verdicts), four PNGs and checkpoints/.
 """
 
 from __future__ import annotations
@@ -47,11 +48,12 @@ from functools import cache, partial
 from multiprocessing import get_context
 from pathlib import Path
 
+import numpy
 import torch
 from tqdm.auto import tqdm
 
 from bilevel_dlm import AdaptConfig, InnerConfig, MemDLMConfig, MemoryConfig, MemoryWrapper, OuterConfig
-from bilevel_dlm.comparison import RULE, mean_interval, paired_difference, verdict
+from bilevel_dlm.comparison import RULE, Interval, mean_interval, paired_difference, verdict
 from bilevel_dlm.config import OuterLoRAConfig
 from bilevel_dlm.evaluation import task_accuracy
 from bilevel_dlm.data import pad_collate
@@ -112,12 +114,16 @@ ARM_SETS = {  # --arms; MDLM, the reference of every comparison, is in each
 }
 ADAPT_LRS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # 0.1 is the preset's inner rate; the sweep goes on until it hurts
 TASKS = ("needle", "multikey", "position", "mqar")
-CHANCE = {"needle": 0.0, "multikey": 0.5, "position": 0.0, "mqar": 0.5}  # exact match of a guess (mqar: tokens)
+RECALL_PAIRS, RECALL_QUERIES = 4, 2
+# What naming one value found in the context scores: exact match of needle / multikey / position, token
+# accuracy of mqar (one of RECALL_PAIRS values per queried key).
+CHANCE = {"needle": 0.0, "multikey": 0.5, "position": 0.0, "mqar": 1 / RECALL_PAIRS}
 RULER_TASKS = ("niah_single_1", "ruler_vt")
 MAX_LENGTH = 256  # the model's length, RULER's max_seq_length (lm-eval keeps 128 of it for the answer)
 VT_TOO_SHORT = ("lm-eval 0.4.13's ruler_vt puts a few-shot example built for max_seq_length 500 in every prompt; "
                 "at 500 or less its sample loop (vt_utils.sys_vartrack_w_noise_random) never ends")
 VOCAB = 1024
+DATA_VERSION = 1  # raise when the task formats or the pretraining mixture change (a cached base is then rebuilt)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -149,13 +155,13 @@ def make_examples(task: str, n: int, seed: int, budget: Budget) -> list:
     keys, values = recall_words()
     # The answer continues the prompt after a space, so its words are the same tokens as in the context.
     return [replace(example, answer=f" {example.answer}")
-            for example in (make(rng, 4, 2, keys=keys, values=values) for _ in range(n))]
+            for example in (make(rng, RECALL_PAIRS, RECALL_QUERIES, keys=keys, values=values) for _ in range(n))]
 
 
 @cache
 def recall_words() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Keys and values of the recall tasks: the 128 most frequent words of the prose (each one BPE token),
-    alternately assigned."""
+    """Keys and values of the recall tasks: the 128 most frequent words of the prose (nearly all of them one
+    token of the job's tokenizer), alternately assigned."""
     counts = Counter(w for p in documentation_prose() for w in re.findall(r"\b[a-z]{4,}\b", p))
     common = [word for word, _ in counts.most_common(128)]
     return tuple(common[0::2]), tuple(common[1::2])
@@ -192,8 +198,10 @@ def collate(tokenizer):
 def pretrained_base(output: Path, args: argparse.Namespace, budget: Budget, progress: bool) -> Path:
     """Pretrain (or reuse) the base: plain MDLM on packed prose rows and the task formats (fresh examples),
     every weight trained. Cached under ``output/base`` with the settings that made it."""
-    settings = {"budget": asdict(budget), "d_model": args.d_model, "layers": args.layers, "lr": args.pretrain_lr,
-                "vocab": VOCAB, "max_length": MAX_LENGTH}
+    settings = {"pretrain_steps": budget.pretrain_steps, "train_examples": budget.train_examples,
+                "haystack": budget.haystack, "d_model": args.d_model, "layers": args.layers, "lr": args.pretrain_lr,
+                "vocab": VOCAB, "max_length": MAX_LENGTH, "data_version": DATA_VERSION,
+                "torch": torch.__version__, "python": platform.python_version()}  # the prose is the Python's own
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     folder = output / "base"
     if (folder / "job_settings.json").exists() and json.loads((folder / "job_settings.json").read_text())["key"] == key:
@@ -284,6 +292,7 @@ def run_arm(arm: str, seed: int, base: Path, args: argparse.Namespace, budget: B
                           collate_fn=collate(tokenizer), progress=False)
     result = {"arm": arm, "seed": seed, "eval_steps": [0, *history.eval_steps], "eval_loss": [initial, *history.eval_loss],
               "wall_seconds_per_step": statistics.median(history.step_seconds),
+              "nonfinite_steps": history.nonfinite_steps, "skipped_batches": history.skipped_batches,
               "loss_off": {task: wrapper.eval_loss(rows["test"][task], batch_size=32) for task in TASKS},
               "decoding_off": decoding_scores(wrapper, tokenizer, data["test"], adapt=False, seed=seed)}
     off = wrapper.eval_loss(pooled["validation"], batch_size=32)
@@ -296,7 +305,8 @@ def run_arm(arm: str, seed: int, base: Path, args: argparse.Namespace, budget: B
                   loss_prompt={task: adapted.eval_loss(rows["test"][task], "prompt", batch_size=32) for task in TASKS},
                   decoding_prompt=decoding_scores(adapted, tokenizer, data["test"], adapt=True, seed=seed))
     if checkpoints is not None:
-        result["checkpoint"] = str(save_merged(wrapper, adapted.config, checkpoints / slug(arm)))
+        save_merged(wrapper, adapted.config, checkpoints / slug(arm))
+        result["checkpoint"] = f"checkpoints/{slug(arm)}"  # relative to --output
     result["wall_seconds"] = time.perf_counter() - started
     return result
 
@@ -309,7 +319,8 @@ def save_merged(trained: MemoryWrapper, config: MemDLMConfig, folder: Path) -> P
 
 
 def slug(arm: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in arm.lower()).strip("-").replace("--", "-")
+    """A folder name for an arm: 'MemDLM (last block)' -> 'memdlm-last-block'."""
+    return re.sub(r"[^a-z0-9]+", "-", arm.lower()).strip("-")
 
 
 # ----- equal compute ------------------------------------------------------------------------------------------
@@ -328,7 +339,7 @@ def calibrate(base: Path, arms: tuple[str, ...], args: argparse.Namespace, budge
         for wrapper in wrappers.values():
             wrapper.configure_optimizers(budget.calibration_rounds + 1)
         for round_index in range(budget.calibration_rounds + 1):
-            start = (round_index * budget.batch_size) % max(len(rows) - budget.batch_size, 1)
+            start = round_index % (len(rows) // budget.batch_size) * budget.batch_size
             batch = collate(tokenizer)(rows[start:start + budget.batch_size])
             order = list(arms)
             random.Random(round_index).shuffle(order)
@@ -343,16 +354,6 @@ def calibrate(base: Path, arms: tuple[str, ...], args: argparse.Namespace, budge
     return {"rounds": budget.calibration_rounds, "seconds": seconds,
             "cost": {arm: statistics.fmean(r) for arm, r in ratios.items()},
             "cost_interval": {arm: mean_interval(r).as_dict() if arm != "MDLM" else None for arm, r in ratios.items()}}
-
-
-def interpolate(xs: list[float], ys: list[float], x: float) -> float:
-    """Linear interpolation of a curve at x (clamped to its ends)."""
-    if x <= xs[0]:
-        return ys[0]
-    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
-        if x <= x1:
-            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    return ys[-1]
 
 
 # ----- lm-eval's RULER ----------------------------------------------------------------------------------------
@@ -377,8 +378,9 @@ def ruler_scores(checkpoint: Path, examples: int) -> dict:
                 out = lm_eval.simple_evaluate(model=model, tasks=[task], limit=examples, log_samples=False,
                                               metadata={"max_seq_lengths": [MAX_LENGTH],
                                                         "tokenizer": str(checkpoint / "tokenizer")})
-            except ValueError as error:  # lm-eval could not build one example at this length
-                scores.setdefault(mode, {})[task] = {"not run": str(error)[:300]}
+            except Exception as error:  # noqa: BLE001 - recorded in the results, never dropped: e.g. lm-eval
+                # cannot build one example at this length, or [eval] without RULER's packages ([ruler])
+                scores.setdefault(mode, {})[task] = {"not run": f"{type(error).__name__}: {error}"[:300]}
                 continue
             metrics = out["results"][task]
             scores.setdefault(mode, {})[task] = {"score": metrics[f"{MAX_LENGTH},none"],
@@ -397,7 +399,7 @@ def runs_by_arm(results: list[dict]) -> dict[str, list[dict]]:
 def per_seed_measures(runs: list[dict], cost: float, equal_compute: float) -> dict[str, list[float]]:
     """The numbers compared between arms, one per seed (lower is better for losses, higher for accuracies)."""
     measures = {"final eval loss": [r["eval_loss"][-1] for r in runs],
-                "eval loss at equal compute": [interpolate(r["eval_steps"], r["eval_loss"], equal_compute / cost)
+                "eval loss at equal compute": [float(numpy.interp(equal_compute / cost, r["eval_steps"], r["eval_loss"]))
                                                for r in runs],
                 "prompt memory: test loss change": [statistics.fmean(r["loss_prompt"].values())
                                                     - statistics.fmean(r["loss_off"].values()) for r in runs]}
@@ -409,7 +411,7 @@ def per_seed_measures(runs: list[dict], cost: float, equal_compute: float) -> di
     return measures
 
 
-LOWER_IS_BETTER = ("final eval loss", "eval loss at equal compute", "prompt memory: test loss change")
+LOWER_IS_BETTER = {"final eval loss", "eval loss at equal compute", "prompt memory: test loss change"}
 
 
 def summarise(results: list[dict], calibration: dict) -> dict:
@@ -426,8 +428,9 @@ def summarise(results: list[dict], calibration: dict) -> dict:
             continue
         for name, values in measures[arm].items():
             difference = paired_difference(values, measures["MDLM"][name])
-            comparisons.setdefault(arm, {})[name] = {
-                **difference.as_dict(), "verdict": verdict(difference, name.startswith(LOWER_IS_BETTER))}
+            lower_is_better = name in LOWER_IS_BETTER
+            comparisons.setdefault(arm, {})[name] = {**difference.as_dict(), "lower_is_better": lower_is_better,
+                                                     "verdict": verdict(difference, lower_is_better)}
     memory_effect = {}
     for arm in by_arm:
         change = mean_interval(measures[arm]["prompt memory: test loss change"])
@@ -438,7 +441,8 @@ def summarise(results: list[dict], calibration: dict) -> dict:
 
 # ----- output -------------------------------------------------------------------------------------------------
 def cell(value: dict) -> str:
-    return f"{value['mean']:.3f} [{value['low']:.3f}, {value['high']:.3f}]"
+    """'mean [low, high]' of an interval stored in results.json."""
+    return str(Interval(value["mean"], value["low"], value["high"], value["n"]))
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -448,17 +452,18 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 def report(record: dict) -> str:
     """results.md: the environment, the rule, the tables and every verdict."""
-    summary, seeds = record["summary"], len(record["seeds"])
+    summary, seeds, by_arm = record["summary"], len(record["seeds"]), runs_by_arm(record["runs"])
     measures = list(next(iter(summary["arms"].values())))
-    arms_table = markdown_table(["arm", "step cost vs MDLM", *measures], [
-        [arm, f"{record['calibration']['cost'][arm]:.2f}", *(cell(row[m]) for m in measures)]
+    costs = record["calibration"]["cost_interval"]
+    arms_table = markdown_table(["arm", "step cost vs MDLM (95% t interval)", *measures], [
+        [arm, "1 (reference)" if costs[arm] is None else cell(costs[arm]), *(cell(row[m]) for m in measures)]
         for arm, row in summary["arms"].items()])
     comparison_rows = [[arm, name, cell(value), value["verdict"]]
                        for arm, rows in summary["comparisons"].items() for name, value in rows.items()]
     comparison_table = markdown_table(["arm", "measure", "arm - MDLM, paired by seed", "verdict"], comparison_rows)
     memory_table = markdown_table(["arm", "test loss, prompt memory - memory off", "verdict", "rates chosen (per seed)"],
                                   [[arm, cell(value), value["verdict"], " ".join(
-                                      f"{r['adapt_lr']:g}" for r in runs_by_arm(record["runs"])[arm])]
+                                      f"{r['adapt_lr']:g}" for r in by_arm[arm])]
                                    for arm, value in summary["prompt_memory_effect"].items()])
     ruler = record["ruler"]
     ruler_rows = []
@@ -496,8 +501,8 @@ def headline(comparisons: dict, measure: str) -> str:
     groups: dict[str, list[str]] = {}
     for arm, rows in comparisons.items():
         groups.setdefault(rows[measure]["verdict"], []).append(arm)
-    return "; ".join(f"{verdict} than MDLM: {', '.join(arms)}" if verdict != "no difference detected"
-                     else f"no difference from MDLM detected: {', '.join(arms)}" for verdict, arms in groups.items())
+    return "; ".join(f"{found} than MDLM: {', '.join(arms)}" if found != "no difference detected"
+                     else f"no difference from MDLM detected: {', '.join(arms)}" for found, arms in groups.items())
 
 
 def plot(output: Path, record: dict) -> list[Path]:
@@ -609,7 +614,11 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    workers = max(1, min(args.workers or os.cpu_count() or 1, budget.seeds * len(arms)))
+    cores = os.cpu_count() or 1
+    if args.workers > cores:
+        raise SystemExit(f"--workers {args.workers} is more than the {cores} cores: worker processes run one thread "
+                         "each and must not share a core (their timings are kept); use --workers <= the cores")
+    workers = max(1, min(args.workers or cores, budget.seeds * len(arms)))
     print(f"{args.budget} budget: base {budget.pretrain_steps} steps, then {len(arms)} arms x {budget.seeds} seeds x "
           f"{budget.steps} steps on {workers} worker(s) of one thread", flush=True)
     phases = {}
@@ -621,9 +630,10 @@ def main(argv: list[str] | None = None) -> dict:
     phases["calibration"], clock = time.time() - clock, time.time()
     results = run_all(base, arms, args, budget, output, workers)
     phases["fine-tuning"], clock = time.time() - clock, time.time()
+    (output / "runs.json").write_text(json.dumps({"calibration": calibration, "runs": results}, indent=1))
     by_arm = runs_by_arm(results)
     ruler = {} if args.no_ruler else {
-        arm: ruler_scores(Path(next(r for r in runs if r["seed"] == 0)["checkpoint"]), budget.ruler_examples)
+        arm: ruler_scores(output / next(r for r in runs if r["seed"] == 0)["checkpoint"], budget.ruler_examples)
         for arm, runs in tqdm(by_arm.items(), desc="lm-eval RULER", disable=args.no_progress)}
     phases["ruler"] = time.time() - clock
     record = {"budget": args.budget, "budget_settings": asdict(budget), "arguments": vars(args),

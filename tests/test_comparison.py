@@ -44,6 +44,9 @@ def test_pairing_removes_what_the_seed_does_to_both_arms() -> None:
     assert difference.high < 0 and verdict(difference, lower_is_better=True) == "better"
     assert verdict(difference, lower_is_better=False) == "worse"
     assert verdict(paired_difference(reference, reference), lower_is_better=True) == "no difference detected"
+    dyadic = [0.5, 1.5, 0.75, 2.0, 1.25]  # exact in binary: every difference is exactly 0.25
+    constant = paired_difference([r + 0.25 for r in dyadic], dyadic)
+    assert verdict(constant, lower_is_better=False) == "better (the same on every seed: no spread to test)"
 
 
 @settings(max_examples=200, deadline=None)

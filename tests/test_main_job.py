@@ -26,7 +26,7 @@ def quick_run(job, tmp_path_factory):
 
 def test_the_quick_run_writes_every_output(quick_run) -> None:
     output, record = quick_run
-    for name in ("results.json", "results.md", "eval_loss_vs_steps.png", "eval_loss_vs_compute.png", "accuracy.png",
+    for name in ("runs.json", "results.json", "results.md", "eval_loss_vs_steps.png", "eval_loss_vs_compute.png", "accuracy.png",
                  "adaptation.png"):
         assert (output / name).stat().st_size > 0, name
     environment = record["environment"]
@@ -66,10 +66,10 @@ def test_equal_compute_places_each_arm_at_steps_times_its_calibrated_cost(quick_
     import numpy as np
 
     _, record = quick_run
-    cost = record["calibration"]["cost"]
-    assert cost["MDLM"] == 1.0 and cost["MemDLM (all blocks)"] > 1.0, "a MemDLM step costs more than an MDLM step"
-    assert all(len(seconds) == record["budget_settings"]["calibration_rounds"]
-               for seconds in record["calibration"]["seconds"].values())
+    cost, seconds = record["calibration"]["cost"], record["calibration"]["seconds"]
+    assert all(len(times) == record["budget_settings"]["calibration_rounds"] for times in seconds.values())
+    for arm, times in seconds.items():  # the mean of the per-round ratios to MDLM's step in the same round
+        assert cost[arm] == pytest.approx(sum(t / m for t, m in zip(times, seconds["MDLM"])) / len(times), abs=1e-12)
     budget = record["summary"]["equal_compute_mdlm_steps"]
     assert budget == pytest.approx(min(max(r["eval_steps"]) * cost[r["arm"]] for r in record["runs"]))
     for arm, row in record["summary"]["arms"].items():
@@ -78,28 +78,36 @@ def test_equal_compute_places_each_arm_at_steps_times_its_calibrated_cost(quick_
         assert row["eval loss at equal compute"]["mean"] == pytest.approx(sum(expected) / len(expected), abs=1e-12)
 
 
-def test_checkpoints_load_and_score_as_the_run_measured(quick_run) -> None:
-    """A seed-0 checkpoint (outer LoRA merged) reloads to the model the run evaluated: the same test loss."""
+def test_checkpoints_reload_to_the_models_the_runs_evaluated(job, quick_run) -> None:
+    """Each seed-0 checkpoint (outer LoRA merged, chosen adaptation rate kept) scores the test split as its run
+    did, memory off and with prompt memory (the memory lm-eval's RULER 'prompt' mode uses)."""
     from bilevel_dlm import MemoryWrapper
 
-    _, record = quick_run
-    job_tasks = record["tasks"]
+    output, record = quick_run
+    test = job.splits(job.BUDGETS["quick"])["test"]
     for run in (r for r in record["runs"] if r["seed"] == 0):
-        loaded = MemoryWrapper.from_pretrained(run["checkpoint"])
+        loaded = MemoryWrapper.from_pretrained(output / run["checkpoint"])
         assert loaded.config.adapt.lr == run["adapt_lr"]
-        assert loaded.tokenizer.decode(loaded.tokenizer("Is 9152513 in A.B?")["input_ids"]) == "Is 9152513 in A.B?"
-        assert set(run["loss_off"]) == set(job_tasks)
+        for task, examples in test.items():
+            rows = job.rows_of(loaded.tokenizer, examples)
+            assert loaded.eval_loss(rows, batch_size=32) == pytest.approx(run["loss_off"][task], rel=1e-4)
+            assert loaded.eval_loss(rows, "prompt", batch_size=32) == pytest.approx(run["loss_prompt"][task], rel=1e-4)
 
 
-def test_a_checkpoint_reproduces_the_loss_the_run_reported(job, quick_run) -> None:
-    from bilevel_dlm import MemoryWrapper
-
+def test_accuracies_are_higher_is_better_and_losses_lower_is_better(quick_run) -> None:
     _, record = quick_run
-    run = next(r for r in record["runs"] if r["seed"] == 0 and r["arm"] == "MemDLM (last block)")
-    loaded = MemoryWrapper.from_pretrained(run["checkpoint"])
-    budget = job.BUDGETS["quick"]
-    rows = job.rows_of(loaded.tokenizer, job.splits(budget)["test"]["position"])
-    assert loaded.eval_loss(rows, batch_size=32) == pytest.approx(run["loss_off"]["position"], rel=1e-4)
+    runs = {(r["arm"], r["seed"]): r for r in record["runs"]}
+    for arm, rows in record["summary"]["comparisons"].items():
+        for name, row in rows.items():
+            assert row["lower_is_better"] == ("loss" in name), name
+        differences = [runs[arm, s]["decoding_off"]["mqar"]["token_accuracy"]
+                       - runs["MDLM", s]["decoding_off"]["mqar"]["token_accuracy"] for s in (0, 1)]
+        row = rows["mqar token accuracy, memory off"]
+        assert row["mean"] == pytest.approx(sum(differences) / 2, abs=1e-12)
+        if row["low"] > 0:
+            assert row["verdict"].startswith("better")
+        elif row["high"] < 0:
+            assert row["verdict"].startswith("worse")
 
 
 def test_ruler_scores_every_arm_and_memory_mode_with_lm_eval(quick_run) -> None:
@@ -111,7 +119,7 @@ def test_ruler_scores_every_arm_and_memory_mode_with_lm_eval(quick_run) -> None:
         for mode in modes.values():
             niah = mode["niah_single_1"]
             assert 0.0 <= niah["score"] <= 1.0 and niah["examples"] == 1
-            assert "never ends" in mode["ruler_vt"]["not run"]
+            assert set(mode["ruler_vt"]) == {"not run"}, "a task lm-eval cannot build is reported, not dropped"
 
 
 def test_the_tokenizer_round_trips_digits_capitals_and_punctuation(job) -> None:
@@ -187,3 +195,10 @@ def test_every_arm_and_outer_option_builds_the_recipe_it_names(job) -> None:
             assert config.outer.meta_lr == pytest.approx(0.01 * arm.lr_factor * arm.meta_lr_factor)
             assert config.outer.lora.apply == (outer == "lora")
     assert all(set(arms) <= set(job.ARMS) and arms[0] == "MDLM" for arms in job.ARM_SETS.values())
+
+
+def test_more_workers_than_cores_is_refused(job, tmp_path) -> None:
+    import os
+
+    with pytest.raises(SystemExit, match="cores"):
+        job.main(["--budget", "quick", "--output", str(tmp_path), "--workers", str((os.cpu_count() or 1) + 1)])
