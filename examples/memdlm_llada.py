@@ -43,6 +43,7 @@ from collections import Counter
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from functools import cache, partial
 from multiprocessing import get_context
@@ -59,7 +60,7 @@ from bilevel_dlm.evaluation import task_accuracy
 from bilevel_dlm.data import pad_collate
 from bilevel_dlm.finetune_data import EncodingOptions, encode_record, pack_documents
 from bilevel_dlm.integrations import tiny_model
-from bilevel_dlm.tasks import build_byte_level_tokenizer, exact_match, token_accuracy
+from bilevel_dlm.tasks import build_byte_level_tokenizer, token_accuracy
 from bilevel_dlm.tasks.needles import documentation_prose, generate_needle
 from bilevel_dlm.tasks.recall import generate_associative_recall, generate_position_recall
 from bilevel_dlm.training import train_step
@@ -221,11 +222,6 @@ def pretrained_base(output: Path, args: argparse.Namespace, budget: Budget, prog
     return folder
 
 
-def load_base(folder: Path):
-    base = MemoryWrapper.from_pretrained(folder)
-    return base.model, base.tokenizer
-
-
 # ----- one arm ------------------------------------------------------------------------------------------------
 def quiet() -> None:
     """No progress bars or load reports from transformers or lm-eval: the job shows one display of its own."""
@@ -250,9 +246,9 @@ def recipe(arm: str, args: argparse.Namespace, seed: int, adapt_lr: float | None
 
 def fine_tuning_wrapper(base: Path, arm: str, args: argparse.Namespace, seed: int) -> MemoryWrapper:
     """The base with the arm's recipe; the outer LoRA's random init depends on the seed only."""
-    model, tokenizer = load_base(base)
+    pretrained = MemoryWrapper.from_pretrained(base)
     torch.manual_seed(seed)
-    return MemoryWrapper(model, recipe(arm, args, seed), tokenizer=tokenizer)
+    return MemoryWrapper(pretrained.model, recipe(arm, args, seed), tokenizer=pretrained.tokenizer)
 
 
 def decoding_scores(wrapper: MemoryWrapper, tokenizer, examples: dict[str, list], adapt: bool, seed: int) -> dict:
@@ -260,11 +256,10 @@ def decoding_scores(wrapper: MemoryWrapper, tokenizer, examples: dict[str, list]
     scores = {}
     for task, items in examples.items():
         longest = max(len(tokenizer(e.answer, add_special_tokens=False)["input_ids"]) for e in items)
-        _, predictions = task_accuracy(wrapper, tokenizer, items, max_new_tokens=longest + 1, adapt=adapt,
-                                       batch_size=32, seed=seed)
-        scores[task] = {"exact_match": statistics.fmean(exact_match(p, e.answer) for p, e in zip(predictions, items)),
-                        "token_accuracy": statistics.fmean(token_accuracy(p, e.answer)
-                                                           for p, e in zip(predictions, items))}
+        exact, predictions = task_accuracy(wrapper, tokenizer, items, max_new_tokens=longest + 1, adapt=adapt,
+                                           batch_size=32, seed=seed)
+        scores[task] = {"exact_match": exact, "token_accuracy": statistics.fmean(
+            token_accuracy(p, e.answer) for p, e in zip(predictions, items))}
     return scores
 
 
@@ -587,24 +582,16 @@ def environment(workers: int) -> dict:
 def run_all(base: Path, arms: tuple[str, ...], args: argparse.Namespace, budget: Budget, output: Path,
             workers: int) -> list[dict]:
     """Every (arm, seed) fine-tuning run, on ``workers`` processes of one thread; one progress bar."""
-    jobs = [(arm, seed) for seed in range(budget.seeds) for arm in arms]
     checkpoints = output / "checkpoints"
-    bar = tqdm(total=len(jobs), desc="fine-tuning runs", disable=args.no_progress)
-    results = []
-    if workers == 1:
-        for arm, seed in jobs:
-            results.append(run_arm(arm, seed, base, args, budget, checkpoints if seed == 0 else None))
-            bar.update()
-        bar.close()
-        return results
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(run_arm, arm, seed, base, args, budget, checkpoints if seed == 0 else None)
-                   for arm, seed in jobs]
-        for future in as_completed(futures):
-            results.append(future.result())
-            bar.update()
-    bar.close()
-    return results
+    calls = [(arm, seed, base, args, budget, checkpoints if seed == 0 else None)
+             for seed in range(budget.seeds) for arm in arms]
+    with ExitStack() as stack:
+        if workers == 1:
+            finished = (run_arm(*call) for call in calls)
+        else:
+            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=get_context("spawn")))
+            finished = (future.result() for future in as_completed([pool.submit(run_arm, *call) for call in calls]))
+        return list(tqdm(finished, total=len(calls), desc="fine-tuning runs", disable=args.no_progress))
 
 
 def main(argv: list[str] | None = None) -> dict:
