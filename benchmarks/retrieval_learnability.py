@@ -1,12 +1,14 @@
-"""Which settings let plain MDLM learn retrieval from scratch within a few hundred steps on a CPU?
+"""Which settings let plain MDLM learn retrieval from scratch within a few thousand steps on a CPU?
 
-The main job's base learns none of its tasks in 600 steps; this isolates why. Each trial trains a tiny LLaDA
-(2 blocks, width 128, AdamW 3e-3, batch 32, cosine with 5% warmup) from scratch with plain MDLM on one mixture
-of the main job's tasks, then scores exact match / token accuracy by decoding 48 held-out examples per task.
-Tokenizers: the word-level recall vocabulary (136 tokens) or the main job's byte-level BPE (1024 tokens).
-Trials run on two processes of one thread each; prints one JSON line per trial.
+The main job needs a base model that has learnt at least one retrieval task; this isolates what decides it.
+Each trial trains a tiny LLaDA (width 128, AdamW, batch 32, 5% warmup) from scratch with plain MDLM on a
+mixture of the main job's sources, one source per batch drawn with the mixture's probabilities (the main
+job's ``task_batches``), then scores exact match / token accuracy by decoding 48 held-out examples per task.
+Tokenizer: the main job's byte-level BPE (1024 tokens); recall keys and values are its frequent prose words.
+Trials run on two processes of one thread each; prints one JSON line per trial, in the order listed.
 
-    python benchmarks/retrieval_learnability.py
+    python benchmarks/retrieval_learnability.py                      # every trial (about 12 minutes)
+    python benchmarks/retrieval_learnability.py position-8 mqar-8x8  # the named ones
 """
 
 from __future__ import annotations
@@ -16,37 +18,55 @@ import random
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import replace
-from functools import partial
+from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-TRIALS = [  # name, tasks, tokenizer, steps, recall pairs
-    ("position, 4 pairs, word-level, 400 steps", ("position",), "word", 400, 4),
-    ("position, 4 pairs, job BPE, 400 steps", ("position",), "bpe", 400, 4),
-    ("position, 4 pairs, job BPE, 1200 steps", ("position",), "bpe", 1200, 4),
-    ("mqar, 4 pairs / 2 queries, job BPE, 400 steps", ("mqar",), "bpe", 400, 4),
-    ("mqar, 2 pairs / 2 queries, word-level, 1200 steps", ("mqar",), "word", 1200, 2),
-    ("the job's four tasks mixed, job BPE, 400 steps", ("needle", "multikey", "position", "mqar"), "bpe", 400, 4),
-]
+
+@dataclass(frozen=True)
+class Trial:
+    mix: dict[str, float]  # source -> share of the steps ("prose" or a main-job task)
+    steps: int
+    pairs: dict[str, int] = field(default_factory=lambda: {"position": 4, "mqar": 4})
+    queries: int = 2  # mqar keys asked per example
+    lr: float = 3e-3
+    lr_schedule: str = "cosine"
+    layers: int = 2
 
 
-def trial(name: str, tasks: tuple[str, ...], tokenizer_kind: str, steps: int, pairs: int) -> dict:
+JOB_MIX = {"prose": 0.2, "needle": 0.05, "multikey": 0.05, "position": 0.45, "mqar": 0.25}
+TRIALS = {
+    "position-4-1200": Trial({"position": 1.0}, 1200),
+    "position-4-800": Trial({"position": 1.0}, 800),
+    "position-8-600": Trial({"position": 1.0}, 600, {"position": 8}),
+    "position-4-600-lr-1e-2": Trial({"position": 1.0}, 600, lr=1e-2),
+    "position-4+prose-1500": Trial({"prose": 0.2, "position": 0.8}, 1500),
+    "job-mix-position-8-2000": Trial(JOB_MIX, 2000, {"position": 8, "mqar": 4}),
+    "job-mix-position-8-2000-constant-lr": Trial(JOB_MIX, 2000, {"position": 8, "mqar": 4}, lr_schedule="constant"),
+    "mqar-4x2-3000": Trial({"mqar": 1.0}, 3000),
+    "mqar-4x1-3000": Trial({"mqar": 1.0}, 3000, queries=1),
+    "mqar-4x1-3000-4-layers": Trial({"mqar": 1.0}, 3000, queries=1, layers=4),
+    "mqar-2x1-2000": Trial({"mqar": 1.0}, 2000, {"mqar": 2}, queries=1),
+    "mqar-4x4-2000": Trial({"mqar": 1.0}, 2000, queries=4),
+    "mqar-8x8-1500": Trial({"mqar": 1.0}, 1500, {"mqar": 8}, queries=8),
+}
+
+
+def run_trial(name: str) -> dict:
     import torch
 
     import memdlm_llada as job
     from bilevel_dlm import InnerConfig, MemDLMConfig, MemoryWrapper, OuterConfig
-    from bilevel_dlm.data import pad_collate
+    from bilevel_dlm.finetune_data import pack_documents
     from bilevel_dlm.integrations import tiny_model
-    from bilevel_dlm.tasks import encode_example
-    from bilevel_dlm.tasks.recall import generate_associative_recall, generate_position_recall, recall_tokenizer
+    from bilevel_dlm.tasks.needles import documentation_prose
+    from bilevel_dlm.tasks.recall import generate_associative_recall, generate_position_recall
 
     torch.set_num_threads(1)
-    budget = job.BUDGETS["default"]
-    word_level = tokenizer_kind == "word"
-    tokenizer = recall_tokenizer() if word_level else job.job_tokenizer(budget)
+    trial, budget = TRIALS[name], job.BUDGETS["default"]
+    tokenizer = job.job_tokenizer(budget)
     keys, values = job.recall_words()
 
     def make(task: str, n: int, seed: int) -> list:
@@ -54,34 +74,36 @@ def trial(name: str, tasks: tuple[str, ...], tokenizer_kind: str, steps: int, pa
             return job.make_examples(task, n, seed, budget)
         rng = random.Random(f"{task}{seed}")
         generate = generate_position_recall if task == "position" else generate_associative_recall
-        if word_level:
-            return [generate(rng, pairs, 2) for _ in range(n)]
-        return [replace(e, answer=f" {e.answer}") for e in (generate(rng, pairs, 2, keys=keys, values=values)
-                                                            for _ in range(n))]
+        return [replace(e, answer=f" {e.answer}") for e in (
+            generate(rng, trial.pairs[task], trial.queries, keys=keys, values=values) for _ in range(n))]
 
-    def rows(examples: list) -> list[dict]:
-        if not word_level:
-            return job.rows_of(tokenizer, examples)
-        count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-        return [encode_example(tokenizer, e.prompt, e.answer, 2 + count(e.prompt) + count(e.answer)) for e in examples]
-
-    train = [row for task in tasks for row in rows(make(task, 4096, 0))]
+    tasks = [source for source in trial.mix if source != "prose"]
+    rows = {task: job.rows_of(tokenizer, make(task, 4096, 0)) for task in tasks}
+    if "prose" in trial.mix:
+        rows["prose"] = list(pack_documents((tokenizer(p, add_special_tokens=False)["input_ids"]
+                                             for p in documentation_prose()), 64, tokenizer.eos_token_id))
+    batches = job.task_batches(rows, trial.mix, trial.steps, 32, 0, job.collate(tokenizer))
     torch.manual_seed(0)
-    model = tiny_model("llada", tokenizer, width=128, layers=2, max_length=256)
-    config = MemDLMConfig(inner=InnerConfig(steps=0), outer=OuterConfig(lr=3e-3, warmup_ratio=0.05))
+    model = tiny_model("llada", tokenizer, width=128, layers=trial.layers, max_length=256)
+    config = MemDLMConfig(inner=InnerConfig(steps=0),
+                          outer=OuterConfig(lr=trial.lr, warmup_ratio=0.05, lr_schedule=trial.lr_schedule))
     wrapper = MemoryWrapper(model, config, tokenizer=tokenizer)
     started = time.perf_counter()
-    wrapper.fit(train, max_steps=steps, batch_size=32, collate_fn=partial(pad_collate, pad_token_id=tokenizer.pad_token_id),
-                progress=False)
+    wrapper.fit(batches, max_steps=trial.steps, progress=False)
+    seconds = time.perf_counter() - started
     scores = job.decoding_scores(wrapper, tokenizer, {task: make(task, 48, 1) for task in tasks}, adapt=False, seed=0)
-    return {"trial": name, "train_seconds": round(time.perf_counter() - started, 1), "scores": scores}
+    return {"trial": name, "train_seconds": round(seconds, 1),
+            "scores": {task: {k: round(v, 3) for k, v in s.items()} for task, s in scores.items()}}
 
 
-def main() -> None:
+def main(names: list[str]) -> None:
+    unknown = sorted(set(names) - set(TRIALS))
+    if unknown:
+        raise SystemExit(f"unknown trials {unknown}; choose from {list(TRIALS)}")
     with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
-        for result in pool.map(trial, *zip(*TRIALS)):
+        for result in pool.map(run_trial, names or list(TRIALS)):
             print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

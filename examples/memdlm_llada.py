@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import logging
 import os
@@ -43,7 +44,7 @@ from collections import Counter
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import ExitStack
+from contextlib import ExitStack, redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass, replace
 from functools import cache, partial
 from multiprocessing import get_context
@@ -83,7 +84,7 @@ class Budget:
 BUDGETS = {
     "quick": Budget(seeds=2, pretrain_steps=4, steps=4, eval_every=2, batch_size=4, train_examples=16,
                     eval_examples=4, haystack=1, calibration_rounds=3, ruler_examples=1),
-    "default": Budget(seeds=5, pretrain_steps=600, steps=120, eval_every=20, batch_size=8, train_examples=2048,
+    "default": Budget(seeds=5, pretrain_steps=2000, steps=120, eval_every=20, batch_size=8, train_examples=2048,
                       eval_examples=24, haystack=2, calibration_rounds=12, ruler_examples=8),
     "long": Budget(seeds=5, pretrain_steps=4000, steps=1000, eval_every=100, batch_size=8, train_examples=8192,
                    eval_examples=64, haystack=2, calibration_rounds=20, ruler_examples=32),
@@ -115,10 +116,16 @@ ARM_SETS = {  # --arms; MDLM, the reference of every comparison, is in each
 }
 ADAPT_LRS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # 0.1 is the preset's inner rate; the sweep goes on until it hurts
 TASKS = ("needle", "multikey", "position", "mqar")
-RECALL_PAIRS, RECALL_QUERIES = 4, 2
+# The share of steps each source gets (every batch holds one source, see task_batches). Pretraining: prose, and
+# mostly the short recall formats; the needle rows are ten times longer and are not learnt at this scale.
+PRETRAIN_MIX = {"prose": 0.2, "needle": 0.05, "multikey": 0.05, "position": 0.6, "mqar": 0.1}
+FINETUNE_MIX = {"needle": 0.25, "multikey": 0.25, "position": 0.25, "mqar": 0.25}
+# Pairs per recall example: position with 8 (each row then supervises 8 copies; learnt in a third of the steps
+# 4 pairs need, benchmarks/retrieval_learnability.py), mqar with 4 pairs and 2 queries.
+RECALL_PAIRS, MQAR_QUERIES = {"position": 8, "mqar": 4}, 2
 # What naming one value found in the context scores: exact match of needle / multikey / position, token
-# accuracy of mqar (one of RECALL_PAIRS values per queried key).
-CHANCE = {"needle": 0.0, "multikey": 0.5, "position": 0.0, "mqar": 1 / RECALL_PAIRS}
+# accuracy of mqar (one of its RECALL_PAIRS values per queried key).
+CHANCE = {"needle": 0.0, "multikey": 0.5, "position": 0.0, "mqar": 1 / RECALL_PAIRS["mqar"]}
 RULER_TASKS = ("niah_single_1", "ruler_vt")
 MAX_LENGTH = 256  # the model's length, RULER's max_seq_length (lm-eval keeps 128 of it for the answer)
 VT_TOO_SHORT = ("lm-eval 0.4.13's ruler_vt puts a few-shot example built for max_seq_length 500 in every prompt; "
@@ -156,7 +163,7 @@ def make_examples(task: str, n: int, seed: int, budget: Budget) -> list:
     keys, values = recall_words()
     # The answer continues the prompt after a space, so its words are the same tokens as in the context.
     return [replace(example, answer=f" {example.answer}")
-            for example in (make(rng, RECALL_PAIRS, RECALL_QUERIES, keys=keys, values=values) for _ in range(n))]
+            for example in (make(rng, RECALL_PAIRS[task], MQAR_QUERIES, keys=keys, values=values) for _ in range(n))]
 
 
 @cache
@@ -188,6 +195,31 @@ def rows_of(tokenizer, examples) -> list[dict]:
             for i, e in enumerate(examples)]
 
 
+def task_batches(rows: dict[str, list[dict]], mix: dict[str, float], steps: int, batch_size: int, seed: int,
+                 collate_fn) -> list[dict]:
+    """One batch per step, all of its rows from one task drawn with the probabilities of ``mix``: a batch is
+    padded to its own task's length, so the short recall tasks get their steps for a tenth of a needle
+    step's cost. Each task's rows are taken in a shuffled order, a new one every pass; a row carries its index
+    in the tasks' rows laid end to end (``example_index``) and its pass (``epoch``), which key its random
+    draws. A function of the seed alone, so every arm of a seed sees the same batches."""
+    rng = random.Random(f"task-batches:{seed}")
+    tasks = list(mix)
+    offsets = dict(zip(tasks, numpy.cumsum([0] + [len(rows[t]) for t in tasks[:-1]]).tolist()))
+    queues: dict[str, list[int]] = {task: [] for task in tasks}
+    passes = dict.fromkeys(tasks, -1)
+    batches = []
+    for task in rng.choices(tasks, [mix[t] for t in tasks], k=steps):
+        chosen = []
+        while len(chosen) < batch_size:
+            if not queues[task]:
+                passes[task] += 1
+                queues[task] = rng.sample(range(len(rows[task])), len(rows[task]))
+            index = queues[task].pop()
+            chosen.append({**rows[task][index], "example_index": offsets[task] + index, "epoch": passes[task]})
+        batches.append(collate_fn(chosen))
+    return batches
+
+
 def collate(tokenizer):
     """Batches padded with unsupervised, unattended padding (each row's own EOS is supervised): with tasks of
     very different lengths in a batch, LLaDA's supervised EOS padding would make most targets of a short
@@ -201,34 +233,43 @@ def pretrained_base(output: Path, args: argparse.Namespace, budget: Budget, prog
     every weight trained. Cached under ``output/base`` with the settings that made it."""
     settings = {"pretrain_steps": budget.pretrain_steps, "train_examples": budget.train_examples,
                 "haystack": budget.haystack, "d_model": args.d_model, "layers": args.layers, "lr": args.pretrain_lr,
-                "vocab": VOCAB, "max_length": MAX_LENGTH, "data_version": DATA_VERSION,
+                "vocab": VOCAB, "max_length": MAX_LENGTH, "data_version": DATA_VERSION, "mix": PRETRAIN_MIX,
                 "torch": torch.__version__, "python": platform.python_version()}  # the prose is the Python's own
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     folder = output / "base"
     if (folder / "job_settings.json").exists() and json.loads((folder / "job_settings.json").read_text())["key"] == key:
         return folder
     tokenizer = job_tokenizer(budget)
-    tasks = [row for task in TASKS for row in rows_of(tokenizer, make_examples(task, budget.train_examples, 1000, budget))]
-    prose = list(pack_documents((tokenizer(p, add_special_tokens=False)["input_ids"] for p in documentation_prose()),
-                                64, tokenizer.eos_token_id))
-    rows = [*random.Random(0).sample(prose, min(len(prose), len(tasks) // 4)), *tasks]  # one row in five is prose
+    rows = {task: rows_of(tokenizer, make_examples(task, budget.train_examples, 1000, budget)) for task in TASKS}
+    rows["prose"] = list(pack_documents((tokenizer(p, add_special_tokens=False)["input_ids"]
+                                         for p in documentation_prose()), 64, tokenizer.eos_token_id))
+    batches = task_batches(rows, PRETRAIN_MIX, budget.pretrain_steps, 32, 0, collate(tokenizer))
     torch.manual_seed(0)
     model = tiny_model("llada", tokenizer, width=args.d_model, layers=args.layers, max_length=MAX_LENGTH)
     config = MemDLMConfig(inner=InnerConfig(steps=0), outer=OuterConfig(lr=args.pretrain_lr, warmup_ratio=0.05))
     wrapper = MemoryWrapper(model, config, tokenizer=tokenizer)
-    wrapper.fit(rows, max_steps=budget.pretrain_steps, batch_size=32, collate_fn=collate(tokenizer), progress=progress)
+    wrapper.fit(batches, max_steps=budget.pretrain_steps, progress=progress)
     wrapper.save_pretrained(folder)
     (folder / "job_settings.json").write_text(json.dumps({"key": key, **settings}, indent=1))
     return folder
 
 
+def base_scores(base: Path, budget: Budget) -> dict:
+    """What fine-tuning starts from: the base's decoding scores on the test split (memory off)."""
+    wrapper = MemoryWrapper.from_pretrained(base)
+    return decoding_scores(wrapper, wrapper.tokenizer, splits(budget)["test"], adapt=False, seed=0)
+
+
 # ----- one arm ------------------------------------------------------------------------------------------------
 def quiet() -> None:
-    """No progress bars or load reports from transformers or lm-eval: the job shows one display of its own."""
+    """No progress bars or load reports from transformers or lm-eval, no import-time notices from optional
+    packages (bitsandbytes, DeepSpeed) that peft and transformers load: the job shows one display of its own."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    for name in ("bitsandbytes", "DeepSpeed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ["TQDM_DISABLE"] = "1"
 
@@ -280,11 +321,11 @@ def run_arm(arm: str, seed: int, base: Path, args: argparse.Namespace, budget: B
     tokenizer = wrapper.tokenizer
     data = splits(budget)
     rows = {split: {task: rows_of(tokenizer, items) for task, items in tasks.items()} for split, tasks in data.items()}
-    pooled = {split: [row for task in TASKS for row in rows[split][task]] for split in rows}
+    pooled = {split: [row for task in TASKS for row in rows[split][task]] for split in ("validation", "test")}
     initial = wrapper.eval_loss(pooled["test"], batch_size=32)
-    history = wrapper.fit(pooled["train"], eval_data=pooled["test"], eval_every=budget.eval_every,
-                          eval_prompt_memory=False, max_steps=budget.steps, batch_size=budget.batch_size,
-                          collate_fn=collate(tokenizer), progress=False)
+    batches = task_batches(rows["train"], FINETUNE_MIX, budget.steps, budget.batch_size, seed, collate(tokenizer))
+    history = wrapper.fit(batches, eval_data=pooled["test"], eval_every=budget.eval_every, eval_prompt_memory=False,
+                          max_steps=budget.steps, progress=False)
     result = {"arm": arm, "seed": seed, "eval_steps": [0, *history.eval_steps], "eval_loss": [initial, *history.eval_loss],
               "wall_seconds_per_step": statistics.median(history.step_seconds),
               "nonfinite_steps": history.nonfinite_steps, "skipped_batches": history.skipped_batches,
@@ -321,28 +362,32 @@ def slug(arm: str) -> str:
 # ----- equal compute ------------------------------------------------------------------------------------------
 def calibrate(base: Path, arms: tuple[str, ...], args: argparse.Namespace, budget: Budget) -> dict:
     """Each arm's step cost relative to MDLM: the arms' training steps timed interleaved (a shuffled order per
-    round) on the same batch per round, one thread; round 0 is a warm-up. Ratios are per round, so machine
-    load that changes between rounds cancels."""
+    round), one thread; round 0 is a warm-up. A round times every arm on one batch of each fine-tuning task
+    (the same batches for every arm) and records the step time expected under FINETUNE_MIX. Ratios are per
+    round, so machine load that changes between rounds cancels."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         wrappers = {arm: fine_tuning_wrapper(base, arm, args, 0) for arm in arms}
         tokenizer = wrappers["MDLM"].tokenizer
-        rows = [row for task in TASKS for row in rows_of(tokenizer, make_examples(task, budget.batch_size, 7, budget))]
-        random.Random(0).shuffle(rows)
+        rows = {task: rows_of(tokenizer, make_examples(task, 4 * budget.batch_size, 7, budget)) for task in FINETUNE_MIX}
         seconds: dict[str, list[float]] = {arm: [] for arm in arms}
         for wrapper in wrappers.values():
-            wrapper.configure_optimizers(budget.calibration_rounds + 1)
+            wrapper.configure_optimizers(len(FINETUNE_MIX) * (budget.calibration_rounds + 1))
         for round_index in range(budget.calibration_rounds + 1):
-            start = round_index % (len(rows) // budget.batch_size) * budget.batch_size
-            batch = collate(tokenizer)(rows[start:start + budget.batch_size])
-            order = list(arms)
-            random.Random(round_index).shuffle(order)
-            for arm in order:
-                begin = time.perf_counter()
-                train_step(wrappers[arm], batch)
-                if round_index:
-                    seconds[arm].append(time.perf_counter() - begin)
+            start = round_index % 4 * budget.batch_size
+            expected = dict.fromkeys(arms, 0.0)
+            for task, share in FINETUNE_MIX.items():
+                batch = collate(tokenizer)(rows[task][start:start + budget.batch_size])
+                order = list(arms)
+                random.Random(f"{round_index}:{task}").shuffle(order)
+                for arm in order:
+                    begin = time.perf_counter()
+                    train_step(wrappers[arm], batch)
+                    expected[arm] += share * (time.perf_counter() - begin)
+            if round_index:
+                for arm in arms:
+                    seconds[arm].append(expected[arm])
     finally:
         torch.set_num_threads(threads)
     ratios = {arm: [t / m for t, m in zip(seconds[arm], seconds["MDLM"])] for arm in arms}
@@ -369,10 +414,11 @@ def ruler_scores(checkpoint: Path, examples: int) -> dict:
             if task == "ruler_vt" and MAX_LENGTH <= 500:
                 scores.setdefault(mode, {})[task] = {"not run": VT_TOO_SHORT}
                 continue
-            try:
-                out = lm_eval.simple_evaluate(model=model, tasks=[task], limit=examples, log_samples=False,
-                                              metadata={"max_seq_lengths": [MAX_LENGTH],
-                                                        "tokenizer": str(checkpoint / "tokenizer")})
+            try:  # lm-eval's own bars and prints (its task index also asks nltk for punkt_tab) kept off the display
+                with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+                    out = lm_eval.simple_evaluate(model=model, tasks=[task], limit=examples, log_samples=False,
+                                                  metadata={"max_seq_lengths": [MAX_LENGTH],
+                                                            "tokenizer": str(checkpoint / "tokenizer")})
             except Exception as error:  # noqa: BLE001 - recorded in the results, never dropped: e.g. lm-eval
                 # cannot build one example at this length, or [eval] without RULER's packages ([ruler])
                 scores.setdefault(mode, {})[task] = {"not run": f"{type(error).__name__}: {error}"[:300]}
@@ -478,6 +524,9 @@ def report(record: dict) -> str:
         f"base model pretrained {record['budget_settings']['pretrain_steps']} steps (shared by every seed); "
         f"torch {env['torch']} ({env['build']}), {env['cpu']}, {env['workers']} workers x 1 thread; "
         f"{record['seconds']:.0f} s.",
+        "The base before fine-tuning (memory off, seed 0 decoding): " + ", ".join(
+            f"{task} {metric.replace('_', ' ')} {record['base_scores'][task][metric]:.2f}" for task in TASKS
+            for metric in ("token_accuracy" if task == "mqar" else "exact_match",)) + ".",
         f"Rule: {record['rule']}.",
         f"Equal compute: {summary['equal_compute_mdlm_steps']:.0f} MDLM steps' worth (each arm's eval steps x its "
         "calibrated step cost).",
@@ -612,6 +661,7 @@ def main(argv: list[str] | None = None) -> dict:
     clock = time.time()
     base = pretrained_base(output, args, budget, progress=not args.no_progress)
     quiet()
+    before = base_scores(base, budget)
     phases["base"], clock = time.time() - clock, time.time()
     calibration = calibrate(base, arms, args, budget)
     phases["calibration"], clock = time.time() - clock, time.time()
@@ -626,7 +676,7 @@ def main(argv: list[str] | None = None) -> dict:
     record = {"budget": args.budget, "budget_settings": asdict(budget), "arguments": vars(args),
               "arms": {arm: asdict(ARMS[arm]) for arm in arms}, "tasks": list(TASKS), "chance": CHANCE,
               "adaptation_rates": list(ADAPT_LRS), "seeds": list(range(budget.seeds)), "rule": RULE,
-              "environment": environment(workers), "base": str(base), "calibration": calibration,
+              "environment": environment(workers), "base": str(base), "base_scores": before, "calibration": calibration,
               "runs": sorted(results, key=lambda r: (list(arms).index(r["arm"]), r["seed"])), "ruler": ruler,
               "phase_seconds": phases}
     record["summary"] = summarise(record["runs"], calibration)

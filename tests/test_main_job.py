@@ -1,10 +1,12 @@
 """The main job's quick budget end to end: its outputs are consistent with each other; evaluation helpers."""
 
 import json
+from functools import partial
 
 import pytest
 import torch
 
+from bilevel_dlm.data import pad_collate
 from bilevel_dlm.evaluation import decode_answers, encode_prompts
 from bilevel_dlm.tasks import build_tokenizer, token_accuracy
 from bilevel_dlm.tasks.recall import make_recall_dataset, recall_tokenizer
@@ -41,7 +43,7 @@ def test_one_row_per_arm_and_every_interval_contains_its_mean(job, quick_run) ->
     assert list(saved["summary"]["arms"]) == list(job.ARM_SETS["default"])
     assert sorted((r["arm"], r["seed"]) for r in saved["runs"]) == sorted(
         (a, s) for a in job.ARM_SETS["default"] for s in (0, 1))
-    table = (output / "results.md").read_text().split("\n\n")[3].splitlines()[2:]
+    table = (output / "results.md").read_text().split("\n\n")[4].splitlines()[2:]
     assert [line.split(" | ")[0].lstrip("| ") for line in table] == list(job.ARM_SETS["default"])
     intervals = [v for row in saved["summary"]["arms"].values() for v in row.values()]
     intervals += [v for row in saved["summary"]["comparisons"].values() for v in row.values()]
@@ -149,6 +151,39 @@ def test_arms_of_a_seed_start_from_the_same_weights(job, quick_run) -> None:
     assert states[0].keys() == states[1].keys() and any("lora_A" in name for name in states[0])
     for name, value in states[0].items():
         assert torch.equal(value, states[1][name]), name
+
+
+def test_task_batches_hold_one_task_each_and_visit_every_row_once_per_pass(job) -> None:
+    """Rows are told apart by their tokens (task t's rows hold 100 t + i); a batch's rows all come from one
+    task, each row is the one its example_index names, and every pass over a task visits each row once."""
+    sizes = {"a": 5, "b": 12, "c": 3}
+    rows = {t: [{"input_ids": [100 * k + i] * (2 + k)} for i in range(n)] for k, (t, n) in enumerate(sizes.items())}
+    offsets = {"a": 0, "b": 5, "c": 17}
+    mix = {"a": 0.5, "b": 0.3, "c": 0.2}
+    collate = partial(pad_collate, pad_token_id=0)
+    batches = job.task_batches(rows, mix, 60, 4, seed=3, collate_fn=collate)
+    seen: dict[tuple[str, int], list[int]] = {}
+    counts = dict.fromkeys(mix, 0)
+    for batch in batches:
+        tasks = {next(t for t in sizes if offsets[t] <= int(i) < offsets[t] + sizes[t]) for i in batch["example_index"]}
+        assert len(tasks) == 1
+        task = tasks.pop()
+        counts[task] += 1
+        for ids, index, epoch in zip(batch["input_ids"], batch["example_index"], batch["epoch"]):
+            row = int(index) - offsets[task]
+            assert ids[0] == 100 * list(sizes).index(task) + row
+            seen.setdefault((task, int(epoch)), []).append(row)
+    for (task, epoch), visited in seen.items():
+        assert len(visited) == len(set(visited)), "a pass visits a row once"
+        if (task, epoch + 1) in seen:
+            assert sorted(visited) == list(range(sizes[task])), "a finished pass visited every row"
+    assert all(counts.values()) and counts["a"] > counts["c"]
+    same = job.task_batches(rows, mix, 60, 4, seed=3, collate_fn=collate)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["epoch"], y["epoch"])
+               for x, y in zip(batches, same))
+    other = job.task_batches(rows, mix, 60, 4, seed=4, collate_fn=collate)
+    assert any(x["input_ids"].shape != y["input_ids"].shape or not torch.equal(x["input_ids"], y["input_ids"])
+               for x, y in zip(batches, other))
 
 
 def test_recall_tasks_are_deterministic_and_answer_from_the_context() -> None:
