@@ -3,8 +3,10 @@ retrieval from context, at equal steps and at equal compute? Offline, on CPU, th
 
 1. A tokenizer: byte-level BPE (digits one token each) trained on the job's own text: English prose from
    Python's documentation topics (``pydoc_data.topics``) plus the task formats.
-2. A base model: a tiny LLaDA pretrained with plain MDLM on that prose and the task formats, once, cached in
-   ``--output/base`` (a rerun with the same settings reuses it). Every arm and seed starts from it.
+2. A base model: a tiny LLaDA pretrained with plain MDLM on that prose and the task formats (PRETRAIN_MIX:
+   mostly the short recall formats), once, cached in ``--output/base`` (a rerun with the same settings reuses
+   it). Every arm and seed starts from it. Every batch, here and in fine-tuning, holds one task's rows
+   (``task_batches``), so a short row is not padded to a needle's length.
 3. Fine-tuning arms, each with the paper's outer LoRA (r 32, alpha 64), same data order per seed:
    MDLM; MDLM at 2x the learning rate (a control for "MemDLM only trains faster"); MemDLM, the paper's
    preset (anchor-consistent trajectory, 2 inner SGD steps, fast weights on the last block's FFN); MemDLM
@@ -20,9 +22,9 @@ retrieval from context, at equal steps and at equal compute? Offline, on CPU, th
 7. lm-eval's own RULER ``niah_single_1`` and ``ruler_vt`` on each arm's seed-0 checkpoint at the model's
    length, memory off and prompt (needs ``lm-eval[ruler]``; reported as not run otherwise).
 
-    python examples/memdlm_llada.py                  # the default budget (5 seeds; about 10 minutes on 2 cores)
+    python examples/memdlm_llada.py                  # the default budget (5 seeds; 10 minutes on 2 idle cores)
     python examples/memdlm_llada.py --budget quick   # a smoke run (CI)
-    python examples/memdlm_llada.py --budget long    # more steps and data (about an hour on 2 cores)
+    python examples/memdlm_llada.py --budget long    # more steps and data (32 minutes on 2 idle cores)
 
 Writes to --output: runs.json (every run, as soon as the runs end), results.json, results.md (the tables and
 verdicts), four PNGs and checkpoints/.
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.metadata
 import io
 import json
 import logging
@@ -40,13 +43,16 @@ import platform
 import random
 import re
 import statistics
+import textwrap
 from collections import Counter
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import ExitStack, redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass, replace
+from collections.abc import Iterator
 from functools import cache, partial
+from itertools import islice
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -120,8 +126,10 @@ TASKS = ("needle", "multikey", "position", "mqar")
 # mostly the short recall formats; the needle rows are ten times longer and are not learnt at this scale.
 PRETRAIN_MIX = {"prose": 0.2, "needle": 0.05, "multikey": 0.05, "position": 0.6, "mqar": 0.1}
 FINETUNE_MIX = {"needle": 0.25, "multikey": 0.25, "position": 0.25, "mqar": 0.25}
-# Pairs per recall example: position with 8 (each row then supervises 8 copies; learnt in a third of the steps
-# 4 pairs need, benchmarks/retrieval_learnability.py), mqar with 4 pairs and 2 queries.
+PRETRAIN_BATCH, WARMUP = 32, 0.05  # pretraining batch; warmup fraction of every schedule
+METRIC = {"needle": "exact_match", "multikey": "exact_match", "position": "exact_match", "mqar": "token_accuracy"}
+# Pairs per recall example: position with 8 (each row supervises 8 copies: in PRETRAIN_MIX, exact match 0.917
+# after 2000 steps where 4 pairs reach 0.083, benchmarks/retrieval_learnability.py), mqar with 4 pairs and 2 queries.
 RECALL_PAIRS, MQAR_QUERIES = {"position": 8, "mqar": 4}, 2
 # What naming one value found in the context scores: exact match of needle / multikey / position, token
 # accuracy of mqar (one of its RECALL_PAIRS values per queried key).
@@ -131,7 +139,7 @@ MAX_LENGTH = 256  # the model's length, RULER's max_seq_length (lm-eval keeps 12
 VT_TOO_SHORT = ("lm-eval 0.4.13's ruler_vt puts a few-shot example built for max_seq_length 500 in every prompt; "
                 "at 500 or less its sample loop (vt_utils.sys_vartrack_w_noise_random) never ends")
 VOCAB = 1024
-DATA_VERSION = 1  # raise when the task formats or the pretraining mixture change (a cached base is then rebuilt)
+DATA_VERSION = 2  # raise when the task formats or the pretraining mixture change (a cached base is then rebuilt)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -152,8 +160,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ----- data ------------------------------------------------------------------------------------------------
-def make_examples(task: str, n: int, seed: int, budget: Budget) -> list:
-    """``n`` examples of a task; a deterministic function of (task, seed, budget)."""
+def make_examples(task: str, n: int, seed: int, budget: Budget, pairs: int | None = None,
+                  queries: int = MQAR_QUERIES) -> list:
+    """``n`` examples of a task; a deterministic function of (task, seed, budget, pairs, queries). ``pairs``:
+    key-value pairs of a recall task (default RECALL_PAIRS[task])."""
     rng = random.Random(f"main-job:{task}:{seed}")
     if task in ("needle", "multikey"):
         keys = 1 if task == "needle" else 2
@@ -163,7 +173,8 @@ def make_examples(task: str, n: int, seed: int, budget: Budget) -> list:
     keys, values = recall_words()
     # The answer continues the prompt after a space, so its words are the same tokens as in the context.
     return [replace(example, answer=f" {example.answer}")
-            for example in (make(rng, RECALL_PAIRS[task], MQAR_QUERIES, keys=keys, values=values) for _ in range(n))]
+            for example in (make(rng, pairs or RECALL_PAIRS[task], queries, keys=keys, values=values)
+                            for _ in range(n))]
 
 
 @cache
@@ -195,20 +206,28 @@ def rows_of(tokenizer, examples) -> list[dict]:
             for i, e in enumerate(examples)]
 
 
-def task_batches(rows: dict[str, list[dict]], mix: dict[str, float], steps: int, batch_size: int, seed: int,
-                 collate_fn) -> list[dict]:
-    """One batch per step, all of its rows from one task drawn with the probabilities of ``mix``: a batch is
-    padded to its own task's length, so the short recall tasks get their steps for a tenth of a needle
-    step's cost. Each task's rows are taken in a shuffled order, a new one every pass; a row carries its index
-    in the tasks' rows laid end to end (``example_index``) and its pass (``epoch``), which key its random
-    draws. A function of the seed alone, so every arm of a seed sees the same batches."""
-    rng = random.Random(f"task-batches:{seed}")
+def task_schedule(mix: dict[str, float], seed: int) -> Iterator[str]:
+    """The task of each step, drawn with the probabilities of ``mix``: endless, a function of the seed alone."""
+    rng = random.Random(f"task-schedule:{seed}")
+    tasks, weights = list(mix), list(mix.values())
+    while True:
+        yield rng.choices(tasks, weights)[0]
+
+
+def task_batches(rows: dict[str, list[dict]], mix: dict[str, float], batch_size: int, seed: int,
+                 collate_fn) -> Iterator[dict]:
+    """Endless batches, each of one task's rows, the tasks in :func:`task_schedule`'s order: a batch is padded
+    to its own task's length, so the short recall tasks get their steps for a tenth of a needle step's cost.
+    Each task's rows are taken in a shuffled order, a new one every pass (with fewer rows than a batch, a row
+    can come twice, from two passes); a row carries its index in the tasks' rows laid end to end
+    (``example_index``) and its pass (``epoch``), which key its random draws. A function of the seed alone,
+    so every arm of a seed sees the same batches (and one that skips a batch still gets fresh ones)."""
+    rng = random.Random(f"task-rows:{seed}")
     tasks = list(mix)
     offsets = dict(zip(tasks, numpy.cumsum([0] + [len(rows[t]) for t in tasks[:-1]]).tolist()))
     queues: dict[str, list[int]] = {task: [] for task in tasks}
     passes = dict.fromkeys(tasks, -1)
-    batches = []
-    for task in rng.choices(tasks, [mix[t] for t in tasks], k=steps):
+    for task in task_schedule(mix, seed):
         chosen = []
         while len(chosen) < batch_size:
             if not queues[task]:
@@ -216,8 +235,13 @@ def task_batches(rows: dict[str, list[dict]], mix: dict[str, float], steps: int,
                 queues[task] = rng.sample(range(len(rows[task])), len(rows[task]))
             index = queues[task].pop()
             chosen.append({**rows[task][index], "example_index": offsets[task] + index, "epoch": passes[task]})
-        batches.append(collate_fn(chosen))
-    return batches
+        yield collate_fn(chosen)
+
+
+def prose_rows(tokenizer) -> list[dict]:
+    """The documentation prose as packed rows of 64 tokens (documents separated by EOS)."""
+    return list(pack_documents((tokenizer(p, add_special_tokens=False)["input_ids"] for p in documentation_prose()),
+                               64, tokenizer.eos_token_id))
 
 
 def collate(tokenizer):
@@ -233,7 +257,9 @@ def pretrained_base(output: Path, args: argparse.Namespace, budget: Budget, prog
     every weight trained. Cached under ``output/base`` with the settings that made it."""
     settings = {"pretrain_steps": budget.pretrain_steps, "train_examples": budget.train_examples,
                 "haystack": budget.haystack, "d_model": args.d_model, "layers": args.layers, "lr": args.pretrain_lr,
-                "vocab": VOCAB, "max_length": MAX_LENGTH, "data_version": DATA_VERSION, "mix": PRETRAIN_MIX,
+                "batch_size": PRETRAIN_BATCH, "warmup_ratio": WARMUP, "vocab": VOCAB, "max_length": MAX_LENGTH,
+                "data_version": DATA_VERSION, "mix": list(PRETRAIN_MIX.items()), "recall_pairs": RECALL_PAIRS,
+                "mqar_queries": MQAR_QUERIES, "bilevel_dlm": importlib.metadata.version("bilevel_dlm"),
                 "torch": torch.__version__, "python": platform.python_version()}  # the prose is the Python's own
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     folder = output / "base"
@@ -241,14 +267,13 @@ def pretrained_base(output: Path, args: argparse.Namespace, budget: Budget, prog
         return folder
     tokenizer = job_tokenizer(budget)
     rows = {task: rows_of(tokenizer, make_examples(task, budget.train_examples, 1000, budget)) for task in TASKS}
-    rows["prose"] = list(pack_documents((tokenizer(p, add_special_tokens=False)["input_ids"]
-                                         for p in documentation_prose()), 64, tokenizer.eos_token_id))
-    batches = task_batches(rows, PRETRAIN_MIX, budget.pretrain_steps, 32, 0, collate(tokenizer))
+    rows["prose"] = prose_rows(tokenizer)
     torch.manual_seed(0)
     model = tiny_model("llada", tokenizer, width=args.d_model, layers=args.layers, max_length=MAX_LENGTH)
-    config = MemDLMConfig(inner=InnerConfig(steps=0), outer=OuterConfig(lr=args.pretrain_lr, warmup_ratio=0.05))
+    config = MemDLMConfig(inner=InnerConfig(steps=0), outer=OuterConfig(lr=args.pretrain_lr, warmup_ratio=WARMUP))
     wrapper = MemoryWrapper(model, config, tokenizer=tokenizer)
-    wrapper.fit(batches, max_steps=budget.pretrain_steps, progress=progress)
+    wrapper.fit(task_batches(rows, PRETRAIN_MIX, PRETRAIN_BATCH, 0, collate(tokenizer)),
+                max_steps=budget.pretrain_steps, progress=progress)
     wrapper.save_pretrained(folder)
     (folder / "job_settings.json").write_text(json.dumps({"key": key, **settings}, indent=1))
     return folder
@@ -261,6 +286,10 @@ def base_scores(base: Path, budget: Budget) -> dict:
 
 
 # ----- one arm ------------------------------------------------------------------------------------------------
+def errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
+
+
 def quiet() -> None:
     """No progress bars or load reports from transformers or lm-eval, no import-time notices from optional
     packages (bitsandbytes, DeepSpeed) that peft and transformers load: the job shows one display of its own."""
@@ -268,8 +297,8 @@ def quiet() -> None:
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    for name in ("bitsandbytes", "DeepSpeed"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    for name in ("bitsandbytes.backends.cpu.ops", "DeepSpeed"):  # a filter: DeepSpeed resets its level on import
+        logging.getLogger(name).addFilter(errors_only)
     warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ["TQDM_DISABLE"] = "1"
 
@@ -281,7 +310,7 @@ def recipe(arm: str, args: argparse.Namespace, seed: int, adapt_lr: float | None
     lora = OuterLoRAConfig(apply=args.outer == "lora" if outer_lora is None else outer_lora, dropout=0.0)
     return MemDLMConfig(inner=InnerConfig(steps=spec.inner_steps, meta_init=spec.meta_init),
                         memory=MemoryConfig(layer_fraction=spec.layer_fraction),
-                        outer=OuterConfig(lr=lr, meta_lr=lr * spec.meta_lr_factor, warmup_ratio=0.05, lora=lora),
+                        outer=OuterConfig(lr=lr, meta_lr=lr * spec.meta_lr_factor, warmup_ratio=WARMUP, lora=lora),
                         adapt=AdaptConfig(lr=adapt_lr), seed=seed)
 
 
@@ -323,11 +352,13 @@ def run_arm(arm: str, seed: int, base: Path, args: argparse.Namespace, budget: B
     rows = {split: {task: rows_of(tokenizer, items) for task, items in tasks.items()} for split, tasks in data.items()}
     pooled = {split: [row for task in TASKS for row in rows[split][task]] for split in ("validation", "test")}
     initial = wrapper.eval_loss(pooled["test"], batch_size=32)
-    batches = task_batches(rows["train"], FINETUNE_MIX, budget.steps, budget.batch_size, seed, collate(tokenizer))
+    batches = task_batches(rows["train"], FINETUNE_MIX, budget.batch_size, seed, collate(tokenizer))
     history = wrapper.fit(batches, eval_data=pooled["test"], eval_every=budget.eval_every, eval_prompt_memory=False,
                           max_steps=budget.steps, progress=False)
-    result = {"arm": arm, "seed": seed, "eval_steps": [0, *history.eval_steps], "eval_loss": [initial, *history.eval_loss],
-              "wall_seconds_per_step": statistics.median(history.step_seconds),
+    result = {"arm": arm, "seed": seed, "eval_steps": [0, *history.eval_steps],
+              "eval_loss": [initial, *history.eval_loss],
+              "tasks": list(islice(task_schedule(FINETUNE_MIX, seed), budget.steps)),
+              "wall_seconds_per_step": statistics.fmean(history.step_seconds),
               "nonfinite_steps": history.nonfinite_steps, "skipped_batches": history.skipped_batches,
               "loss_off": {task: wrapper.eval_loss(rows["test"][task], batch_size=32) for task in TASKS},
               "decoding_off": decoding_scores(wrapper, tokenizer, data["test"], adapt=False, seed=seed)}
@@ -361,44 +392,57 @@ def slug(arm: str) -> str:
 
 # ----- equal compute ------------------------------------------------------------------------------------------
 def calibrate(base: Path, arms: tuple[str, ...], args: argparse.Namespace, budget: Budget) -> dict:
-    """Each arm's step cost relative to MDLM: the arms' training steps timed interleaved (a shuffled order per
-    round), one thread; round 0 is a warm-up. A round times every arm on one batch of each fine-tuning task
-    (the same batches for every arm) and records the step time expected under FINETUNE_MIX. Ratios are per
-    round, so machine load that changes between rounds cancels."""
+    """Each arm's step cost per fine-tuning task, in units of MDLM's mean step under FINETUNE_MIX: the arms'
+    training steps timed interleaved (a shuffled order per task and round), one thread, on the same batch
+    per task and round; round 0 is a warm-up. Ratios are taken within a round, so machine load that changes
+    between rounds cancels. ``cost`` is an arm's mean step under the mix (MDLM: 1), ``task_cost`` a step of
+    each task (what :func:`compute_positions` adds up over a run's own tasks)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         wrappers = {arm: fine_tuning_wrapper(base, arm, args, 0) for arm in arms}
         tokenizer = wrappers["MDLM"].tokenizer
-        rows = {task: rows_of(tokenizer, make_examples(task, 4 * budget.batch_size, 7, budget)) for task in FINETUNE_MIX}
-        seconds: dict[str, list[float]] = {arm: [] for arm in arms}
+        rows = {task: rows_of(tokenizer, make_examples(task, 4 * budget.batch_size, 7, budget))
+                for task in FINETUNE_MIX}
+        seconds = {arm: {task: [] for task in FINETUNE_MIX} for arm in arms}
         for wrapper in wrappers.values():
             wrapper.configure_optimizers(len(FINETUNE_MIX) * (budget.calibration_rounds + 1))
         for round_index in range(budget.calibration_rounds + 1):
             start = round_index % 4 * budget.batch_size
-            expected = dict.fromkeys(arms, 0.0)
-            for task, share in FINETUNE_MIX.items():
+            for task in FINETUNE_MIX:
                 batch = collate(tokenizer)(rows[task][start:start + budget.batch_size])
                 order = list(arms)
                 random.Random(f"{round_index}:{task}").shuffle(order)
                 for arm in order:
                     begin = time.perf_counter()
                     train_step(wrappers[arm], batch)
-                    expected[arm] += share * (time.perf_counter() - begin)
-            if round_index:
-                for arm in arms:
-                    seconds[arm].append(expected[arm])
+                    if round_index:
+                        seconds[arm][task].append(time.perf_counter() - begin)
     finally:
         torch.set_num_threads(threads)
-    ratios = {arm: [t / m for t, m in zip(seconds[arm], seconds["MDLM"])] for arm in arms}
-    return {"rounds": budget.calibration_rounds, "seconds": seconds,
+    mean_step = {arm: [sum(share * seconds[arm][task][r] for task, share in FINETUNE_MIX.items())
+                       for r in range(budget.calibration_rounds)] for arm in arms}
+    unit = mean_step["MDLM"]
+    ratios = {arm: [t / u for t, u in zip(mean_step[arm], unit)] for arm in arms}
+    return {"rounds": budget.calibration_rounds, "mix": FINETUNE_MIX, "seconds": seconds,
             "cost": {arm: statistics.fmean(r) for arm, r in ratios.items()},
-            "cost_interval": {arm: mean_interval(r).as_dict() if arm != "MDLM" else None for arm, r in ratios.items()}}
+            "cost_interval": {arm: mean_interval(r).as_dict() if arm != "MDLM" else None for arm, r in ratios.items()},
+            "task_cost": {arm: {task: statistics.fmean(t / u for t, u in zip(times, unit))
+                                for task, times in seconds[arm].items()} for arm in arms}}
+
+
+def compute_positions(run: dict, task_cost: dict[str, dict[str, float]]) -> list[float]:
+    """A run's compute at each of its eval steps, in MDLM mean steps: the calibrated cost of every step it
+    took, by the task of that step."""
+    spent = numpy.concatenate([[0.0], numpy.cumsum([task_cost[run["arm"]][task] for task in run["tasks"]])])
+    return [float(spent[step]) for step in run["eval_steps"]]
 
 
 # ----- lm-eval's RULER ----------------------------------------------------------------------------------------
-def ruler_scores(checkpoint: Path, examples: int) -> dict:
-    """lm-eval's own RULER tasks on a checkpoint at MAX_LENGTH, memory off and prompt: {mode: {task: score}}."""
+def ruler_scores(checkpoint: Path, examples: int, logs: Path) -> dict:
+    """lm-eval's own RULER tasks on a checkpoint at MAX_LENGTH, memory off and prompt: {mode: {task: score}}.
+    What lm-eval prints (its bars and warnings; its task index also asks nltk for punkt_tab) goes to
+    ``logs/<checkpoint>-<mode>-<task>.log`` rather than the job's display."""
     try:
         import lm_eval
     except ImportError:
@@ -414,8 +458,9 @@ def ruler_scores(checkpoint: Path, examples: int) -> dict:
             if task == "ruler_vt" and MAX_LENGTH <= 500:
                 scores.setdefault(mode, {})[task] = {"not run": VT_TOO_SHORT}
                 continue
-            try:  # lm-eval's own bars and prints (its task index also asks nltk for punkt_tab) kept off the display
-                with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+            printed = io.StringIO()
+            try:
+                with redirect_stdout(printed), redirect_stderr(printed):
                     out = lm_eval.simple_evaluate(model=model, tasks=[task], limit=examples, log_samples=False,
                                                   metadata={"max_seq_lengths": [MAX_LENGTH],
                                                             "tokenizer": str(checkpoint / "tokenizer")})
@@ -423,6 +468,9 @@ def ruler_scores(checkpoint: Path, examples: int) -> dict:
                 # cannot build one example at this length, or [eval] without RULER's packages ([ruler])
                 scores.setdefault(mode, {})[task] = {"not run": f"{type(error).__name__}: {error}"[:300]}
                 continue
+            finally:
+                logs.mkdir(parents=True, exist_ok=True)
+                (logs / f"{checkpoint.name}-{mode}-{task}.log").write_text(printed.getvalue())
             metrics = out["results"][task]
             scores.setdefault(mode, {})[task] = {"score": metrics[f"{MAX_LENGTH},none"],
                                                  "stderr": metrics[f"{MAX_LENGTH}_stderr,none"],
@@ -437,15 +485,14 @@ def runs_by_arm(results: list[dict]) -> dict[str, list[dict]]:
             for arm in dict.fromkeys(r["arm"] for r in results)}
 
 
-def per_seed_measures(runs: list[dict], cost: float, equal_compute: float) -> dict[str, list[float]]:
+def per_seed_measures(runs: list[dict], task_cost: dict, equal_compute: float) -> dict[str, list[float]]:
     """The numbers compared between arms, one per seed (lower is better for losses, higher for accuracies)."""
     measures = {"final eval loss": [r["eval_loss"][-1] for r in runs],
-                "eval loss at equal compute": [float(numpy.interp(equal_compute / cost, r["eval_steps"], r["eval_loss"]))
-                                               for r in runs],
+                "eval loss at equal compute": [float(numpy.interp(equal_compute, compute_positions(r, task_cost),
+                                                                  r["eval_loss"])) for r in runs],
                 "prompt memory: test loss change": [statistics.fmean(r["loss_prompt"].values())
                                                     - statistics.fmean(r["loss_off"].values()) for r in runs]}
-    for task in TASKS:
-        metric = "token_accuracy" if task == "mqar" else "exact_match"
+    for task, metric in METRIC.items():
         for mode in ("off", "prompt"):
             measures[f"{task} {metric.replace('_', ' ')}, memory {mode}"] = [r[f"decoding_{mode}"][task][metric]
                                                                             for r in runs]
@@ -459,9 +506,9 @@ def summarise(results: list[dict], calibration: dict) -> dict:
     """Per arm: each measure's mean and 95% interval; per arm and measure: the paired difference to MDLM and
     its verdict; per arm: whether prompt memory changes the test loss (its interval against 0)."""
     by_arm = runs_by_arm(results)
-    cost = calibration["cost"]
-    equal_compute = min(max(r["eval_steps"]) * cost[arm] for arm, runs in by_arm.items() for r in runs)
-    measures = {arm: per_seed_measures(runs, cost[arm], equal_compute) for arm, runs in by_arm.items()}
+    task_cost = calibration["task_cost"]
+    equal_compute = min(compute_positions(r, task_cost)[-1] for r in results)
+    measures = {arm: per_seed_measures(runs, task_cost, equal_compute) for arm, runs in by_arm.items()}
     arms = {arm: {name: mean_interval(values).as_dict() for name, values in m.items()} for arm, m in measures.items()}
     comparisons = {}
     for arm in by_arm:
@@ -502,7 +549,8 @@ def report(record: dict) -> str:
     comparison_rows = [[arm, name, cell(value), value["verdict"]]
                        for arm, rows in summary["comparisons"].items() for name, value in rows.items()]
     comparison_table = markdown_table(["arm", "measure", "arm - MDLM, paired by seed", "verdict"], comparison_rows)
-    memory_table = markdown_table(["arm", "test loss, prompt memory - memory off", "verdict", "rates chosen (per seed)"],
+    memory_table = markdown_table(["arm", "test loss, prompt memory - memory off", "verdict",
+                                   "rates chosen (per seed)"],
                                   [[arm, cell(value), value["verdict"], " ".join(
                                       f"{r['adapt_lr']:g}" for r in by_arm[arm])]
                                    for arm, value in summary["prompt_memory_effect"].items()])
@@ -525,11 +573,14 @@ def report(record: dict) -> str:
         f"torch {env['torch']} ({env['build']}), {env['cpu']}, {env['workers']} workers x 1 thread; "
         f"{record['seconds']:.0f} s.",
         "The base before fine-tuning (memory off, seed 0 decoding): " + ", ".join(
-            f"{task} {metric.replace('_', ' ')} {record['base_scores'][task][metric]:.2f}" for task in TASKS
-            for metric in ("token_accuracy" if task == "mqar" else "exact_match",)) + ".",
+            f"{task} {metric.replace('_', ' ')} {record['base_scores'][task][metric]:.2f}"
+            for task, metric in METRIC.items()) + ".",
         f"Rule: {record['rule']}.",
-        f"Equal compute: {summary['equal_compute_mdlm_steps']:.0f} MDLM steps' worth (each arm's eval steps x its "
-        "calibrated step cost).",
+        f"Equal compute: {summary['equal_compute_mdlm_steps']:.1f} MDLM mean steps' worth (a run's compute at a step: "
+        "the calibrated cost of each step it took, by that step's task)." + "".join(
+            f" {r['arm']} seed {r['seed']}: {len(r['nonfinite_steps'])} non-finite and {r['skipped_batches']} skipped "
+            "batches, not counted in its compute."
+            for r in record["runs"] if r["nonfinite_steps"] or r["skipped_batches"]),
         arms_table, comparison_table, memory_table,
         markdown_table(["arm (seed 0 checkpoint)", "lm-eval task", "memory", "score (lm-eval stderr)"], ruler_rows)])
 
@@ -561,23 +612,25 @@ def plot(output: Path, record: dict) -> list[Path]:
     for axis, measure in (("steps", "final eval loss"), ("compute", "eval loss at equal compute")):
         fig, ax = plt.subplots(figsize=(8, 4.6))
         for arm, runs in by_arm.items():
-            scale = cost[arm] if axis == "compute" else 1.0
-            x = [step * scale for step in runs[0]["eval_steps"]]
+            x = runs[0]["eval_steps"] if axis == "steps" else numpy.mean(
+                [compute_positions(r, record["calibration"]["task_cost"]) for r in runs], axis=0)
             mean, low, high = interval_band([r["eval_loss"] for r in runs])
             ax.plot(x, mean, label=f"{arm} (step cost {cost[arm]:.2f})" if axis == "compute" else arm)
             ax.fill_between(x, low, high, alpha=0.2)
         if axis == "compute":
             ax.axvline(summary["equal_compute_mdlm_steps"], color="grey", ls=":", lw=1)
-        ax.set(xlabel="fine-tuning step" if axis == "steps" else "compute (MDLM steps, calibrated by interleaved timing)",
-               ylabel="held-out eval loss, memory off", title=f"At equal {axis}: " + headline(summary["comparisons"], measure))
+        ax.set(xlabel="fine-tuning step" if axis == "steps" else
+               "compute (MDLM mean steps, calibrated by interleaved timing; mean over seeds)",
+               ylabel="held-out eval loss, memory off",
+               title=f"At equal {axis}: " + headline(summary["comparisons"], measure))
         ax.title.set_fontsize(9)
         ax.legend(fontsize=8, title=band, title_fontsize=8)
         paths.append(output / f"eval_loss_vs_{axis}.png")
         fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
 
-    fig, axes = plt.subplots(1, len(TASKS), figsize=(4.2 * len(TASKS), 4.4))
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(4.2 * len(TASKS), 4.8))
     for ax, task in zip(axes, TASKS):
-        metric = "token accuracy" if task == "mqar" else "exact match"
+        metric = METRIC[task].replace("_", " ")
         for i, arm in enumerate(by_arm):
             for j, mode in enumerate(("off", "prompt")):
                 value = summary["arms"][arm][f"{task} {metric}, memory {mode}"]
@@ -586,16 +639,18 @@ def plot(output: Path, record: dict) -> list[Path]:
                        label=f"memory {mode}" if i == 0 else None)
         if CHANCE[task]:
             ax.axhline(CHANCE[task], color="grey", ls="--", lw=1, label="chance")
+        ax.axhline(record["base_scores"][task][metric.replace(" ", "_")], color="black", ls=":", lw=1,
+                   label="the base, before fine-tuning")
         ax.set_xticks([i + 0.2 for i in range(len(by_arm))], list(by_arm), rotation=25, fontsize=7, ha="right")
         learnt = [arm for arm in by_arm if summary["arms"][arm][f"{task} {metric}, memory off"]["low"] > CHANCE[task]]
         verdicts = {rows[f"{task} {metric}, memory off"]["verdict"] for rows in summary["comparisons"].values()}
         finding = (f"above chance: {', '.join(learnt)}" if learnt else "no arm above chance") + (
             "; no arm differs from MDLM" if verdicts == {"no difference detected"} else "; arms differ (see table)")
-        ax.set(ylim=(0, 1.05), ylabel=metric, title=f"{task}: {finding}")
+        ax.set(ylim=(0, 1.05), ylabel=metric, title=textwrap.fill(f"{task}: {finding}", 48))
         ax.title.set_fontsize(9)
         ax.legend(fontsize=7)
     fig.suptitle(f"Decoding accuracy on held-out examples (bars: mean over {seeds} seeds; whiskers: 95% t interval)",
-                 fontsize=9)
+                 fontsize=9, y=1.04)
     paths.append(output / "accuracy.png")
     fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
 
@@ -605,10 +660,12 @@ def plot(output: Path, record: dict) -> list[Path]:
         ax.plot(ADAPT_LRS, mean, marker="o", label=arm)
         ax.fill_between(ADAPT_LRS, low, high, alpha=0.2)
     ax.axhline(0.0, color="grey", lw=1)
+    ax.set_yscale("symlog", linthresh=0.01)  # linear within +-0.01, where a small gain would show; log beyond
     ax.set(xscale="log", xlabel="adaptation learning rate at inference",
-           ylabel="validation eval loss: prompt memory - memory off\n(below 0: memory helps)",
-           title="Prompt memory: " + "; ".join(f"{arm}: {v['verdict'].replace('better', 'helps').replace('worse', 'hurts')}"
-                                              for arm, v in summary["prompt_memory_effect"].items()))
+           ylabel="validation eval loss: prompt memory - memory off\n(below 0: memory helps; symlog scale)",
+           title=textwrap.fill("Prompt memory at the rate chosen on validation: " + "; ".join(
+               f"{arm}: {v['verdict'].replace('better', 'helps').replace('worse', 'hurts')}"
+               for arm, v in summary["prompt_memory_effect"].items()), 110))
     ax.title.set_fontsize(8)
     ax.legend(fontsize=8, title=band, title_fontsize=8)
     paths.append(output / "adaptation.png")
@@ -659,25 +716,28 @@ def main(argv: list[str] | None = None) -> dict:
           f"{budget.steps} steps on {workers} worker(s) of one thread", flush=True)
     phases = {}
     clock = time.time()
-    base = pretrained_base(output, args, budget, progress=not args.no_progress)
     quiet()
-    before = base_scores(base, budget)
+    base = pretrained_base(output, args, budget, progress=not args.no_progress)
     phases["base"], clock = time.time() - clock, time.time()
+    before = base_scores(base, budget)
+    phases["base evaluation"], clock = time.time() - clock, time.time()
     calibration = calibrate(base, arms, args, budget)
     phases["calibration"], clock = time.time() - clock, time.time()
-    results = run_all(base, arms, args, budget, output, workers)
+    results = sorted(run_all(base, arms, args, budget, output, workers),
+                     key=lambda r: (arms.index(r["arm"]), r["seed"]))
     phases["fine-tuning"], clock = time.time() - clock, time.time()
     (output / "runs.json").write_text(json.dumps({"calibration": calibration, "runs": results}, indent=1))
     by_arm = runs_by_arm(results)
     ruler = {} if args.no_ruler else {
-        arm: ruler_scores(output / next(r for r in runs if r["seed"] == 0)["checkpoint"], budget.ruler_examples)
+        arm: ruler_scores(output / next(r for r in runs if r["seed"] == 0)["checkpoint"], budget.ruler_examples,
+                          output / "ruler_logs")
         for arm, runs in tqdm(by_arm.items(), desc="lm-eval RULER", disable=args.no_progress)}
     phases["ruler"] = time.time() - clock
     record = {"budget": args.budget, "budget_settings": asdict(budget), "arguments": vars(args),
               "arms": {arm: asdict(ARMS[arm]) for arm in arms}, "tasks": list(TASKS), "chance": CHANCE,
               "adaptation_rates": list(ADAPT_LRS), "seeds": list(range(budget.seeds)), "rule": RULE,
               "environment": environment(workers), "base": str(base), "base_scores": before, "calibration": calibration,
-              "runs": sorted(results, key=lambda r: (list(arms).index(r["arm"]), r["seed"])), "ruler": ruler,
+              "runs": results, "ruler": ruler,
               "phase_seconds": phases}
     record["summary"] = summarise(record["runs"], calibration)
     record["seconds"] = time.time() - started

@@ -2,6 +2,7 @@
 
 import json
 from functools import partial
+from itertools import islice
 
 import pytest
 import torch
@@ -28,8 +29,8 @@ def quick_run(job, tmp_path_factory):
 
 def test_the_quick_run_writes_every_output(quick_run) -> None:
     output, record = quick_run
-    for name in ("runs.json", "results.json", "results.md", "eval_loss_vs_steps.png", "eval_loss_vs_compute.png", "accuracy.png",
-                 "adaptation.png"):
+    for name in ("runs.json", "results.json", "results.md", "eval_loss_vs_steps.png", "eval_loss_vs_compute.png",
+                 "accuracy.png", "adaptation.png"):
         assert (output / name).stat().st_size > 0, name
     environment = record["environment"]
     assert environment["torch"] == torch.__version__ and environment["threads_per_worker"] == 1
@@ -43,7 +44,8 @@ def test_one_row_per_arm_and_every_interval_contains_its_mean(job, quick_run) ->
     assert list(saved["summary"]["arms"]) == list(job.ARM_SETS["default"])
     assert sorted((r["arm"], r["seed"]) for r in saved["runs"]) == sorted(
         (a, s) for a in job.ARM_SETS["default"] for s in (0, 1))
-    table = (output / "results.md").read_text().split("\n\n")[4].splitlines()[2:]
+    table = next(part for part in (output / "results.md").read_text().split("\n\n")
+                 if part.startswith("| arm | step cost")).splitlines()[2:]
     assert [line.split(" | ")[0].lstrip("| ") for line in table] == list(job.ARM_SETS["default"])
     intervals = [v for row in saved["summary"]["arms"].values() for v in row.values()]
     intervals += [v for row in saved["summary"]["comparisons"].values() for v in row.values()]
@@ -64,19 +66,31 @@ def test_paired_differences_come_from_the_per_seed_numbers(quick_run) -> None:
         assert verdict == ("better" if high < 0 else "worse" if low > 0 else "no difference detected")
 
 
-def test_equal_compute_places_each_arm_at_steps_times_its_calibrated_cost(quick_run) -> None:
+def test_equal_compute_adds_up_the_calibrated_cost_of_each_step_a_run_took(job, quick_run) -> None:
     import numpy as np
 
     _, record = quick_run
-    cost, seconds = record["calibration"]["cost"], record["calibration"]["seconds"]
-    assert all(len(times) == record["budget_settings"]["calibration_rounds"] for times in seconds.values())
-    for arm, times in seconds.items():  # the mean of the per-round ratios to MDLM's step in the same round
-        assert cost[arm] == pytest.approx(sum(t / m for t, m in zip(times, seconds["MDLM"])) / len(times), abs=1e-12)
+    calibration, rounds = record["calibration"], record["budget_settings"]["calibration_rounds"]
+    seconds, mix = calibration["seconds"], calibration["mix"]
+    unit = [sum(share * seconds["MDLM"][task][r] for task, share in mix.items()) for r in range(rounds)]
+    for arm, tasks in seconds.items():  # per task: the mean over rounds of its step time / MDLM's mean step
+        assert all(len(times) == rounds for times in tasks.values())
+        for task, times in tasks.items():
+            expected = sum(t / u for t, u in zip(times, unit)) / rounds
+            assert calibration["task_cost"][arm][task] == pytest.approx(expected, rel=1e-12)
+        assert calibration["cost"][arm] == pytest.approx(
+            sum(share * calibration["task_cost"][arm][task] for task, share in mix.items()), rel=1e-12)
+    assert calibration["cost"]["MDLM"] == pytest.approx(1.0)
+    positions = {}
+    for run in record["runs"]:
+        assert run["tasks"] == list(islice(job.task_schedule(job.FINETUNE_MIX, run["seed"]), len(run["tasks"])))
+        steps = np.cumsum([0.0] + [calibration["task_cost"][run["arm"]][task] for task in run["tasks"]])
+        positions[run["arm"], run["seed"]] = steps[run["eval_steps"]]
     budget = record["summary"]["equal_compute_mdlm_steps"]
-    assert budget == pytest.approx(min(max(r["eval_steps"]) * cost[r["arm"]] for r in record["runs"]))
+    assert budget == pytest.approx(min(p[-1] for p in positions.values()))
     for arm, row in record["summary"]["arms"].items():
-        runs = [r for r in record["runs"] if r["arm"] == arm]
-        expected = [np.interp(budget, [s * cost[arm] for s in r["eval_steps"]], r["eval_loss"]) for r in runs]
+        expected = [np.interp(budget, positions[arm, r["seed"]], r["eval_loss"]) for r in record["runs"]
+                    if r["arm"] == arm]
         assert row["eval loss at equal compute"]["mean"] == pytest.approx(sum(expected) / len(expected), abs=1e-12)
 
 
@@ -112,7 +126,7 @@ def test_accuracies_are_higher_is_better_and_losses_lower_is_better(quick_run) -
             assert row["verdict"].startswith("worse")
 
 
-def test_ruler_scores_every_arm_and_memory_mode_with_lm_eval(quick_run) -> None:
+def test_ruler_scores_every_arm_and_memory_mode_with_lm_eval(job, quick_run) -> None:
     pytest.importorskip("lm_eval")
     _, record = quick_run
     assert set(record["ruler"]) == set(record["summary"]["arms"])
@@ -122,6 +136,10 @@ def test_ruler_scores_every_arm_and_memory_mode_with_lm_eval(quick_run) -> None:
             niah = mode["niah_single_1"]
             assert 0.0 <= niah["score"] <= 1.0 and niah["examples"] == 1
             assert set(mode["ruler_vt"]) == {"not run"}, "a task lm-eval cannot build is reported, not dropped"
+    output, _ = quick_run
+    logs = {path.name for path in (output / "ruler_logs").iterdir()}
+    expected = {f"{job.slug(arm)}-{mode}-niah_single_1.log" for arm in record["ruler"] for mode in ("off", "prompt")}
+    assert expected <= logs
 
 
 def test_the_tokenizer_round_trips_digits_capitals_and_punctuation(job) -> None:
@@ -154,34 +172,41 @@ def test_arms_of_a_seed_start_from_the_same_weights(job, quick_run) -> None:
 
 
 def test_task_batches_hold_one_task_each_and_visit_every_row_once_per_pass(job) -> None:
-    """Rows are told apart by their tokens (task t's rows hold 100 t + i); a batch's rows all come from one
-    task, each row is the one its example_index names, and every pass over a task visits each row once."""
+    """Rows are told apart by their tokens (task k's row i holds 100 k + i, 2 + k tokens long): a batch's rows
+    all come from one task and are as long as that task's rows, an example_index always names the same row
+    and no two rows share one, and every pass (numbered from 0) over a task visits each row once."""
     sizes = {"a": 5, "b": 12, "c": 3}
     rows = {t: [{"input_ids": [100 * k + i] * (2 + k)} for i in range(n)] for k, (t, n) in enumerate(sizes.items())}
-    offsets = {"a": 0, "b": 5, "c": 17}
     mix = {"a": 0.5, "b": 0.3, "c": 0.2}
     collate = partial(pad_collate, pad_token_id=0)
-    batches = job.task_batches(rows, mix, 60, 4, seed=3, collate_fn=collate)
-    seen: dict[tuple[str, int], list[int]] = {}
-    counts = dict.fromkeys(mix, 0)
+    batches = list(islice(job.task_batches(rows, mix, 4, seed=3, collate_fn=collate), 60))
+    row_of_index: dict[int, int] = {}
+    seen: dict[tuple[int, int], list[int]] = {}
+    tasks = []
     for batch in batches:
-        tasks = {next(t for t in sizes if offsets[t] <= int(i) < offsets[t] + sizes[t]) for i in batch["example_index"]}
-        assert len(tasks) == 1
-        task = tasks.pop()
-        counts[task] += 1
+        owners = {int(ids[0]) // 100 for ids in batch["input_ids"]}
+        assert len(owners) == 1, "one task per batch"
+        task = owners.pop()
+        tasks.append(list(sizes)[task])
+        assert batch["input_ids"].shape == (4, 2 + task), "padded to its own task's length"
         for ids, index, epoch in zip(batch["input_ids"], batch["example_index"], batch["epoch"]):
-            row = int(index) - offsets[task]
-            assert ids[0] == 100 * list(sizes).index(task) + row
-            seen.setdefault((task, int(epoch)), []).append(row)
-    for (task, epoch), visited in seen.items():
-        assert len(visited) == len(set(visited)), "a pass visits a row once"
-        if (task, epoch + 1) in seen:
-            assert sorted(visited) == list(range(sizes[task])), "a finished pass visited every row"
-    assert all(counts.values()) and counts["a"] > counts["c"]
-    same = job.task_batches(rows, mix, 60, 4, seed=3, collate_fn=collate)
+            assert row_of_index.setdefault(int(index), int(ids[0])) == int(ids[0]), "an index names one row"
+            seen.setdefault((task, int(epoch)), []).append(int(ids[0]) % 100)
+    assert len(set(row_of_index.values())) == len(row_of_index), "no two rows share an index"
+    assert tasks == list(islice(job.task_schedule(mix, 3), 60)), "the batches follow the schedule"
+    for task, name in enumerate(sizes):
+        epochs = sorted(e for t, e in seen if t == task)
+        assert epochs == list(range(len(epochs))), "passes are numbered 0, 1, 2, ..."
+        for epoch in epochs:
+            visited = seen[task, epoch]
+            assert len(visited) == len(set(visited)), "a pass visits a row once"
+            if epoch < epochs[-1]:
+                assert sorted(visited) == list(range(sizes[name])), "a finished pass visited every row"
+    assert tasks.count("a") > tasks.count("c") > 0
+    same = list(islice(job.task_batches(rows, mix, 4, seed=3, collate_fn=collate), 60))
     assert all(torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["epoch"], y["epoch"])
                for x, y in zip(batches, same))
-    other = job.task_batches(rows, mix, 60, 4, seed=4, collate_fn=collate)
+    other = list(islice(job.task_batches(rows, mix, 4, seed=4, collate_fn=collate), 60))
     assert any(x["input_ids"].shape != y["input_ids"].shape or not torch.equal(x["input_ids"], y["input_ids"])
                for x, y in zip(batches, other))
 
