@@ -95,7 +95,16 @@ def test_a_second_ctrl_c_abandons_the_step_at_once_and_saves_nothing(tmp_path) -
     assert not (tmp_path / "ckpts").exists() and wrapper.updates == 0
 
 
-def test_an_eval_cut_short_by_ctrl_c_leaves_the_history_aligned(tmp_path) -> None:
+@pytest.fixture()
+def default_sigint():
+    """Python's own Ctrl-C handler for the test: a shell starts its background jobs with SIGINT ignored and
+    Python then keeps it ignored, so a SIGINT raised outside fit's held blocks would do nothing."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_an_eval_cut_short_by_ctrl_c_leaves_the_history_aligned(tmp_path, default_sigint) -> None:
     """Ctrl-C in the first eval forward at step 2: the saved history holds no half-recorded eval."""
     wrapper = MemoryWrapper(tiny(), recipe())
     calls = {"eval": 0}
