@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 from bilevel_dlm import MemDLMConfig, MemoryConfig
 from bilevel_dlm.integrations.llada import LLaDAModelLM, tiny_config
 from bilevel_dlm.trainer import MemDLMTrainer, MemDLMTrainingArguments
-from torchrun import leave_process_group
+from torchrun import end_worker
 
 PER_RANK = 2
 EVAL_SIZES = (3, 5, 7)  # with 2 ranks and eval batch 2, accelerate's even_batches would repeat examples
@@ -108,4 +108,4 @@ def main(out_dir: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
-    leave_process_group()
+    end_worker()

@@ -15,7 +15,7 @@ import torch
 
 from ddp_worker import PER_RANK, _Probe, global_examples, recipe, tiny_model
 from bilevel_dlm.trainer import MemDLMTrainingArguments
-from torchrun import leave_process_group
+from torchrun import end_worker
 
 ZERO2 = {"zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
          "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
@@ -39,4 +39,4 @@ def main(out_dir: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
-    leave_process_group()
+    end_worker()

@@ -19,7 +19,7 @@ from torch.distributed.fsdp import fully_shard
 from ddp_worker import global_examples, recipe, tiny_model
 from bilevel_dlm import MemoryWrapper
 from bilevel_dlm.data import pad_collate
-from torchrun import leave_process_group
+from torchrun import end_worker
 
 
 def one_step(out_dir: Path, rank: int, world: int, share_prefix: bool) -> None:
@@ -50,7 +50,7 @@ def main(out_dir: Path) -> None:
     dist.init_process_group("gloo")
     for share_prefix in (False, True):
         one_step(out_dir, dist.get_rank(), dist.get_world_size(), share_prefix)
-    leave_process_group()
+    end_worker()
 
 
 if __name__ == "__main__":

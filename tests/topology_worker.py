@@ -17,7 +17,7 @@ import torch
 
 from bilevel_dlm.trainer import MemDLMTrainer
 from topology import MICRO_BATCH, STEPS, examples, model, recipe, trainer_arguments
-from torchrun import leave_process_group
+from torchrun import end_worker
 
 
 def main(out_dir: Path) -> None:
@@ -45,4 +45,4 @@ def main(out_dir: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
-    leave_process_group()
+    end_worker()
