@@ -494,9 +494,13 @@ def per_seed_measures(runs: list[dict], task_cost: dict, equal_compute: float) -
                                                     - statistics.fmean(r["loss_off"].values()) for r in runs]}
     for task, metric in METRIC.items():
         for mode in ("off", "prompt"):
-            measures[f"{task} {metric.replace('_', ' ')}, memory {mode}"] = [r[f"decoding_{mode}"][task][metric]
-                                                                            for r in runs]
+            measures[decoding_measure(task, mode)] = [r[f"decoding_{mode}"][task][metric] for r in runs]
     return measures
+
+
+def decoding_measure(task: str, mode: str) -> str:
+    """The name of a task's decoding score with memory ``mode``: 'mqar token accuracy, memory off'."""
+    return f"{task} {METRIC[task].replace('_', ' ')}, memory {mode}"
 
 
 LOWER_IS_BETTER = {"final eval loss", "eval loss at equal compute", "prompt memory: test loss change"}
@@ -630,23 +634,23 @@ def plot(output: Path, record: dict) -> list[Path]:
 
     fig, axes = plt.subplots(1, len(TASKS), figsize=(4.2 * len(TASKS), 4.8))
     for ax, task in zip(axes, TASKS):
-        metric = METRIC[task].replace("_", " ")
         for i, arm in enumerate(by_arm):
             for j, mode in enumerate(("off", "prompt")):
-                value = summary["arms"][arm][f"{task} {metric}, memory {mode}"]
+                value = summary["arms"][arm][decoding_measure(task, mode)]
                 ax.bar(i + 0.4 * j, value["mean"], 0.38, color=f"C{i}", alpha=1.0 if mode == "off" else 0.45,
                        yerr=[[value["mean"] - value["low"]], [value["high"] - value["mean"]]], capsize=3,
                        label=f"memory {mode}" if i == 0 else None)
         if CHANCE[task]:
             ax.axhline(CHANCE[task], color="grey", ls="--", lw=1, label="chance")
-        ax.axhline(record["base_scores"][task][metric.replace(" ", "_")], color="black", ls=":", lw=1,
+        ax.axhline(record["base_scores"][task][METRIC[task]], color="black", ls=":", lw=1,
                    label="the base, before fine-tuning")
         ax.set_xticks([i + 0.2 for i in range(len(by_arm))], list(by_arm), rotation=25, fontsize=7, ha="right")
-        learnt = [arm for arm in by_arm if summary["arms"][arm][f"{task} {metric}, memory off"]["low"] > CHANCE[task]]
-        verdicts = {rows[f"{task} {metric}, memory off"]["verdict"] for rows in summary["comparisons"].values()}
+        off = decoding_measure(task, "off")
+        learnt = [arm for arm in by_arm if summary["arms"][arm][off]["low"] > CHANCE[task]]
+        verdicts = {rows[off]["verdict"] for rows in summary["comparisons"].values()}
         finding = (f"above chance: {', '.join(learnt)}" if learnt else "no arm above chance") + (
             "; no arm differs from MDLM" if verdicts == {"no difference detected"} else "; arms differ (see table)")
-        ax.set(ylim=(0, 1.05), ylabel=metric, title=textwrap.fill(f"{task}: {finding}", 48))
+        ax.set(ylim=(0, 1.05), ylabel=METRIC[task].replace("_", " "), title=textwrap.fill(f"{task}: {finding}", 48))
         ax.title.set_fontsize(9)
         ax.legend(fontsize=7)
     fig.suptitle(f"Decoding accuracy on held-out examples (bars: mean over {seeds} seeds; whiskers: 95% t interval)",
